@@ -1,0 +1,370 @@
+"""SegDiffPipeline: sample images that follow a segmentation mask, from segdiff or original checkpoints.
+
+Sampling (Konz et al., MICCAI 2024): start from Gaussian noise; at every step concatenate the encoded
+mask to the noisy image, predict the noise, and step the scheduler on the image channels only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ImagePipelineOutput,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import CheckpointError, MaskError
+from .masks import check_mask, encode, omit_classes
+from .models import CARD_FILE, ModelCard
+
+# Sampler name -> (scheduler class, settings over the model's own scheduler config).
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "dpm++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"},
+    ),
+    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "linspace"}),
+}
+DEFAULT_SCHEDULER = "dpm++"
+DEFAULT_STEPS = 20
+ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The dtype to autocast to, or None for plain fp32.
+
+    "auto": bf16 on GPUs that have it, else fp16; on CPUs bf16 only where the hardware computes it
+    natively (AVX512-BF16 / AMX): emulated bf16 on an AVX2 CPU is several times slower than fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class SegDiffPipeline(DiffusionPipeline):
+    """Segmentation-guided sampling with any diffusers scheduler.
+
+    Parameters:
+        unet: a `UNet2DModel` whose input is the noisy image followed by the encoded mask channels.
+        scheduler: the noise schedule the model was trained with; samplers are built from its config.
+        card: the model card (classes, colours, encoding, size); `ModelCard` defaults when omitted.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler, card: ModelCard | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.card = card or ModelCard(
+            num_classes=0, img_channels=unet.config.out_channels, img_size=unet.config.sample_size, encoding="none"
+        )
+        expected = self.card.img_channels + self.card.cond_channels
+        if unet.config.in_channels != expected:
+            raise CheckpointError(
+                f"the UNet takes {unet.config.in_channels} input channels, but the card's {self.card.img_channels} "
+                f"image channels + {self.card.cond_channels} mask channels ({self.card.encoding} encoding, "
+                f"{self.card.num_classes} classes) make {expected}"
+            )
+        self.precision: Precision = "fp32"
+
+    # ---- opening and saving -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        num_classes: int | None = None,
+        device: str | torch.device | None = None,
+        precision: Precision = "auto",
+        channels_last: bool = True,
+        **_ignored,
+    ) -> SegDiffPipeline:
+        """Open a segdiff model folder, an original run folder, or a bare `unet/` folder.
+
+        `num_classes` (K, background included) is needed only where the folder cannot say: models trained
+        by the original code. The model lands on `device` (CUDA when present) with `precision` and
+        channels-last memory set as `set_speed` does.
+        """
+        card, unet_dir, scheduler = _inspect_folder(Path(path), num_classes)
+        unet = _load_unet(unet_dir).eval()
+        pipe = cls(unet=unet, scheduler=scheduler, card=card)
+        pipe.to(torch.device(device) if device else default_device())
+        return pipe.set_speed(precision=precision, channels_last=channels_last)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write `model_index.json`, `unet/`, `scheduler/` and the card, each swapped in whole.
+
+        Everything is written to a temporary folder first, so a crash mid-save leaves the previous model.
+        """
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
+        try:
+            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+            self.card.save(staging)
+            for item in sorted(staging.iterdir(), key=lambda p: p.name == CARD_FILE):  # card last
+                _swap_in(item, target / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ---- speed --------------------------------------------------------------------------------------
+
+    def set_speed(self, precision: Precision = "auto", channels_last: bool = True, compile: bool = False):
+        """Choose numeric precision, memory layout and `torch.compile` for sampling. Returns self.
+
+        `precision="fp32", channels_last=False, compile=False` are the original code's settings.
+        """
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
+        self.precision = precision
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile:
+            self.unet = torch.compile(self.unet)
+        return self
+
+    def _autocast(self):
+        dtype = autocast_dtype(self.device, self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def make_scheduler(self, name: str = DEFAULT_SCHEDULER):
+        """A fresh sampler of kind `name`, sharing the model's noise schedule."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
+        scheduler_cls, overrides = SCHEDULERS[name]
+        # Take the stored values as they are, whether or not they were library defaults when saved, so a
+        # model samples the same before and after a save; multistep samplers start at t = T-1 ("linspace").
+        config = {k: v for k, v in self.scheduler.config.items() if k != "_use_default_values"}
+        return scheduler_cls.from_config(config, **overrides)
+
+    # ---- sampling -----------------------------------------------------------------------------------
+
+    def prepare_masks(self, masks, omit: Sequence[int] = (), batch_size: int | None = None) -> torch.Tensor:
+        """Masks in any accepted form -> validated (B, H, W) int64 with `omit` set to background."""
+        card = self.card
+        if isinstance(masks, (list, tuple)):
+            masks = torch.stack([self.prepare_masks(m)[0] for m in masks])
+        elif isinstance(masks, PIL.Image.Image):
+            masks = torch.from_numpy(np.asarray(masks.convert("L")).astype(np.int64))
+        elif isinstance(masks, np.ndarray):
+            masks = torch.from_numpy(masks.astype(np.int64))
+        elif not isinstance(masks, torch.Tensor):
+            raise MaskError(f"masks of type {type(masks).__name__}, expected numpy, torch, PIL or a list of them")
+        masks = masks.long().cpu()
+        if masks.ndim == 2:
+            masks = masks[None]
+        size = (card.img_size, card.img_size)
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != size:
+            raise MaskError(f"mask shape {tuple(masks.shape)}, expected (H, W) or (B, H, W) with H, W = {size}")
+        check_mask(masks, card.num_classes)
+        bad_omit = [c for c in omit if not 1 <= int(c) < card.num_classes]
+        if bad_omit:
+            raise MaskError(f"omit={list(omit)}: class {bad_omit[0]} is not a class id 1..{card.num_classes - 1}")
+        if batch_size is not None and masks.shape[0] == 1:
+            masks = masks.expand(batch_size, -1, -1)
+        return omit_classes(masks, omit)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        masks=None,
+        omit: Sequence[int] = (),
+        num_inference_steps: int = DEFAULT_STEPS,
+        scheduler: str = DEFAULT_SCHEDULER,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: Literal["pil", "np", "pt"] = "pil",
+        batch_size: int | None = None,
+        image: torch.Tensor | None = None,
+        strength: float = 1.0,
+        callback: Callable[[int, int], None] | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw one image per mask.
+
+        Args:
+            masks: (H, W) or (B, H, W) int class ids (numpy, torch, PIL "L", or a list of them), H = W =
+                `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
+            omit: class ids treated as unknown: set to background, so the model may invent them.
+            num_inference_steps: denoising steps (>= 1).
+            scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm".
+            eta: DDIM noise (0 = deterministic); ignored by other samplers.
+            generator: torch generator(s) for the initial noise and stochastic samplers.
+            latents: (B, C, H, W) initial noise; drawn from `generator` when None.
+            output_type: "pil" (list of images), "np" (B, H, W, C) float in [0, 1], or "pt" (B, C, H, W).
+            batch_size: number of images for unconditional models, or copies of a single mask.
+            image: (B|1, C, H, W) float in [0, 1]: start from this image noised to `strength` instead of
+                pure noise (SDEdit), so the result keeps its look to a chosen degree.
+            strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
+            callback: called as `callback(step, total)` after every step.
+        """
+        card = self.card
+        if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}, expected an integer >= 1")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength}, expected a value in (0, 1]")
+        sampler = self.make_scheduler(scheduler)
+        if card.guided:
+            if masks is None:
+                raise MaskError("this model is segmentation-guided: pass masks")
+            masks = self.prepare_masks(masks, omit, batch_size)
+            batch_size = masks.shape[0]
+        else:
+            batch_size = batch_size or (latents.shape[0] if latents is not None else 1)
+            masks = torch.zeros(batch_size, card.img_size, card.img_size, dtype=torch.long)
+        device = self._execution_device
+        cond = encode(masks, card.encoding, card.num_classes).to(device)  # (B, C_mask, H, W)
+
+        shape = (batch_size, card.img_channels, card.img_size, card.img_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
+        x = latents.to(device, torch.float32)
+
+        sampler.set_timesteps(num_inference_steps, device=device)
+        timesteps = sampler.timesteps
+        if image is not None:
+            start = num_inference_steps - max(1, round(num_inference_steps * strength))
+            timesteps = timesteps[start * sampler.order :]
+            if hasattr(sampler, "set_begin_index"):
+                sampler.set_begin_index(start * sampler.order)
+            x0 = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape) * 2 - 1
+            x = sampler.add_noise(x0, x, timesteps[:1])
+        step_kwargs = {"eta": eta} if "eta" in inspect.signature(sampler.step).parameters else {}
+        if "generator" in inspect.signature(sampler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = torch.cat([x, cond], dim=1)  # (B, C_img + C_mask, H, W)
+            with self._autocast():
+                noise = self.unet(model_input, t).sample
+            x = sampler.step(noise.float(), t, x, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+
+        images = (x / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                if card.img_channels not in (1, 3):
+                    raise ValueError(f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'")
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _inspect_folder(path: Path, num_classes: int | None):
+    """Tell which kind of model folder `path` is: -> (card, unet folder, scheduler)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model folder")
+    if (path / "config.json").is_file() and not (path / "unet").is_dir():
+        path = path.parent if path.name == "unet" else path  # pointed at the unet/ folder itself
+    unet_dir = path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: expected a model folder holding unet/config.json (a segdiff model, an original run "
+            f"folder or a released NAME/unet/ checkpoint)"
+        )
+    unet_config = json.loads((unet_dir / "config.json").read_text())
+    scheduler = _load_scheduler(path)
+    if (path / CARD_FILE).is_file():
+        card = ModelCard.load(path)
+        if num_classes is not None and num_classes != card.num_classes:
+            raise CheckpointError(f"{path}: num_classes={num_classes}, but its card says {card.num_classes}")
+        return card, unet_dir, scheduler
+
+    # Trained by the original code: one `class_id / 255` mask channel when guided, none otherwise.
+    index = path / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if class_name is not None and class_name not in ORIGINAL_PIPELINES:
+        raise CheckpointError(f"{index}: pipeline {class_name!r}, expected one of {ORIGINAL_PIPELINES}")
+    mask_channels = unet_config["in_channels"] - unet_config["out_channels"]
+    if mask_channels not in (0, 1):
+        raise CheckpointError(
+            f"{unet_dir}: {unet_config['in_channels']} inputs for {unet_config['out_channels']} outputs; "
+            "original models take 0 or 1 mask channel, and this folder has no segdiff_card.json"
+        )
+    if mask_channels and num_classes is None:
+        raise CheckpointError(
+            f"{path}: a segmentation-guided model of the original code; its folder does not record the "
+            "number of classes: pass num_classes=K (including background)"
+        )
+    if mask_channels and not 2 <= num_classes <= 256:
+        raise CheckpointError(f"num_classes={num_classes}, expected 2..256 for the original mask encoding")
+    card = ModelCard(
+        num_classes=num_classes if mask_channels else 0,
+        img_channels=unet_config["out_channels"],
+        img_size=unet_config["sample_size"],
+        encoding="original" if mask_channels else "none",
+        training={"source": f"original code ({class_name or 'released unet/ checkpoint'})"},
+    )
+    return card, unet_dir, scheduler
+
+
+def _load_scheduler(path: Path):
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():  # released checkpoints: the original training schedule
+        return DDIMScheduler(num_train_timesteps=1000)
+    config = json.loads(config_file.read_text())
+    known = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}
+    scheduler_cls = known.get(config.get("_class_name"), DDPMScheduler)
+    return scheduler_cls.from_config(config)
+
+
+def _load_unet(unet_dir: Path) -> UNet2DModel:
+    if not any(unet_dir.glob("*.safetensors")):
+        pickled = [p.name for p in unet_dir.glob("*.bin")]
+        raise CheckpointError(
+            f"{unet_dir}: no .safetensors weights"
+            + (f" (found {pickled}: pickle files are not loaded; convert them to safetensors)" if pickled else "")
+        )
+    try:
+        return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace `target` with `new`: files by one rename, folders by two renames around the old one."""
+    if new.is_file() or not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
