@@ -24,10 +24,27 @@ ENCODINGS: tuple[str, ...] = ("original", "onehot", "none")
 # Background is black; then colours chosen to stay apart from each other and from black and white, so that
 # anti-aliased strokes between two of them still snap back to one of the two.
 _BASE_COLORS = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
-    (255, 215, 180), (0, 0, 128), (128, 128, 128),
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
 )
 
 
@@ -54,7 +71,9 @@ class Palette:
     def default(cls, num_classes: int, names: Sequence[str] | None = None) -> Palette:
         if num_classes < 1:
             raise MaskError(f"num_classes={num_classes}, expected at least 1")
-        names = tuple(names) if names else ("background",) + tuple(f"class {i}" for i in range(1, num_classes))
+        names = (
+            tuple(names) if names else ("background", *(f"class {i}" for i in range(1, num_classes)))
+        )
         if len(names) != num_classes:
             raise MaskError(f"{len(names)} class names {list(names)} for num_classes={num_classes}")
         colors = [_BASE_COLORS[i] if i < len(_BASE_COLORS) else _extra_color(i) for i in range(num_classes)]
@@ -110,9 +129,11 @@ def labels_from_array(array: np.ndarray, palette: Palette, source: str = "mask")
             return palette.to_labels(array, source=source)
     if array.ndim != 2:
         raise MaskError(f"{source}: shape {tuple(array.shape)}, expected a 2-D label map (H, W)")
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)):
-        if not np.array_equal(array, np.round(array)):
-            raise MaskError(f"{source}: dtype {array.dtype} with fractional values, expected integer class ids")
+    integral = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)
+    if not integral and not np.array_equal(array, np.round(array)):
+            raise MaskError(
+                f"{source}: dtype {array.dtype} with fractional values, expected integer class ids"
+            )
     return array.astype(np.int64)
 
 
@@ -203,6 +224,21 @@ def overlay(
     for class_id in np.unique(mask):
         if class_id == 0:
             continue
-        contours, _ = cv2.findContours((mask == class_id).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        contours, _ = cv2.findContours(
+            (mask == class_id).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE
+        )
         cv2.drawContours(out, contours, -1, palette.colors[class_id], thickness=1)
     return out
+
+
+def tile(images: Sequence[np.ndarray], columns: int, pad: int = 2) -> np.ndarray:
+    """Equal-size (H, W, 3) uint8 images -> one (rows * H, columns * W, 3) grid, filled row by row."""
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            image
+        )
+    return grid

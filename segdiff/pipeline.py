@@ -86,7 +86,10 @@ class SegDiffPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.card = card or ModelCard(
-            num_classes=0, img_channels=unet.config.out_channels, img_size=unet.config.sample_size, encoding="none"
+            num_classes=0,
+            img_channels=unet.config.out_channels,
+            img_size=unet.config.sample_size,
+            encoding="none",
         )
         expected = self.card.img_channels + self.card.cond_channels
         if unet.config.in_channels != expected:
@@ -180,17 +183,23 @@ class SegDiffPipeline(DiffusionPipeline):
         elif isinstance(masks, np.ndarray):
             masks = torch.from_numpy(masks.astype(np.int64))
         elif not isinstance(masks, torch.Tensor):
-            raise MaskError(f"masks of type {type(masks).__name__}, expected numpy, torch, PIL or a list of them")
+            raise MaskError(
+                f"masks of type {type(masks).__name__}, expected numpy, torch, PIL or a list of them"
+            )
         masks = masks.long().cpu()
         if masks.ndim == 2:
             masks = masks[None]
         size = (card.img_size, card.img_size)
         if masks.ndim != 3 or tuple(masks.shape[1:]) != size:
-            raise MaskError(f"mask shape {tuple(masks.shape)}, expected (H, W) or (B, H, W) with H, W = {size}")
+            raise MaskError(
+                f"mask shape {tuple(masks.shape)}, expected (H, W) or (B, H, W) with H, W = {size}"
+            )
         check_mask(masks, card.num_classes)
         bad_omit = [c for c in omit if not 1 <= int(c) < card.num_classes]
         if bad_omit:
-            raise MaskError(f"omit={list(omit)}: class {bad_omit[0]} is not a class id 1..{card.num_classes - 1}")
+            raise MaskError(
+                f"omit={list(omit)}: class {bad_omit[0]} is not a class id 1..{card.num_classes - 1}"
+            )
         if batch_size is not None and masks.shape[0] == 1:
             masks = masks.expand(batch_size, -1, -1)
         return omit_classes(masks, omit)
@@ -282,7 +291,9 @@ class SegDiffPipeline(DiffusionPipeline):
             images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 if card.img_channels not in (1, 3):
-                    raise ValueError(f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'")
+                    raise ValueError(
+                        f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'"
+                    )
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -350,7 +361,11 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
         pickled = [p.name for p in unet_dir.glob("*.bin")]
         raise CheckpointError(
             f"{unet_dir}: no .safetensors weights"
-            + (f" (found {pickled}: pickle files are not loaded; convert them to safetensors)" if pickled else "")
+            + (
+                f" (found {pickled}: pickle files are not loaded; convert them to safetensors)"
+                if pickled
+                else ""
+            )
         )
     try:
         return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)

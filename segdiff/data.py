@@ -1,0 +1,205 @@
+"""The original code's data layout: discovery, validation and a dataset that decodes each file once.
+
+    IMG_DIR/{train,val,test}/<name>              1- or 3-channel images, or .npy (C, H, W) arrays
+    SEG_DIR/<segtype>/{train,val,test}/<name>    masks of class ids, the same file names as the images
+
+Several segtype folders merge into one mask: a pixel takes the first non-zero id in sorted folder order.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from .errors import DataLayoutError
+from .masks import Palette, check_mask, labels_from_array
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One example: its file name, image path (None for mask-only sets) and one mask path per segtype."""
+
+    name: str
+    image: Path | None
+    masks: tuple[Path, ...]
+
+
+def _listing(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder}: missing {what} folder")
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    if not files:
+        raise DataLayoutError(f"{folder}: the {what} folder is empty")
+    return files
+
+
+def _unmatched(names: set[str], where: Path, other: Path) -> str:
+    first = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} file(s) in {where} have no match of the same name in {other}: {first}"
+
+
+def segtypes(seg_dir: str | os.PathLike) -> list[str]:
+    """The segtype folders of `seg_dir` in the order they are merged (sorted)."""
+    seg_dir = Path(seg_dir)
+    if not seg_dir.is_dir():
+        raise DataLayoutError(
+            f"{seg_dir}: no such mask folder (expected SEG_DIR/<segtype>/{{train,val,test}}/)"
+        )
+    found = sorted(p.name for p in seg_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataLayoutError(f"{seg_dir}: no segtype folder inside (expected e.g. {seg_dir}/all/train/)")
+    return found
+
+
+def find_cases(
+    img_dir: str | os.PathLike | None, seg_dir: str | os.PathLike | None, split: str
+) -> list[Case]:
+    """Pair images and masks of one split by file name, or list either alone; errors name what is off."""
+    if img_dir is None and seg_dir is None:
+        raise DataLayoutError("neither an image folder nor a mask folder was given")
+    images = _listing(Path(img_dir) / split, "image") if img_dir is not None else None
+    per_type = []
+    if seg_dir is not None:
+        for segtype in segtypes(seg_dir):
+            folder = Path(seg_dir) / segtype / split
+            masks = _listing(folder, "mask")
+            if images is not None:
+                if extra := set(images) - set(masks):
+                    raise DataLayoutError(_unmatched(extra, Path(img_dir) / split, folder))
+                if extra := set(masks) - set(images):
+                    raise DataLayoutError(_unmatched(extra, folder, Path(img_dir) / split))
+            elif per_type and set(masks) != set(per_type[0]):
+                raise DataLayoutError(_unmatched(set(masks) ^ set(per_type[0]), folder, Path(seg_dir)))
+            per_type.append(masks)
+    names = sorted(images if images is not None else per_type[0])
+    return [
+        Case(name, images[name] if images is not None else None, tuple(m[name] for m in per_type))
+        for name in names
+    ]
+
+
+def read_mask(
+    path: str | os.PathLike,
+    num_classes: int,
+    palette: Palette | None = None,
+    size: int | None = None,
+) -> np.ndarray:
+    """A mask file -> (H, W) int64 class ids, validated against `num_classes`.
+
+    Integer PNGs (any bit depth) and `.npy` label maps hold ids directly; palette-mode PNGs hold ids as
+    palette indices; coloured PNGs snap to `palette` (the model's). `size` resizes by nearest neighbour.
+    """
+    path = Path(path)
+    palette = palette or Palette.default(num_classes)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with PIL.Image.open(path) as im:
+                array = np.asarray(im if im.mode in ("L", "P", "I", "I;16", "1") else im.convert("RGBA"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{path}: cannot read the mask ({e})") from e
+    if array.ndim == 3 and array.shape[0] == 1 and path.suffix.lower() == ".npy":
+        array = array[0]  # (1, H, W) label maps, as some tools save them
+    mask = labels_from_array(array, palette, source=str(path))
+    check_mask(mask, num_classes, source=str(path))
+    if size is not None and mask.shape != (size, size):
+        mask = np.asarray(PIL.Image.fromarray(mask.astype(np.uint8)).resize((size, size), PIL.Image.NEAREST))
+    return mask.astype(np.int64)
+
+
+def read_image(path: str | os.PathLike, channels: int, size: int) -> np.ndarray:
+    """An image file -> (C, H, W) array: uint8 for PIL-readable images, float32 in [0, 1] for `.npy`.
+
+    1 channel reads as greyscale ("L"), 3 as RGB, any other count must be a `.npy` (C, H, W) array.
+    Images resize bilinearly and `.npy` arrays by nearest neighbour, as the original code did.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            if channels not in (1, 3):
+                raise DataLayoutError(f"{path}: {channels}-channel images must be .npy (C, H, W) arrays")
+            with PIL.Image.open(path) as im:
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), PIL.Image.BILINEAR)
+                return np.asarray(im).reshape(size, size, channels).transpose(2, 0, 1).copy()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{path}: cannot read the image ({e})") from e
+    if array.ndim != 3 or array.shape[0] != channels:
+        raise DataLayoutError(
+            f"{path}: array of shape {array.shape}, expected ({channels}, H, W) for --num_img_channels {channels}"
+        )
+    if array.dtype == np.uint8:
+        array = array / 255.0
+    elif not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise DataLayoutError(
+            f"{path}: values in [{array.min():.3g}, {array.max():.3g}], expected uint8 or floats in [0, 1]"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    return F.interpolate(tensor, size=(size, size), mode="nearest")[0].numpy()
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Images in [-1, 1] and their masks, decoded and validated once when the dataset is built.
+
+    Items: {"image": (C, H, W) float32 in [-1, 1] (zeros for mask-only sets), "mask": (H, W) int64, "name"}.
+    """
+
+    def __init__(
+        self,
+        img_dir: str | os.PathLike | None,
+        seg_dir: str | os.PathLike | None,
+        split: str,
+        img_size: int,
+        img_channels: int = 1,
+        num_classes: int = 0,
+        palette: Palette | None = None,
+        workers: int = 8,
+    ):
+        if split not in SPLITS:
+            raise DataLayoutError(f"split {split!r}, expected one of {SPLITS}")
+        if seg_dir is not None and num_classes < 2:
+            raise DataLayoutError(f"num_classes={num_classes}, expected at least 2 (background + one class)")
+        self.cases = find_cases(img_dir, seg_dir, split)
+        self.img_size, self.img_channels, self.num_classes = img_size, img_channels, num_classes
+        self.palette = palette
+        # Decoding releases the GIL in PIL and numpy, so threads decode in parallel.
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = list(pool.map(self._decode, self.cases))
+        self.images = [image for image, _ in decoded]
+        self.masks = np.stack([mask for _, mask in decoded])  # (N, H, W) uint8
+
+    def _decode(self, case: Case) -> tuple[np.ndarray | None, np.ndarray]:
+        image = read_image(case.image, self.img_channels, self.img_size) if case.image else None
+        mask = np.zeros((self.img_size, self.img_size), np.int64)
+        for path in case.masks:  # first non-zero wins, in sorted segtype order
+            layer = read_mask(path, self.num_classes, self.palette, size=self.img_size)
+            mask = np.where(mask == 0, layer, mask)
+        return image, mask.astype(np.uint8 if self.num_classes <= 256 else np.int64)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i]
+        if image is None:
+            image = torch.zeros(self.img_channels, self.img_size, self.img_size)
+        elif image.dtype == np.uint8:
+            image = torch.from_numpy(image).float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5)
+        else:
+            image = torch.from_numpy(image) * 2 - 1
+        return {
+            "image": image,
+            "mask": torch.from_numpy(self.masks[i].astype(np.int64)),
+            "name": self.cases[i].name,
+        }
