@@ -15,3 +15,17 @@ class DataLayoutError(SegdiffError, ValueError):
 
 class CheckpointError(SegdiffError, ValueError):
     """A model folder cannot be opened, or does not match what is asked of it."""
+
+
+class ImageError(SegdiffError, ValueError):
+    """An image array has the wrong shape, channel count, size or value range."""
+
+
+class ConfigError(SegdiffError, ValueError):
+    """A run setting (a flag of the CLI) is out of range or contradicts another."""
+
+
+def check_range(name: str, value, low, high) -> None:
+    """Raise ConfigError unless low <= value <= high; `name` is how the user spelled the setting."""
+    if not low <= value <= high:
+        raise ConfigError(f"{name} {value}: expected a value in {low}..{high}")

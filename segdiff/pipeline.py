@@ -38,12 +38,16 @@ from .models import CARD_FILE, ModelCard
 SCHEDULERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
-    "dpm++": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"},
-    ),
-    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "linspace"}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
 }
+# Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
+# estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
+# steps (seen on the demo model: DDIM clean, DPM-Solver++ pure salt and pepper). With sample_max_value 1,
+# dynamic thresholding is exactly clipping x0 to [-1, 1].
+_MULTISTEP = {"timestep_spacing": "linspace", "thresholding": True, "sample_max_value": 1.0}
+for _name in ("dpm++", "unipc"):
+    SCHEDULERS[_name][1].update(_MULTISTEP)
 DEFAULT_SCHEDULER = "dpm++"
 DEFAULT_STEPS = 20
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
@@ -167,7 +171,7 @@ class SegDiffPipeline(DiffusionPipeline):
             raise ValueError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
         scheduler_cls, overrides = SCHEDULERS[name]
         # Take the stored values as they are, whether or not they were library defaults when saved, so a
-        # model samples the same before and after a save; multistep samplers start at t = T-1 ("linspace").
+        # model samples the same before and after a save.
         config = {k: v for k, v in self.scheduler.config.items() if k != "_use_default_values"}
         return scheduler_cls.from_config(config, **overrides)
 

@@ -1,9 +1,13 @@
 """Training on accelerate: one code path for a CPU, one GPU, many GPUs and many nodes.
 
 Epsilon-prediction MSE over 1000 DDPM timesteps with the encoded mask concatenated to the noisy image;
-mask-ablated training removes each non-background class with probability 0.5, per example. Checkpoints
-hold the full state (model, EMA, optimizer, LR schedule, RNG, step) and are written to a temporary
-folder, then renamed, so a run killed at any moment resumes from the last complete one.
+mask-ablated training removes each non-background class with probability 0.5, per example. AdamW with a
+cosine schedule after a linear warm-up, gradients clipped at 1.0, optional EMA weights, as the original.
+
+Checkpoints hold the full state (model, EMA, optimizer, LR schedule, RNG, step) and are written to a
+temporary folder, then renamed, so a run killed at any moment resumes from the last complete one. Each
+`checkpoint-<step>` is also a model folder that `SegDiffPipeline.from_pretrained` opens (EMA weights when
+EMA is on); the EMA state lives there as safetensors, so resuming loads no pickled weights.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import platform
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -32,36 +36,59 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .data import SegDataset
-from .errors import CheckpointError, DataLayoutError
-from .masks import Encoding, Palette, ablate, encode, tile
-from .models import CARD_FILE, ModelCard, build_unet
-from .pipeline import SegDiffPipeline
+from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
+from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for, write_png
+from .masks import Encoding, Palette, ablate, encode
+from .models import CARD_FILE, PRESETS, ModelCard, build_unet
+from .pipeline import SCHEDULERS, SegDiffPipeline
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def run_name(
+    model_type: str,
+    dataset: str,
+    img_size: int,
+    segmentation_guided: bool = False,
+    use_ablated_segmentations: bool = False,
+    eval_mask_removal: bool = False,
+    eval_blank_mask: bool = False,
+) -> str:
+    """The original code's run folder name: `{model_type.lower()}-{dataset}-{img_size}[-segguided][-ablated]`.
+
+    As in the original, the eval figure flags also add `-ablated`: they were meant for ablated models.
+    """
+    name = f"{model_type.lower()}-{dataset}-{img_size}"
+    if segmentation_guided:
+        name += "-segguided"
+    if use_ablated_segmentations or eval_mask_removal or eval_blank_mask:
+        name += "-ablated"
+    return name
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; the CLI fills it from the original flags."""
+    """Everything a training run needs; the CLI fills it from the original flags (named in the errors)."""
 
     output_dir: str
-    img_dir: str
-    seg_dir: str | None = None
-    num_classes: int = 0  # K including background; 0 = unconditional
+    img_dir: str | None
+    seg_dir: str | None = None  # None trains an unconditional model
+    num_classes: int = 0  # K including background; needed when seg_dir is given
     class_names: tuple[str, ...] = ()
     img_size: int = 256
     img_channels: int = 1
     preset: str = "paper"
     encoding: Encoding = "onehot"  # "original" trains models the original code can also open
     model_type: str = "DDPM"  # the stored noise scheduler's class, as the original named its runs
-    batch_size: int = 32
+    train_batch_size: int = 32
     eval_batch_size: int = 8
     num_epochs: int = 200
     max_train_steps: int | None = None  # overrides num_epochs when set
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 500
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: what `accelerate launch`/`accelerate config` says, else fp32
     ema: bool = False
     ablate: bool = False
     checkpointing_steps: int = 500
@@ -71,49 +98,118 @@ class TrainConfig:
     seed: int = 0
     save_image_epochs: int = 20  # sample grid, as the original
     save_model_epochs: int = 30
-    sampler: str = "dpm++"
-    num_inference_steps: int = 20
+    sampler: str | None = None  # for the grid; None: the original's sampler for model_type
+    num_inference_steps: int | None = None
     dataloader_num_workers: int = 0
+    # None: on GPUs only. Tensor cores want channels-last; on a 2-core AVX2 CPU it made backward 12% slower.
+    channels_last: bool | None = None
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.img_dir:
+            raise ConfigError("training needs --img_dir IMG_DIR (holding IMG_DIR/train/ and IMG_DIR/val/)")
+        if not self.output_dir:
+            raise ConfigError("--output_dir is empty")
+        if self.seg_dir is not None:
+            if not self.num_classes:
+                raise ConfigError(
+                    "segmentation-guided training needs --num_segmentation_classes K (classes including "
+                    "background 0)"
+                )
+            check_range("--num_segmentation_classes", self.num_classes, 2, 256)
+            if self.class_names and len(self.class_names) != self.num_classes:
+                raise ConfigError(
+                    f"--class_names: {len(self.class_names)} names ({', '.join(self.class_names)}) for "
+                    f"--num_segmentation_classes {self.num_classes}; give one per class, background first"
+                )
+        choices = (
+            ("--preset", self.preset, PRESETS),
+            ("--mask_encoding", self.encoding, ("onehot", "original")),
+            ("--model_type", self.model_type, ORIGINAL_SAMPLERS),
+            ("--mixed_precision", self.mixed_precision, (None, "no", "fp16", "bf16")),
+            ("--sampler", self.sampler, (None, *SCHEDULERS)),
+        )
+        for flag, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value}: expected one of {sorted(a for a in allowed if a)}")
+        check_range("--num_img_channels", self.img_channels, 1, 64)
+        check_range("--img_size", self.img_size, 8, 4096)
+        factor = 2 ** (len(PRESETS[self.preset]["block_out_channels"]) - 1)
+        if self.img_size % factor:
+            raise ConfigError(
+                f"--img_size {self.img_size}: the {self.preset} preset halves the image "
+                f"{factor.bit_length() - 1} times, so the size must be a multiple of {factor}"
+            )
+        for flag, value, low, high in (
+            ("--train_batch_size", self.train_batch_size, 1, 4096),
+            ("--eval_batch_size", self.eval_batch_size, 1, 4096),
+            ("--num_epochs", self.num_epochs, 1, 1_000_000),
+            ("--max_train_steps", self.max_train_steps, 1, 100_000_000),
+            ("--learning_rate", self.learning_rate, 1e-10, 1.0),
+            ("--lr_warmup_steps", self.lr_warmup_steps, 0, 100_000_000),
+            ("--gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 4096),
+            ("--checkpointing_steps", self.checkpointing_steps, 1, 100_000_000),
+            ("--checkpoints_total_limit", self.checkpoints_total_limit, 1, 1_000_000),
+            ("--resume_epoch", self.resume_epoch, 0, 1_000_000),
+            ("--seed", self.seed, 0, 2**32 - 1),
+            ("--save_image_epochs", self.save_image_epochs, 1, 1_000_000),
+            ("--save_model_epochs", self.save_model_epochs, 1, 1_000_000),
+            ("--num_inference_steps", self.num_inference_steps, 1, 1000),
+            ("--dataloader_num_workers", self.dataloader_num_workers, 0, 256),
+        ):
+            if value is not None:
+                check_range(flag, value, low, high)
+        if self.resume and self.resume_epoch is not None:
+            raise ConfigError("--resume and --resume_epoch: choose one (--resume continues the full state)")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; written beside each checkpoint as trainer_state.json."""
+
+    step: int = 0
+    ema_step: int = 0
+    seconds: float = 0.0  # training time over all resumes
 
 
 def train(config: TrainConfig) -> Path:
     """Train, checkpoint and save the model to `config.output_dir`; returns that folder."""
     out = Path(config.output_dir)
-    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if has_tensorboard else None,
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    _fast_backends(accelerator.device)
     set_seed(config.seed)
     card = _card(config)
-    train_set = SegDataset(
-        config.img_dir,
-        config.seg_dir,
-        "train",
-        config.img_size,
-        config.img_channels,
-        config.num_classes,
-        card.palette if card.guided else None,
-    )
-    grid_set = _grid_set(config, card)
+    card.training.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
+    palette = card.palette if card.guided else None
+    data = (config.img_dir, config.seg_dir)
+    train_set = SegDataset(*data, "train", config.img_size, config.img_channels, config.num_classes, palette)
+    grid_set = _grid_set(config, palette)
     loader = torch.utils.data.DataLoader(
         train_set,
-        batch_size=config.batch_size,
+        batch_size=config.train_batch_size,
         shuffle=True,
-        drop_last=len(train_set) > config.batch_size,
+        drop_last=len(train_set) > config.train_batch_size,
         num_workers=config.dataloader_num_workers,
         persistent_workers=config.dataloader_num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
     )
-
-    unet = _initial_unet(config, card, out)
+    latest = latest_checkpoint(out) if config.resume else None
+    unet = _initial_unet(config, card, out, latest)
+    channels_last = (
+        config.channels_last if config.channels_last is not None else accelerator.device.type == "cuda"
+    )
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     noise_scheduler = (DDIMScheduler if config.model_type == "DDIM" else DDPMScheduler)(
         num_train_timesteps=1000
     )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate)
+    optimizer = _optimizer(unet, config.learning_rate, accelerator.device)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     lr_scheduler = get_cosine_schedule_with_warmup(
@@ -130,34 +226,65 @@ def train(config: TrainConfig) -> Path:
         if config.ema
         else None
     )
+
+    state = TrainerState()
+    if config.resume_epoch is not None:
+        state.step = config.resume_epoch * steps_per_epoch
+        with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(state.step * accelerator.num_processes):
+                lr_scheduler.step()  # the original restarted the LR schedule; we continue it
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-
-    step = 0
-    if config.resume and (latest := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(latest))
-        step = int(CHECKPOINT.match(latest.name)[1])
-        accelerator.print(f"resumed from {latest} at step {step} of {total_steps}")
-    elif config.resume_epoch is not None:
-        step = config.resume_epoch * steps_per_epoch
-        for _ in range(step):  # the original restarted the LR schedule; we continue it where it was
-            lr_scheduler.step()
+    if latest is not None:
+        state = _load_checkpoint(accelerator, latest, ema)
     if accelerator.is_main_process:
+        for stale in out.glob(".tmp-checkpoint-*"):  # from a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items() if _scalar(v)})
+    if latest is not None:
+        accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
+    elif config.resume:
+        accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
 
-    log = _CsvLog(out / "train_log.csv") if accelerator.is_main_process else None
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    started = time.time()
-    epoch = step // steps_per_epoch
-    while step < total_steps:
-        done_in_epoch = (step % steps_per_epoch) * config.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+    def pipeline() -> SegDiffPipeline:
+        return _pipeline(accelerator, unet, ema, noise_scheduler, card)
+
+    sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
+
+    def save_grid(epochs_done: int) -> None:
+        if grid_set is None:
+            return
+        # Each grid shows the next validation cases, wrapping around: the original ran out and crashed.
+        n = min(config.eval_batch_size, len(grid_set))
+        start = epochs_done // config.save_image_epochs * n
+        items = [grid_set[(start + i) % len(grid_set)] for i in range(n)]
+        masks = torch.stack([item["mask"] for item in items]) if card.guided else None
+        images = torch.stack([item["image"] for item in items])
+        grid = sample_grid(pipeline(), n, masks, images, sampler=sampler, steps=steps, seed=config.seed)
+        write_png(grid, out / "samples" / f"{epochs_done - 1:04d}.png")
+
+    def save_model(epochs_done: int, seconds: float) -> None:
+        card.training.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
+        pipeline().save_pretrained(out)
+
+    log = _CsvLog(out / "train_log.csv", state.step) if accelerator.is_main_process else None
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        unit="step",
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    started, seconds_before = time.time(), state.seconds
+    while state.step < total_steps:
+        epoch = state.step // steps_per_epoch
+        done_in_epoch = (state.step % steps_per_epoch) * config.gradient_accumulation_steps
         unet.train()
-        for batch in batches:
+        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             with accelerator.accumulate(unet):
-                loss = _loss(unet, noise_scheduler, batch, card, config.ablate)
+                loss = _loss(unet, noise_scheduler, batch, card, config.ablate, channels_last)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -166,35 +293,48 @@ def train(config: TrainConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            state.step += 1
             if ema is not None:
                 ema.step(unet.parameters())
+                state.ema_step = ema.optimization_step
+            state.seconds = seconds_before + time.time() - started
             loss_value = accelerator.gather(loss.detach()).mean().item()
             lr = lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-            accelerator.log({"loss": loss_value, "lr": lr}, step=step)
+            accelerator.log({"loss": loss_value, "lr": lr}, step=state.step)
             if log is not None:
-                log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, seconds=time.time() - started)
-            if step % config.checkpointing_steps == 0 or step == total_steps:
-                save_checkpoint(accelerator, out, step, config.checkpoints_total_limit)
-            if step >= total_steps:
+                log.write(
+                    step=state.step, epoch=epoch, loss=loss_value, lr=lr, seconds=round(state.seconds, 3)
+                )
+            if state.step % config.checkpointing_steps == 0 or state.step == total_steps:
+                save_checkpoint(
+                    accelerator,
+                    out,
+                    state,
+                    config.checkpoints_total_limit,
+                    pipeline if accelerator.is_main_process else None,
+                )
+                unet.train()  # the checkpoint's pipeline put the model in eval mode
+            if state.step >= total_steps:
                 break
-        epoch += 1
-        if accelerator.is_main_process:
-            pipe = _pipeline(accelerator, unet, ema, noise_scheduler, card)
-            if epoch % config.save_image_epochs == 0 or step >= total_steps:
-                _save_grid(pipe, grid_set, out / "samples" / f"{epoch - 1:04d}.png", config, epoch)
-            if epoch % config.save_model_epochs == 0 or step >= total_steps:
-                card.training.update(steps=step, epochs=epoch, seconds_this_run=round(time.time() - started))
-                pipe.save_pretrained(out)
-            unet.train()
+        epochs_done = state.step // steps_per_epoch
+        if accelerator.is_main_process and state.step < total_steps and state.step % steps_per_epoch == 0:
+            if epochs_done % config.save_image_epochs == 0:
+                save_grid(epochs_done)
+            if epochs_done % config.save_model_epochs == 0:
+                save_model(epochs_done, state.seconds)
     bar.close()
+    if accelerator.is_main_process:
+        epochs_done = math.ceil(state.step / steps_per_epoch)
+        save_grid(epochs_done)
+        card.training["finished"] = True
+        save_model(epochs_done, state.seconds)
     accelerator.end_training()
     return out
 
 
-def _loss(unet, noise_scheduler, batch, card: ModelCard, ablated: bool) -> torch.Tensor:
+def _loss(unet, noise_scheduler, batch, card: ModelCard, ablated: bool, channels_last: bool) -> torch.Tensor:
     images, masks = batch["image"], batch["mask"]  # (B, C, H, W) in [-1, 1], (B, H, W) int64
     if ablated:
         masks = ablate(masks, card.num_classes)
@@ -202,14 +342,32 @@ def _loss(unet, noise_scheduler, batch, card: ModelCard, ablated: bool) -> torch
     noise = torch.randn_like(images)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
     noisy = noise_scheduler.add_noise(images, noise, t)
-    prediction = unet(torch.cat([noisy, cond], dim=1), t).sample
+    model_input = torch.cat([noisy, cond], dim=1)  # (B, C_img + C_mask, H, W)
+    if channels_last:
+        model_input = model_input.contiguous(memory_format=torch.channels_last)
+    prediction = unet(model_input, t).sample
     return F.mse_loss(prediction.float(), noise.float())
+
+
+def _optimizer(unet: torch.nn.Module, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the original, with the fused kernel where this torch has one for the device."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(unet.parameters(), lr=learning_rate, fused=fused)
+
+
+def _fast_backends(device: torch.device) -> None:
+    """TF32 matmuls and cuDNN autotuning on GPUs: the same fp32 training, run on tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def _card(config: TrainConfig) -> ModelCard:
     guided = config.seg_dir is not None
     names = (list(config.class_names) or list(Palette.default(config.num_classes).names)) if guided else []
     palette = Palette.default(config.num_classes, names) if guided else None
+    flags = {k: v for k, v in asdict(config).items() if k not in ("command", "extra_card")}
     return ModelCard(
         num_classes=config.num_classes if guided else 0,
         img_channels=config.img_channels,
@@ -221,44 +379,51 @@ def _card(config: TrainConfig) -> ModelCard:
         training={
             "command": config.command,
             "hardware": _hardware(),
-            "ablated": config.ablate,
-            "batch_size": config.batch_size,
-            "learning_rate": config.learning_rate,
-            "mixed_precision": config.mixed_precision,
-            "ema": config.ema,
-            "data": {"img_dir": str(config.img_dir), "seg_dir": str(config.seg_dir)},
+            "flags": flags,
             **config.extra_card,
         },
     )
 
 
-def _initial_unet(config: TrainConfig, card: ModelCard, out: Path) -> UNet2DModel:
-    """A fresh UNet, or the saved one for --resume_epoch; refuses a folder holding a different model."""
-    unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
-    saved = out / "unet" / "config.json"
+def _check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
+    """Refuse a folder holding a model of another shape, classes or encoding than this run trains."""
+    saved = folder / "unet" / "config.json"
     if saved.is_file():
         old = json.loads(saved.read_text())
-        for key in ("in_channels", "out_channels", "sample_size", "block_out_channels"):
+        for key in ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block"):
             if key in old and list(np.atleast_1d(old[key])) != list(np.atleast_1d(unet.config[key])):
                 raise CheckpointError(
-                    f"{out}: already holds a model with {key}={old[key]}, this run builds {unet.config[key]}; "
+                    f"{folder}: holds a model with {key}={old[key]}, this run builds {unet.config[key]}; "
                     "choose another --output_dir or remove the old model"
                 )
-    if (out / CARD_FILE).is_file():
-        old_card = ModelCard.load(out)
+    if (folder / CARD_FILE).is_file():
+        old_card = ModelCard.load(folder)
         if (old_card.num_classes, old_card.encoding) != (card.num_classes, card.encoding):
             raise CheckpointError(
-                f"{out}: holds a model for {old_card.num_classes} classes ({old_card.encoding} encoding), "
-                f"this run trains {card.num_classes} ({card.encoding})"
+                f"{folder}: holds a model for {old_card.num_classes} classes ({old_card.encoding} encoding), "
+                f"this run trains {card.num_classes} ({card.encoding}); choose another --output_dir"
             )
+
+
+def _initial_unet(config: TrainConfig, card: ModelCard, out: Path, latest: Path | None) -> UNet2DModel:
+    """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
+    unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
+    _check_same_model(out, unet, card)
+    if latest is not None:
+        _check_same_model(latest, unet, card)
+    elif not config.resume and (old := latest_checkpoint(out)) is not None:
+        raise ConfigError(
+            f"{out}: holds {old.name} from an earlier run; pass --resume to continue it, or choose another "
+            "--output_dir (a new run here would prune that run's checkpoints)"
+        )
     if config.resume_epoch is not None:
-        if not saved.is_file():
+        if not (out / "unet" / "config.json").is_file():
             raise CheckpointError(f"--resume_epoch {config.resume_epoch}: {out}/unet/ holds no saved model")
         unet = UNet2DModel.from_pretrained(out / "unet", use_safetensors=True)
     return unet
 
 
-def _grid_set(config: TrainConfig, card: ModelCard) -> SegDataset | None:
+def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None:
     """Validation masks (and images) for the progress grid; falls back to training cases."""
     for split in ("val", "train"):
         try:
@@ -269,7 +434,7 @@ def _grid_set(config: TrainConfig, card: ModelCard) -> SegDataset | None:
                 config.img_size,
                 config.img_channels,
                 config.num_classes,
-                card.palette if card.guided else None,
+                palette,
             )
         except DataLayoutError:  # a missing val split only costs the grid its validation cases
             continue
@@ -287,83 +452,99 @@ def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
     return pipe
 
 
-def _save_grid(pipe: SegDiffPipeline, grid_set, path: Path, config: TrainConfig, epoch: int) -> None:
-    """Rows: conditioning masks, samples, real images. The grid cycles through the validation set."""
-    if grid_set is None:
-        return
-    n = min(config.eval_batch_size, len(grid_set))
-    start = (epoch // max(config.save_image_epochs, 1) * n) % len(grid_set)
-    items = [grid_set[(start + i) % len(grid_set)] for i in range(n)]
-    masks = torch.stack([item["mask"] for item in items])
-    generator = torch.Generator().manual_seed(config.seed)
-    samples = pipe(
-        masks if pipe.card.guided else None,
-        batch_size=n,
-        generator=generator,
-        scheduler=config.sampler,
-        num_inference_steps=config.num_inference_steps,
-        output_type="np",
-    ).images
-    rows = [
-        _to_rgb(samples),
-        _to_rgb(np.stack([(item["image"].permute(1, 2, 0).numpy() + 1) / 2 for item in items])),
-    ]
-    if pipe.card.guided:
-        rows.insert(0, pipe.card.palette.to_rgb(masks.numpy()))
-    _write_png(tile([img for row in rows for img in row], columns=n), path)
+# ---- checkpoints ---------------------------------------------------------------------------------------
 
 
-def _to_rgb(images: np.ndarray) -> np.ndarray:
-    """(B, H, W, C) float in [0, 1] -> (B, H, W, 3) uint8, showing the first channel of C != 3."""
-    images = (images.clip(0, 1) * 255).round().astype(np.uint8)
-    return images if images.shape[-1] == 3 else np.repeat(images[..., :1], 3, axis=-1)
-
-
-def _write_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    PIL.Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete `checkpoint-<step>` folder; half-written ones are still `.tmp-*`."""
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-<step>` folder; half-written ones are still `.tmp-checkpoint-*`."""
     found = [
-        (int(m[1]), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()
+        (int(m[1]), p)
+        for p in Path(out).glob("checkpoint-*")
+        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
     ]
     return max(found)[1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int | None) -> None:
-    """Write the full state to a temporary folder, rename it in, then prune the oldest."""
-    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
+def prune_checkpoints(out: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Remove all but the `keep` newest complete checkpoints (None keeps all). -> the removed folders."""
+    found = sorted(
+        (int(m[1]), p)
+        for p in Path(out).glob("checkpoint-*")
+        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
+    )
+    removed = [p for _, p in found[:-keep]] if keep else []
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
+
+
+def save_checkpoint(
+    accelerator: Accelerator, out: Path, state: TrainerState, keep: int | None, pipeline
+) -> Path:
+    """Write the full state and a model folder to `.tmp-checkpoint-<step>`, rename it in, then prune.
+
+    `pipeline` (main process only) builds the model as it is saved: its unet/ holds the EMA weights when
+    EMA is on, which is also where resuming reads the EMA state from.
+    """
+    final, tmp = out / f"checkpoint-{state.step}", out / f".tmp-checkpoint-{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        return
+        return final
+    pipe = pipeline()
+    pipe.card.training.update(steps=state.step, seconds=round(state.seconds, 1))
+    pipe.save_pretrained(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    if keep:
-        checkpoints = sorted((int(CHECKPOINT.match(p.name)[1]), p) for p in out.glob("checkpoint-*"))
-        for _, old in checkpoints[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out, keep)
+    return final
+
+
+def _load_checkpoint(accelerator: Accelerator, folder: Path, ema: EMAModel | None) -> TrainerState:
+    """Restore what `save_checkpoint` wrote, after `accelerator.prepare`.
+
+    accelerate reads the model from safetensors and the optimizer, LR schedule and RNG states with
+    weights-only unpickling; the EMA weights come from the checkpoint's unet/ (safetensors).
+    """
+    try:
+        state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+        accelerator.load_state(str(folder))
+        if ema is not None:
+            ema_unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+            ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_unet.parameters()]
+            ema.optimization_step = state.ema_step
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({e})") from e
+    return state
 
 
 class _CsvLog:
-    """Append-only CSV of the training curve; survives resumes."""
+    """The training curve as CSV; on resume, rows past the checkpoint's step are dropped first."""
 
     FIELDS = ("step", "epoch", "loss", "lr", "seconds")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [
+                    row
+                    for row in csv.DictReader(f)
+                    if row.get("step", "").isdigit() and int(row["step"]) <= start_step
+                ]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
         self.file = open(path, "a", newline="")  # noqa: SIM115 - lives as long as the run
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-        if new:
-            self.writer.writeheader()
 
     def write(self, **row):
         self.writer.writerow(row)
@@ -371,7 +552,7 @@ class _CsvLog:
 
 
 def _scalar(value) -> bool:
-    return isinstance(value, (int, float, str, bool)) or value is None
+    return isinstance(value, (int, float, str, bool))  # what TensorBoard's hparams take
 
 
 def _hardware() -> str:

@@ -1,0 +1,327 @@
+"""segdiff studio: paint or upload an anatomy mask, choose the classes the model must keep, and sample.
+
+    python app.py [--model PATH] [--num_classes K] [--host 127.0.0.1] [--port 7860]
+
+UI only: every action is one call into `segdiff.studio`. The model loads once, in `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from segdiff import SegdiffError, SegDiffPipeline
+from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Run, Settings, Studio
+
+try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
+    import spaces
+
+    gpu = spaces.GPU(duration=60)
+except ImportError:
+
+    def gpu(fn):
+        return fn
+
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "assets" / "models" / "phantom-breast-64"
+EXAMPLES = HERE / "assets" / "examples"
+MAX_UPLOAD = "5mb"
+SAMPLERS = [
+    ("DPM++ 2M (fast)", "dpm++"),
+    ("UniPC (fast)", "unipc"),
+    ("DDIM (original)", "ddim"),
+    ("DDPM (stochastic, needs ~1000 steps)", "ddpm"),
+]
+THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate")
+CSS = """
+#results img, #mask-examples img { image-rendering: pixelated; }
+.legend { display: flex; flex-wrap: wrap; gap: 6px 14px; font-size: 0.9em; }
+.legend span.swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px;
+                      vertical-align: -2px; margin-right: 6px; border: 1px solid var(--border-color-primary); }
+.model-line { opacity: 0.8; font-size: 0.9em; }
+#reroll { align-self: flex-end; margin-bottom: 8px; }
+.tips { font-size: 0.88em; opacity: 0.85; }
+"""
+
+
+def user_errors(fn):
+    """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (SegdiffError, ValueError) as e:
+            raise gr.Error(str(e)) from e
+
+    return wrapper
+
+
+def legend_html(studio: Studio) -> str:
+    items = "".join(
+        f'<div><span class="swatch" style="background:{studio.palette.hex(i)}"></span>{name}</div>'
+        for i, name in enumerate(studio.class_names)
+    )
+    return f'<div class="legend">{items}</div>'
+
+
+def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Blocks:
+    """The studio's page for an opened model; `folder` names it and locates its segmenter."""
+    studio = Studio(pipe, folder)
+    names = studio.class_names
+    side = studio.size * studio.canvas_scale
+    blank = {"background": studio.canvas(), "layers": [], "composite": None}
+
+    def editor_value(mask):
+        # The mask goes on the layer, over a black background, so the eraser takes it back to background.
+        return {"background": studio.canvas(), "layers": [studio.layer(mask)], "composite": None}
+
+    def mask_of(editor):
+        if editor is None:
+            return studio.mask_from_canvas(None)
+        # The browser sends a composite once painted on; a mask we loaded into the layer comes back without one.
+        if editor.get("composite") is not None:
+            return studio.mask_from_canvas(editor["composite"])
+        return studio.mask_from_canvas(editor.get("background"), editor.get("layers") or ())
+
+    def settings_of(omit, seed, steps, num_images, sampler, strength=1.0) -> Settings:
+        """omit: class names (or ids) the model may invent."""
+        if seed is None:
+            raise gr.Error(f"seed: empty; expected an integer 0..{MAX_SEED}")
+        return Settings(int(seed), int(steps), sampler, studio.omit_ids(omit), int(num_images), float(strength))
+
+    def progress_to(progress):
+        return lambda step, total: progress((step, total), desc="denoising", unit="steps")
+
+    def gallery_of(run: Run, contours: bool):
+        # Up to 4 results as a 2 x 2 grid of large images; more as rows of 4.
+        return gr.Gallery(studio.gallery(run, contours), columns=2 if len(run.images) <= 4 else 4)
+
+    def shown(run: Run, contours: bool):
+        for notice in run.notices:
+            gr.Info(notice)
+        return (
+            gallery_of(run, contours),
+            run.settings,
+            gr.DownloadButton(value=str(run.archive), visible=True),
+            run,
+        )
+
+    @user_errors
+    def load_mask(path):
+        if path is None:
+            return gr.skip()
+        mask, notices = studio.mask_from_file(path)
+        for notice in notices:
+            gr.Warning(notice)
+        return editor_value(mask)
+
+    @gpu
+    @user_errors
+    def on_generate(editor, keep, seed, steps, num_images, sampler, image, strength, contours,
+                 progress=gr.Progress()):  # noqa: B008
+        unticked = [n for n in names[1:] if n not in (keep or [])]
+        settings = settings_of(unticked, seed, steps, num_images, sampler, strength)
+        start = studio.start_image(image) if image else None
+        return shown(studio.generate(mask_of(editor), settings, start, progress_to(progress)), contours)
+
+    @gpu
+    @user_errors
+    def on_sweep(editor, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
+        settings = settings_of([], seed, steps, 1, sampler, strength)
+        start = studio.start_image(image) if image else None
+        return shown(studio.sweep(mask_of(editor), settings, start, progress_to(progress)), contours)
+
+    def redraw(run, contours):
+        return gallery_of(run, contours) if run is not None else gr.skip()
+
+    def api_run(action, mask, omit, seed, steps, num_images, sampler, progress):
+        if mask is None:
+            raise gr.Error("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
+        labels, notices = studio.mask_from_file(mask)
+        run = action(labels, settings_of(omit or [], seed, steps, num_images, sampler), progress=progress_to(progress))
+        run.settings["notices"] = notices + run.notices
+        return studio.gallery(run), run.settings, str(run.archive)
+
+    @gpu
+    @user_errors
+    def generate(mask, omit, seed, steps, num_images, sampler, progress=gr.Progress()):  # noqa: B008
+        return api_run(studio.generate, mask, omit, seed, steps, num_images, sampler, progress)
+
+    @gpu
+    @user_errors
+    def sweep(mask, seed, steps, sampler, progress=gr.Progress()):  # noqa: B008
+        return api_run(studio.sweep, mask, [], seed, steps, 1, sampler, progress)
+
+    with gr.Blocks(title="segdiff studio", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(
+            "# segdiff studio\n"
+            "Paint an anatomy mask, choose which classes the model must follow and which it may invent, "
+            f"and sample images that follow it pixel for pixel.\n\n<span class='model-line'>{studio.summary()}</span>"
+        )
+        run_state = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=380):
+                editor = gr.ImageEditor(
+                    value=blank,
+                    label="Mask",
+                    type="numpy",
+                    image_mode="RGBA",
+                    format="png",
+                    canvas_size=(side, side),
+                    fixed_canvas=True,
+                    sources=[],
+                    transforms=[],
+                    layers=False,
+                    brush=gr.Brush(
+                        colors=[studio.palette.hex(i) for i in range(len(names))],
+                        default_color=studio.palette.hex(1),
+                        color_mode="fixed",
+                        default_size=3 * studio.canvas_scale,
+                    ),
+                    eraser=gr.Eraser(default_size=3 * studio.canvas_scale),
+                    height=side + 60,
+                    elem_id="mask-editor",
+                )
+                gr.HTML(legend_html(studio))
+                mask_file = gr.File(
+                    label="Upload a mask (PNG of class ids or colours, .npy)",
+                    file_types=[".png", ".npy"],
+                    height=120,
+                )
+                example_paths = example_masks(studio)
+                if example_paths:
+                    example = gr.Image(type="filepath", visible=False)
+                    gr.Examples(example_paths, inputs=example, label="Example masks (held-out test cases)",
+                                elem_id="mask-examples")
+                    example.change(load_mask, example, editor, api_visibility="private")
+                gr.Markdown(
+                    f"**Painting.** Pick a class colour from the brush's palette; black paints background and "
+                    f"the eraser takes paint off. The canvas is {side} px: each {studio.canvas_scale} x "
+                    f"{studio.canvas_scale} block becomes one of the model's {studio.size} x {studio.size} "
+                    "pixels, the class covering most of it.\n\n"
+                    "**Omitting** a class hands its pixels to the model, which may draw that tissue anywhere "
+                    "or nowhere. **Ablation sweep** renders one noise with all classes kept, then each one "
+                    "omitted in turn. Every PNG carries its seed, steps, sampler, omitted classes and model "
+                    "in its metadata.",
+                    elem_classes="tips",
+                )
+            with gr.Column(scale=6, min_width=380):
+                keep = gr.CheckboxGroup(
+                    names[1:], value=names[1:], label="Keep",
+                    info="Ticked classes are followed exactly; unticked ones are omitted, and the model may invent them.",
+                )
+                with gr.Row():
+                    num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
+                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                with gr.Row():
+                    sampler = gr.Dropdown(SAMPLERS, value="dpm++", label="Sampler")
+                    seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
+                with gr.Accordion("Start from a real image (anatomical similarity)", open=False):
+                    start_image = gr.Image(
+                        type="filepath", label="Real image", sources=["upload"], height=180,
+                        image_mode="L" if pipe.card.img_channels == 1 else "RGB",
+                    )
+                    strength = gr.Slider(
+                        0.05, 1.0, value=0.6, step=0.05, label="Strength",
+                        info="Share of the schedule run from the noised image: lower stays closer to it.",
+                    )
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", scale=2)
+                    sweep_btn = gr.Button("Ablation sweep", variant="secondary", scale=1)
+                gallery = gr.Gallery(
+                    label="Results", columns=2, height=680, object_fit="contain", format="png",
+                    elem_id="results", buttons=["download", "fullscreen"], preview=False,
+                )
+                with gr.Row():
+                    contours = gr.Checkbox(value=True, label="Outline kept classes", scale=2)
+                    download = gr.DownloadButton("Download PNGs, mask and settings", visible=False,
+                                                 size="sm", scale=2)
+                with gr.Accordion("Settings of these results", open=False):
+                    settings_json = gr.JSON(label="Settings", show_label=False)
+
+        # API-only inputs and outputs: a mask file instead of a canvas, class names to omit.
+        api_mask = gr.File(label="mask", visible=False)
+        api_omit = gr.Dropdown(names[1:], multiselect=True, value=[], label="omit", visible=False)
+        api_gallery = gr.Gallery(label="images", visible=False, format="png")
+        api_settings = gr.JSON(label="settings", visible=False)
+        api_archive = gr.File(label="archive", visible=False)
+        api_generate_btn = gr.Button(visible=False)
+        api_sweep_btn = gr.Button(visible=False)
+
+        outputs = [gallery, settings_json, download, run_state]
+        private = dict(api_visibility="private")
+        model = dict(concurrency_id="model")
+        generate_btn.click(
+            on_generate, [editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
+            outputs, **private, **model,
+        )
+        sweep_btn.click(
+            on_sweep, [editor, seed, steps, sampler, start_image, strength, contours], outputs, **private, **model,
+        )
+        contours.change(redraw, [run_state, contours], gallery, **private, queue=False)
+        reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **private, queue=False)
+        mask_file.upload(load_mask, mask_file, editor, **private)
+        api_generate_btn.click(
+            generate, [api_mask, api_omit, seed, steps, num_images, sampler],
+            [api_gallery, api_settings, api_archive], api_name="generate", **model,
+        )
+        api_sweep_btn.click(
+            sweep, [api_mask, seed, steps, sampler], [api_gallery, api_settings, api_archive],
+            api_name="sweep", **model,
+        )
+    # One sampling job at a time: a second would only halve the speed of both on a small machine.
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def example_masks(studio: Studio) -> list[str]:
+    """The bundled example masks this model can use, coloured at its size (thumbnails a person can read)."""
+    paths = []
+    for path in sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.npy")):
+        try:
+            mask, _ = studio.mask_from_file(path)
+        except SegdiffError as e:
+            print(f"segdiff studio: skipping example {e}", file=sys.stderr)
+            continue
+        paths.append(studio.write_preview(mask, path.stem))
+    return paths
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
+    """Start the server; host and port fall back to GRADIO_SERVER_NAME/PORT, then 127.0.0.1:7860."""
+    return demo.launch(
+        server_name=host, server_port=port, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS, **kwargs
+    )
+
+
+def main(argv: list[str] | None = None) -> gr.Blocks:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="a model folder SegDiffPipeline opens (default: the bundled phantom-breast-64)")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="classes including background, for original checkpoints whose folder cannot say")
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
+    args = parser.parse_args(argv)
+    if not args.model.is_dir():
+        parser.exit(2, f"segdiff studio: no model folder at {args.model}; pass --model PATH to a segdiff model "
+                       "folder, an original run folder or a released NAME/unet/ checkpoint\n")
+    try:
+        pipe = SegDiffPipeline.from_pretrained(args.model, num_classes=args.num_classes)
+        demo = build_demo(pipe, args.model)
+    except SegdiffError as e:
+        parser.exit(2, f"segdiff studio: {e}\n")
+    launch(demo, args.host, args.port)
+    return demo
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Faithfulness and realism at the fast default settings against the original ones, on the same masks and noise.
+
+    python benchmarks/quality.py --data DATA [--model assets/models/phantom-breast-64] [--segmenter DIR]
+
+DATA holds `img/` and `mask/` as `python -m segdiff.phantoms DATA` writes them (or pass --img_dir and
+--seg_dir for any data in the original layout). One image is drawn per test mask, from noise fixed by the
+mask's index, with (a) the pipeline's defaults (DEFAULT_SCHEDULER, DEFAULT_STEPS, automatic precision) and
+(b) the original code's settings (DDIM 50 steps, eta 0, fp32, contiguous memory). A segmenter trained on the
+real training images (the model's own, or --segmenter; train one with `python -m segdiff.segmenter train`)
+finds the classes in each image; the table prints per-class and mean Dice against the masks, the kept-class
+Dice with each class omitted in turn, and KID and Frechet distance to the real test images. Its first column is the real
+test images themselves: the segmenter's Dice there is the ceiling, and the distances of a real train subset to
+the real test images are the real-vs-real baseline.
+
+Run from the repository root with segdiff importable (`pip install -e .`, or PYTHONPATH=.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from segdiff import CheckpointError, SegdiffError, SegDiffPipeline
+from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from segdiff.segmenter import (
+    Segmenter,
+    load_test_set,
+    measure_quality,
+    quality_table,
+    run_label,
+    write_to_card,
+)
+
+# Targets of issue 5, checked in the summary. The realism target reads on the Frechet distance: the unbiased
+# KID's real-vs-real baseline is 0 +- noise, so a ratio to it means nothing.
+MIN_MEAN_DICE, MAX_DICE_GAP, MIN_KEPT_DICE, MAX_FD_RATIO, MIN_CEILING = 0.90, 0.01, 0.85, 2.0, 0.93
+
+
+def summary(fast: dict, original: dict) -> list[str]:
+    """One line per target: the value measured and whether it is met."""
+
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    lines = []
+    ceiling = fast["real"]["mean_dice"]
+    lines.append(
+        f"ceiling (segmenter on real test images): mean Dice {ceiling:.4f} [{mark(ceiling >= MIN_CEILING)}]"
+    )
+    gap = fast["mean_dice"] - original["mean_dice"]
+    lines.append(
+        f"mean Dice, fast {fast['mean_dice']:.4f} vs original {original['mean_dice']:.4f}: {gap:+.4f} "
+        f"(target >= {MIN_MEAN_DICE}, at most {MAX_DICE_GAP} below the original) "
+        f"[{mark(fast['mean_dice'] >= MIN_MEAN_DICE and gap >= -MAX_DICE_GAP)}]"
+    )
+    scored = [(r["mean_dice"], n) for n, r in fast["omit"].items() if r["mean_dice"] is not None]
+    if scored:  # a model with one class keeps none when it is omitted
+        worst, name = min(scored)
+        lines.append(
+            f"lowest kept-class Dice, fast settings: {worst:.4f} with {name} omitted "
+            f"(target >= {MIN_KEPT_DICE}) [{mark(worst >= MIN_KEPT_DICE)}]"
+        )
+    realism = fast["realism"]
+    if "baseline_fd" not in realism:  # no train split to draw the baseline from
+        return lines
+    for label, run in (("fast", fast), ("original", original)):
+        fd, kid = run["realism"]["fd"], run["realism"]["kid"]
+        ratio = fd / realism["baseline_fd"]
+        lines.append(
+            f"Frechet distance {label} {fd:.4g} vs real-vs-real {realism['baseline_fd']:.4g}: ratio {ratio:.2f} "
+            f"(target <= {MAX_FD_RATIO}) [{mark(ratio <= MAX_FD_RATIO)}]; KID {kid['mean']:.3g} +- "
+            f"{kid['std']:.2g} vs real-vs-real {realism['baseline_kid']['mean']:.3g} +- "
+            f"{realism['baseline_kid']['std']:.2g}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("assets/models/phantom-breast-64"))
+    parser.add_argument(
+        "--data", type=Path, help="a folder holding img/ and mask/ (segdiff.phantoms' layout)"
+    )
+    parser.add_argument("--img_dir", type=Path, help="IMG_DIR/{train,test}/ (default: DATA/img)")
+    parser.add_argument("--seg_dir", type=Path, help="SEG_DIR/<segtype>/{train,test}/ (default: DATA/mask)")
+    parser.add_argument("--segmenter", type=Path, help="a segmenter folder (default: the model's own)")
+    parser.add_argument("--num_masks", type=int, help="use the first N test masks (default: all)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
+    parser.add_argument("--json", type=Path, help="also write both results to this JSON file")
+    parser.add_argument("--write-card", action="store_true", help="store both results in the model card")
+    args = parser.parse_args(argv)
+    img_dir = args.img_dir or (args.data / "img" if args.data else None)
+    seg_dir = args.seg_dir or (args.data / "mask" if args.data else None)
+    if img_dir is None or seg_dir is None:
+        parser.error("pass --data DATA, or --img_dir and --seg_dir")
+
+    try:
+        pipe = SegDiffPipeline.from_pretrained(args.model)
+        if args.segmenter is None and pipe.card.segmenter is None:
+            raise CheckpointError(f"{args.model}: the model has no segmenter; pass --segmenter DIR")
+        segmenter = Segmenter.from_pretrained(args.segmenter or args.model / pipe.card.segmenter)
+        masks, images, baseline = load_test_set(img_dir, seg_dir, pipe.card, args.num_masks, args.seed)
+    except SegdiffError as e:
+        sys.exit(f"error: {e}")
+    print(
+        f"model {args.model}, segmenter {args.segmenter or pipe.card.segmenter}, {len(masks)} test masks "
+        f"of {seg_dir}, device {pipe.device}\n"
+    )
+
+    common = dict(
+        seed=args.seed, batch_size=args.batch_size, omit_each=not args.no_omit, baseline_images=baseline
+    )
+    runs = {}
+    for name, scheduler, steps, precision, channels_last in (
+        ("fast", DEFAULT_SCHEDULER, DEFAULT_STEPS, "auto", True),
+        ("original", "ddim", 50, "fp32", False),
+    ):
+        pipe.set_speed(precision=precision, channels_last=channels_last)
+        started = time.perf_counter()
+        runs[name] = measure_quality(
+            pipe,
+            segmenter,
+            masks,
+            images,
+            scheduler=scheduler,
+            num_inference_steps=steps,
+            precision=precision,
+            **common,
+        )
+        print(f"{name}: {run_label(runs[name])} measured in {time.perf_counter() - started:.0f} s")
+
+    print()
+    print(quality_table({f"{name}: {run_label(run)}": run for name, run in runs.items()}))
+    print()
+    print("\n".join(summary(runs["fast"], runs["original"])))
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    if args.write_card:
+        for run in runs.values():
+            write_to_card(args.model, segmenter, run)
+        print(f"\nwrote both results to the card of {args.model}")
+
+
+if __name__ == "__main__":
+    main()

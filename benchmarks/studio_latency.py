@@ -1,0 +1,112 @@
+"""Studio latency: click-to-gallery time through gradio_client, default settings against the original ones.
+
+Two studios are launched in this process on the same weights: one as `python app.py` opens it (automatic
+precision, channels-last, DPM++ 20 steps), one with the original code's settings (fp32, contiguous memory,
+DDIM 50 steps). Each request goes through the named `generate` endpoint exactly as a user's would: the mask
+file is uploaded, sampled into 4 images, written as PNGs with their settings and a zip, and the gallery
+images are downloaded. Prints the median of each, and their ratio.
+
+    python benchmarks/studio_latency.py                  # the bundled demo model
+    python benchmarks/studio_latency.py --model PATH --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler
+from gradio_client import Client, handle_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+from segdiff import SegDiffPipeline  # noqa: E402
+from segdiff.models import ModelCard, build_unet  # noqa: E402
+
+NUM_IMAGES = 4
+
+
+def stand_in_model(folder: Path, preset: str) -> Path:
+    """When the demo model is absent: random weights of its architecture (64 px, 4 classes)."""
+    card = ModelCard(num_classes=4, img_channels=1, img_size=64, preset=preset)
+    unet = build_unet(preset, 64, 1, card.cond_channels)
+    SegDiffPipeline(unet, DDPMScheduler(num_train_timesteps=1000), card).save_pretrained(folder)
+    return folder
+
+
+def mask_file(folder: Path, size: int) -> Path:
+    """A bundled example mask when one exists, else nested squares of classes 1..3."""
+    examples = sorted(app.EXAMPLES.glob("*.png"))
+    if examples:
+        return examples[0]
+    mask = np.zeros((size, size), np.uint8)
+    for c in (1, 2, 3):
+        mask[c * size // 8 : size - c * size // 8, c * size // 8 : size - c * size // 8] = c
+    path = folder / "mask.png"
+    PIL.Image.fromarray(mask).save(path)
+    return path
+
+
+def click_to_gallery(url: str, mask: Path, repeats: int, **settings) -> float:
+    """Median seconds from request to downloaded gallery, after one warm-up request."""
+    client = Client(url, verbose=False)
+    call = lambda: client.predict(  # noqa: E731
+        mask=handle_file(str(mask)), omit=[], seed=0, num_images=NUM_IMAGES, api_name="/generate", **settings
+    )
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gallery, _, _ = call()
+        for item in gallery:  # the client has fetched them; reading them is what a user's browser does
+            PIL.Image.open(item["image"]).load()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=app.DEFAULT_MODEL)
+    parser.add_argument("--preset", default="small", help="stand-in architecture when --model is absent")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if not model.is_dir():
+            print(f"{model} is absent: timing random weights of the {args.preset!r} preset instead")
+            model = stand_in_model(Path(tmp) / f"random-{args.preset}", args.preset)
+        fast = SegDiffPipeline.from_pretrained(model)
+        original = SegDiffPipeline.from_pretrained(model, precision="fp32", channels_last=False)
+        demos = [app.build_demo(fast, model), app.build_demo(original, model)]
+        for demo in demos:
+            app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+        mask = mask_file(Path(tmp), fast.card.img_size)
+        try:
+            default = click_to_gallery(demos[0].local_url, mask, args.repeats, steps=20, sampler="dpm++")
+            baseline = click_to_gallery(demos[1].local_url, mask, args.repeats, steps=50, sampler="ddim")
+        finally:
+            for demo in demos:
+                demo.close()
+
+    device = f"{fast.device.type} ({torch.get_num_threads()} threads)" if fast.device.type == "cpu" else "cuda"
+    print(f"model {model.name}, {fast.card.img_size} px, {NUM_IMAGES} images, {device}, median of {args.repeats}")
+    print(f"  default  (precision {fast.precision}, channels-last, dpm++ 20 steps): {default:6.2f} s click to gallery")
+    print(f"  original (fp32, contiguous, ddim 50 steps):                {baseline:6.2f} s click to gallery")
+    print(f"  speed-up: {baseline / default:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Sampling to disk: a grid beside its masks, the mask-removal and blank-mask figures, and many samples.
+
+These are the original code's `eval` and `eval_many` modes, made safe to interrupt: every file is written
+under a temporary name and renamed, and `sample_many` skips the files already there. The noise of each
+image depends only on (seed, mask index), so a resumed run writes the images an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from .data import SegDataset
+from .errors import CheckpointError, ConfigError, check_range
+from .masks import ablate, omit_classes, tile
+from .models import ModelCard
+from .pipeline import DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+
+# The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
+ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def sampler_for(model_type: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+    """(sampler, steps): the original's choice for `model_type` unless chosen.
+
+    A sampler other than the original's defaults to the pipeline's step count: DPM++ needs 20 steps where
+    DDPM needed 1000.
+    """
+    original, original_steps = ORIGINAL_SAMPLERS[model_type]
+    sampler = sampler or original
+    return sampler, steps or (original_steps if sampler == original else DEFAULT_STEPS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the `eval` and `eval_many` modes; the CLI fills them from the original flags."""
+
+    model_dir: str  # a segdiff model, an original run folder or a released NAME/unet/ checkpoint
+    output_dir: str  # samples/ and samples_many_{N}/ go here
+    seg_dir: str | None = None  # masks come from SEG_DIR/*/test; None for unconditional models
+    img_dir: str | None = None  # real test images, shown beside the samples in the grid
+    num_classes: int | None = None  # K including background; only original checkpoints need it
+    img_size: int | None = None  # checked against the model when given
+    img_channels: int | None = None  # likewise
+    model_type: str = "DDPM"  # picks the original's sampler unless `sampler` is set
+    eval_batch_size: int = 8
+    eval_sample_size: int = 1000
+    sampler: str | None = None
+    num_inference_steps: int | None = None
+    shuffle: bool = True  # which test masks the grid shows and eval_many uses when N < the test set
+    ablated_masks: bool = False  # the original's random class removal at sampling time
+    mask_removal: bool = False
+    blank_mask: bool = False
+    seed: int = 0
+    precision: str = "auto"  # bf16/fp16 on GPUs, fp32 where the CPU lacks native bf16
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.model_type not in ORIGINAL_SAMPLERS:
+            raise ConfigError(f"--model_type {self.model_type}: expected one of {sorted(ORIGINAL_SAMPLERS)}")
+        if self.sampler is not None and self.sampler not in SCHEDULERS:
+            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SCHEDULERS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        check_range("--eval_batch_size", self.eval_batch_size, 1, 4096)
+        check_range("--eval_sample_size", self.eval_sample_size, 1, 10_000_000)
+        check_range("--seed", self.seed, 0, 2**20)
+        if self.num_inference_steps is not None:
+            check_range("--num_inference_steps", self.num_inference_steps, 1, 1000)
+        if self.seg_dir is None and (self.mask_removal or self.blank_mask or self.ablated_masks):
+            raise ConfigError(
+                "--eval_mask_removal, --eval_blank_mask and --eval_ablated_masks need a segmentation-guided "
+                "model: add --segmentation_guided --seg_dir SEG_DIR"
+            )
+
+
+def open_model(config: EvalConfig) -> SegDiffPipeline:
+    """The model to sample from, checked against what the flags say it is."""
+    path = Path(config.model_dir)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: no such model folder (train one first, or point --model_dir at a model folder)"
+        )
+    guided = config.seg_dir is not None
+    pipe = SegDiffPipeline.from_pretrained(
+        path,
+        num_classes=config.num_classes if guided else None,
+        device=config.device,
+        precision=config.precision,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    card = pipe.card
+    if guided != card.guided:
+        raise CheckpointError(
+            f"{path}: the model is {'segmentation-guided' if card.guided else 'unconditional'}; "
+            + ("add --segmentation_guided --seg_dir SEG_DIR" if card.guided else "drop --segmentation_guided")
+        )
+    for flag, asked, actual in (
+        ("--img_size", config.img_size, card.img_size),
+        ("--num_img_channels", config.img_channels, card.img_channels),
+    ):
+        if asked is not None and asked != actual:
+            raise CheckpointError(f"{path}: the model was trained with {flag} {actual}, not {asked}")
+    return pipe
+
+
+def evaluate(config: EvalConfig) -> list[Path]:
+    """The `eval` mode: one grid of samples beside their masks, and the figures asked for. -> files written.
+
+    samples/eval_grid.png         rows: coloured masks, samples, real images (those given by `img_dir`)
+    samples/eval_mask_removal.png per example, masks above samples as classes go one after another
+    samples/eval_blank_mask.png   samples conditioned on all-background masks
+    """
+    pipe = open_model(config)
+    sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
+    folder = Path(config.output_dir) / "samples"
+    n = config.eval_batch_size
+    if not pipe.card.guided:
+        grid = sample_grid(pipe, n, sampler=sampler, steps=steps, seed=config.seed)
+        return [write_png(grid, folder / "eval_grid.png")]
+
+    test_set = _test_set(config, pipe.card, images=config.img_dir is not None)
+    picks = _order(len(test_set), config)[:n]
+    masks = torch.stack([test_set[i]["mask"] for i in picks])  # (B, H, W)
+    images = torch.stack([test_set[i]["image"] for i in picks]) if config.img_dir else None
+    grid = sample_grid(pipe, len(picks), masks, images, sampler=sampler, steps=steps, seed=config.seed)
+    written = [write_png(grid, folder / "eval_grid.png")]
+    if config.mask_removal:
+        grid = mask_removal_grid(pipe, masks, sampler=sampler, steps=steps, seed=config.seed)
+        written.append(write_png(grid, folder / "eval_mask_removal.png"))
+    if config.blank_mask:
+        blank = torch.zeros_like(masks)
+        grid = sample_grid(pipe, len(picks), blank, sampler=sampler, steps=steps, seed=config.seed)
+        written.append(write_png(grid, folder / "eval_blank_mask.png"))
+    return written
+
+
+def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
+    """The `eval_many` mode: N samples written one file each. -> (folder, files written, files skipped).
+
+    Guided models draw one sample per test mask, at most N, named `condon_<mask file name>`; unconditional
+    ones draw N named `{i:04d}.png`. Files already present are skipped, so an interrupted run resumes.
+    """
+    pipe = open_model(config)
+    card = pipe.card
+    sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
+    folder = Path(config.output_dir) / f"samples_many_{config.eval_sample_size}"
+    if card.guided:
+        test_set = _test_set(config, card, images=False)
+        picks = _order(len(test_set), config)[: config.eval_sample_size]
+        names = [sample_name(test_set.cases[i].name, i, card.img_channels) for i in picks]
+    else:
+        test_set = None
+        picks = list(range(config.eval_sample_size))
+        names = [sample_name(None, i, card.img_channels) for i in picks]
+    todo = [(i, name) for i, name in zip(picks, names, strict=True) if not (folder / name).exists()]
+
+    bar = tqdm(total=len(picks), initial=len(picks) - len(todo), unit="image", desc="eval_many")
+    for start in range(0, len(todo), config.eval_batch_size):
+        batch = todo[start : start + config.eval_batch_size]
+        masks = None
+        if test_set is not None:
+            masks = torch.stack([test_set[i]["mask"] for i, _ in batch])  # (B, H, W)
+            if config.ablated_masks:
+                masks = torch.cat(
+                    [
+                        ablate(m[None], card.num_classes, generator=_generator(config.seed, i, stream=1))
+                        for m, (i, _) in zip(masks, batch, strict=True)
+                    ]
+                )
+        images = _sample(pipe, masks, [i for i, _ in batch], sampler, steps, config.seed)
+        for (_, name), image in zip(batch, images, strict=True):
+            write_sample(image, folder / name)
+        bar.update(len(batch))
+    bar.close()
+    return folder, len(todo), len(picks) - len(todo)
+
+
+# ---- figures --------------------------------------------------------------------------------------------
+
+
+def sample_grid(
+    pipe: SegDiffPipeline,
+    count: int,
+    masks: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    *,
+    sampler: str,
+    steps: int,
+    seed: int = 0,
+) -> np.ndarray:
+    """Rows: coloured masks (guided models), one sample each, real images when given. -> (H', W', 3) uint8.
+
+    masks (B, H, W) int64 with B = count; images (B, C, H, W) float in [-1, 1].
+    """
+    samples = _sample(pipe, masks, list(range(count)), sampler, steps, seed)
+    rows = [to_rgb(samples)]
+    if masks is not None:
+        rows.insert(0, pipe.card.palette.to_rgb(masks.numpy()))
+    if images is not None:
+        rows.append(to_rgb((images.permute(0, 2, 3, 1).numpy() + 1) / 2))
+    return tile([cell for row in rows for cell in row], columns=count)
+
+
+def mask_removal_grid(
+    pipe: SegDiffPipeline, masks: torch.Tensor, *, sampler: str, steps: int, seed: int = 0
+) -> np.ndarray:
+    """Classes removed one after another, cumulatively, until the masks are blank. -> (H', W', 3) uint8.
+
+    The classes present in `masks` (B, H, W) go in ascending id order, as in the original figure. Each
+    example gets a row of masks with the samples below; every sample of a row starts from the same noise,
+    so what changes along it is the conditioning alone. Colours come from the model card.
+    """
+    present = [c for c in masks.unique().tolist() if c != 0]
+    indices = list(range(masks.shape[0]))
+    states = [omit_classes(masks, present[:k]) for k in range(len(present) + 1)]
+    samples = [_sample(pipe, state, indices, sampler, steps, seed) for state in states]
+    cells = []
+    for b in indices:
+        cells += [pipe.card.palette.to_rgb(state[b].numpy()) for state in states]
+        cells += list(to_rgb(np.stack([s[b] for s in samples])))
+    return tile(cells, columns=len(states))
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+
+def sample_name(mask_name: str | None, index: int, channels: int) -> str:
+    """The file name of a sample, as the original named them.
+
+    Guided: `condon_<mask file name>`, in the image format its suffix names (PNG when no image format has
+    that suffix); unconditional: `{index:04d}.png`. Images of other than 1 or 3 channels are `.npy`.
+    """
+    name = Path(f"condon_{mask_name}" if mask_name is not None else f"{index:04d}.png")
+    if channels not in (1, 3):
+        return name.with_suffix(".npy").name
+    return (
+        name.name
+        if name.suffix.lower() in PIL.Image.registered_extensions()
+        else name.with_suffix(".png").name
+    )
+
+
+def write_sample(image: np.ndarray, path: Path) -> Path:
+    """(H, W, C) float in [0, 1] -> an image file (C = 1 or 3), else a `.npy` (C, H, W) float32 array."""
+    if path.suffix == ".npy":
+        array = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        return _atomic(path, lambda f: np.save(f, array))
+    pixels = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+    picture = PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
+    return _atomic(path, lambda f: picture.save(f, format=image_format))
+
+
+def write_png(array: np.ndarray, path: Path) -> Path:
+    """(H, W, 3) uint8 -> a PNG file, written whole or not at all."""
+    return _atomic(Path(path), lambda f: PIL.Image.fromarray(array).save(f, format="PNG"))
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, C) float in [0, 1] -> (B, H, W, 3) uint8; images of C != 3 show their first channel."""
+    images = (images.clip(0, 1) * 255).round().astype(np.uint8)
+    return images if images.shape[-1] == 3 else np.repeat(images[..., :1], 3, axis=-1)
+
+
+def _atomic(path: Path, write: Callable) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """Image `index`'s own generator: its noise (stream 0) or its mask ablation (stream 1)."""
+    return torch.Generator().manual_seed(((seed * 2 + stream) << 32) + index)
+
+
+def _sample(pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed: int) -> np.ndarray:
+    """One sample per index (and mask), each from its own generator. -> (B, H, W, C) float in [0, 1]."""
+    return pipe(
+        masks if pipe.card.guided else None,
+        batch_size=len(indices),
+        generator=[_generator(seed, i) for i in indices],
+        scheduler=sampler,
+        num_inference_steps=steps,
+        output_type="np",
+    ).images
+
+
+def _test_set(config: EvalConfig, card: ModelCard, images: bool) -> SegDataset:
+    """The test masks, merged over segtypes as in training (and the test images when asked)."""
+    return SegDataset(
+        config.img_dir if images else None,
+        config.seg_dir,
+        "test",
+        card.img_size,
+        card.img_channels,
+        card.num_classes,
+        card.palette,
+    )
+
+
+def _order(n: int, config: EvalConfig) -> list[int]:
+    """Test-set indices, shuffled by the seed unless --eval_noshuffle_dataloader."""
+    if not config.shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()

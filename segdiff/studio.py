@@ -1,0 +1,421 @@
+"""The studio's actions: what `app.py` does with a click, as plain functions on arrays and files.
+
+The app wires widgets to these and nothing else; no gradio here. A `Studio` holds one opened model and
+turns a painted canvas or an uploaded file into a mask, samples images from it (`generate`), renders the
+same noise with each class omitted in turn (`sweep`), and writes every result with its settings.
+
+Canvas resolution: a 64 px mask is too small to paint on, so the canvas is `canvas_scale` times the model's
+size (about 512 px). Its composite is snapped to the palette at full resolution first (the canvas
+anti-aliases, so edges are blends of two class colours), then each scale x scale block takes its most
+frequent class: a stroke counts where it covers most of a model pixel, and no blended colour survives.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import weakref
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
+import torch
+
+from .data import read_image, read_mask
+from .errors import CheckpointError, ConfigError, DataLayoutError, MaskError, check_range
+from .masks import omit_classes, overlay
+from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+from .segmenter import Segmenter, faithfulness
+
+# Caps on what one request may ask of a shared server.
+MAX_IMAGES = 8
+MAX_STEPS = 100
+MAX_MASK_SIDE = 2048  # pixels per side of an uploaded mask, checked from the header before decoding
+MAX_SEED = 2**32 - 1
+CANVAS_SIDE = 512  # the painting canvas is the model size times the integer scale nearest this
+DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files keep the model's size
+KEEP_RUNS = 32  # result folders kept on disk; the app serves copies of older ones from its own cache
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that fixes a result, besides the mask: seed i + k draws the noise of image k."""
+
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SCHEDULER
+    omit: tuple[int, ...] = ()  # class ids the model may invent
+    num_images: int = 4
+    strength: float = 1.0  # with a start image: the fraction of the schedule run from it
+
+    def check(self, num_classes: int) -> None:
+        """Raise ConfigError (MaskError for `omit`) naming the first setting out of range."""
+        for name, value, low, high in (
+            ("seed", self.seed, 0, MAX_SEED),
+            ("steps", self.steps, 1, MAX_STEPS),
+            ("num_images", self.num_images, 1, MAX_IMAGES),
+        ):
+            if not isinstance(value, int):
+                raise ConfigError(f"{name} {value!r}: expected an integer")
+            check_range(name, value, low, high)
+        if self.sampler not in SCHEDULERS:
+            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SCHEDULERS)}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
+        bad = [c for c in self.omit if not 1 <= c < num_classes]
+        if bad:
+            raise MaskError(f"omit={list(self.omit)}: {bad[0]} is not a class id 1..{num_classes - 1}")
+
+
+@dataclass
+class Run:
+    """One click's results: images (H, W, C) uint8, the mask each was drawn from, captions, files."""
+
+    kind: str  # "generate" | "sweep"
+    images: list[np.ndarray]
+    masks: list[np.ndarray]  # (H, W) class ids as the model saw them, omitted classes already removed
+    captions: list[str]
+    settings: dict  # the run's settings, as written to settings.json
+    folder: Path
+    files: list[Path] = field(default_factory=list)  # one PNG per image, settings in its text chunk
+    archive: Path | None = None  # zip of the image PNGs, the mask and settings.json
+    notices: list[str] = field(default_factory=list)
+
+
+class Studio:
+    """An opened model and the actions the studio offers on it."""
+
+    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None):
+        folder = Path(folder) if folder is not None else None
+        name = (folder.resolve().parent if folder.name == "unet" else folder.resolve()).name if folder else "model"
+        card = pipe.card
+        if not card.guided or card.num_classes < 2:
+            raise CheckpointError(
+                f"{name}: an unconditional model ({card.num_classes} classes, {card.encoding} encoding); "
+                "the studio needs a segmentation-guided model"
+            )
+        self.pipe, self.name, self.folder = pipe, name, folder
+        self.card, self.palette = card, card.palette
+        self.size = card.img_size
+        self.canvas_scale = max(1, round(CANVAS_SIDE / self.size))
+        self.display_scale = max(1, round(DISPLAY_SIDE / self.size))
+        self.segmenter = load_segmenter(self)
+        self.results = Path(tempfile.mkdtemp(prefix="segdiff-studio-"))
+        weakref.finalize(self, shutil.rmtree, self.results, True)
+
+    # ---- describing the model ------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.palette.names)
+
+    def summary(self) -> str:
+        """One line for the page header: name, size, channels, classes, where it runs."""
+        card = self.card
+        parts = [
+            self.name,
+            f"{self.size} px",
+            f"{card.img_channels} channel{'s' if card.img_channels > 1 else ''}",
+            f"{card.num_classes} classes",
+            f"runs on {self.pipe.device.type.upper()}",
+        ]
+        return " · ".join(parts)
+
+    def omit_ids(self, names: Sequence[str | int]) -> tuple[int, ...]:
+        """Class names (or ids) -> sorted class ids; background cannot be omitted."""
+        ids = []
+        for item in names:
+            key = str(item).strip()
+            if key in self.class_names[1:]:
+                ids.append(self.class_names.index(key))
+            elif key.isdigit() and 1 <= int(key) < self.card.num_classes:
+                ids.append(int(key))
+            else:
+                raise MaskError(
+                    f"omit: {item!r} is not a class; expected names from {self.class_names[1:]} "
+                    f"or ids 1..{self.card.num_classes - 1}"
+                )
+        return tuple(sorted(set(ids)))
+
+    # ---- masks in -----------------------------------------------------------------------------------
+
+    def canvas(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """(H, W) class ids (blank when None) -> (S, S, 3) uint8 palette colours at canvas size."""
+        if mask is None:
+            mask = np.zeros((self.size, self.size), np.int64)
+        rgb = self.palette.to_rgb(mask)
+        return np.repeat(np.repeat(rgb, self.canvas_scale, axis=0), self.canvas_scale, axis=1)
+
+    def layer(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) class ids -> (S, S, 4) uint8 paint layer: class colours, background transparent."""
+        rgb = self.canvas(mask)
+        alpha = np.repeat(np.repeat(mask > 0, self.canvas_scale, axis=0), self.canvas_scale, axis=1)
+        return np.concatenate([rgb, (alpha * 255).astype(np.uint8)[..., None]], axis=-1)
+
+    def write_preview(self, mask: np.ndarray, stem: str) -> str:
+        """Write `mask` as a palette-coloured PNG at the model's size (it reads back exactly); its path."""
+        folder = self.results / "previews"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{stem}.png"
+        path.write_bytes(_png_bytes(self.palette.to_rgb(mask)))
+        return str(path)
+
+    def mask_from_canvas(self, image: np.ndarray | None, layers: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """A painted canvas (S, S, 3|4) uint8, with paint layers (S, S, 4) over it -> (H, W) int64 class ids.
+
+        Layers are alpha-composited over `image` first. Pixels snap to the nearest palette colour at the
+        canvas's resolution, then each block of canvas_scale x canvas_scale pixels takes its most
+        frequent class (ties go to the lower id). No canvas at all is an empty mask.
+        """
+        if image is None:
+            return np.zeros((self.size, self.size), np.int64)
+        image = np.asarray(image, np.float32)
+        rgb = image[..., :3]
+        alpha = image[..., 3:] / 255 if image.shape[-1] == 4 else np.ones_like(rgb[..., :1])
+        for layer in layers:  # "over" compositing; our background is opaque, so plain blending is exact
+            layer_alpha = layer[..., 3:].astype(np.float32) / 255
+            rgb = layer[..., :3] * layer_alpha + rgb * (1 - layer_alpha)
+            alpha = layer_alpha + alpha * (1 - layer_alpha)
+        flat = np.concatenate([rgb, alpha * 255], axis=-1).round().astype(np.uint8)
+        labels = self.palette.to_labels(flat, source="painted mask")
+        return _downscale_labels(labels, self.size, self.card.num_classes)
+
+    def mask_from_file(self, path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+        """An uploaded mask file -> ((H, W) int64 class ids, notices for the user).
+
+        Integer-label PNGs, palette PNGs and `.npy` label maps; a mask of another size is resized
+        nearest-neighbour, with a notice. Errors name the file as the user called it, not our copy.
+        """
+        path = Path(path)
+        try:
+            side = _largest_side(path)
+            if side > MAX_MASK_SIDE:
+                raise MaskError(f"{path}: {side} px on a side, expected at most {MAX_MASK_SIDE}")
+            mask = read_mask(path, self.card.num_classes, self.palette)
+        except (MaskError, DataLayoutError) as e:
+            raise type(e)(str(e).replace(str(path), path.name)) from e
+        notices = []
+        if mask.shape != (self.size, self.size):
+            notices.append(
+                f"{path.name}: {mask.shape[1]}x{mask.shape[0]} px resized (nearest) to the model's "
+                f"{self.size}x{self.size}"
+            )
+            mask = np.asarray(
+                PIL.Image.fromarray(mask.astype(np.uint8)).resize((self.size, self.size), PIL.Image.NEAREST)
+            ).astype(np.int64)
+        return mask, notices
+
+    def start_image(self, path: str | os.PathLike) -> torch.Tensor:
+        """An uploaded image -> (1, C, H, W) float32 in [0, 1] at the model's size, for `strength`."""
+        path = Path(path)
+        try:
+            image = read_image(path, self.card.img_channels, self.size)
+        except DataLayoutError as e:
+            raise DataLayoutError(str(e).replace(str(path), path.name)) from e
+        scaled = image / 255.0 if image.dtype == np.uint8 else image  # `.npy` images are [0, 1] already
+        return torch.from_numpy(np.asarray(scaled, np.float32))[None]
+
+    # ---- sampling -----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        mask: np.ndarray,
+        settings: Settings,
+        image: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> Run:
+        """`settings.num_images` images under one mask; image k is drawn from seed + k."""
+        settings.check(self.card.num_classes)
+        seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
+        kept = np.asarray(omit_classes(mask, settings.omit))
+        images = self._sample([kept] * len(seeds), seeds, settings, image, progress)
+        omitted = [self.class_names[c] for c in settings.omit]
+        record = self._record("generate", settings, image, omit=omitted, seeds=seeds)
+        captions = [f"seed {s}" for s in seeds]
+        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask)
+
+    def sweep(
+        self,
+        mask: np.ndarray,
+        settings: Settings,
+        image: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> Run:
+        """One noise, all classes kept, then each class present in the mask omitted in turn."""
+        settings = replace(settings, omit=(), num_images=1)
+        settings.check(self.card.num_classes)
+        present = [c for c in range(1, self.card.num_classes) if (mask == c).any()]
+        variants = [(), *((c,) for c in present)]
+        masks = [np.asarray(omit_classes(mask, v)) for v in variants]
+        images = self._sample(masks, [settings.seed] * len(variants), settings, image, progress)
+        captions = ["all classes kept", *(f"without {self.class_names[c]}" for c in present)]
+        record = self._record(
+            "sweep", settings, image, seeds=[settings.seed],
+            variants=[[self.class_names[c] for c in v] for v in variants],
+        )
+        run = self._finish("sweep", images, masks, captions, record, mask)
+        absent = [n for c, n in enumerate(self.class_names) if c and c not in present]
+        if absent:
+            run.notices.append(f"not in the mask, so not swept: {', '.join(absent)}")
+        return run
+
+    def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
+        card = self.card
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (card.img_channels, self.size, self.size)
+        # Noise drawn per image on the CPU, so an image depends on its seed alone, on any device.
+        latents = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, H, W)
+        out = self.pipe(
+            masks,
+            num_inference_steps=settings.steps,
+            scheduler=settings.sampler,
+            generator=generators,
+            latents=latents,
+            image=image,
+            strength=settings.strength if image is not None else 1.0,
+            callback=progress,
+            output_type="np",
+        ).images  # (B, H, W, C) float in [0, 1]
+        return list((out * 255).round().astype(np.uint8))
+
+    def _record(self, kind: str, settings: Settings, image, **extra) -> dict:
+        return {
+            "kind": kind,
+            "model": self.name,
+            "sampler": settings.sampler,
+            "steps": settings.steps,
+            "seed": settings.seed,
+            **extra,
+            "start_image_strength": settings.strength if image is not None else None,
+            "precision": self.pipe.precision,
+            "device": self.pipe.device.type,
+            "classes": self.class_names,
+        }
+
+    def _finish(self, kind, images, masks, captions, record, mask) -> Run:
+        run = Run(kind, images, masks, captions, record, self._new_folder(kind))
+        if self.segmenter is not None:
+            # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
+            dice = faithfulness(self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes))
+            record["dice_kept"] = [None if math.isnan(d) else round(d, 4) for d in dice]
+            run.captions = [
+                c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)
+            ]
+        _write(run, mask)
+        return run
+
+    def _new_folder(self, kind: str) -> Path:
+        runs = sorted(self.results.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"{time.strftime('%H%M%S')}-{kind}-", dir=self.results))
+
+    # ---- results out --------------------------------------------------------------------------------
+
+    def gallery(self, run: Run, contours: bool = False) -> list[tuple[np.ndarray | str, str]]:
+        """(image, caption) pairs to show; contours draw the kept classes' outlines at display size.
+
+        Without contours the items are the written PNGs, so a download from the gallery keeps its
+        settings. Outlines are drawn on a nearest-upscaled copy: a 1 px line at 64 px would hide the
+        structure it outlines.
+        """
+        if not contours:
+            return [(str(f), c) for f, c in zip(run.files, run.captions, strict=True)]
+        s = self.display_scale
+        items = []
+        for image, mask, caption in zip(run.images, run.masks, run.captions, strict=True):
+            big = np.repeat(np.repeat(image, s, axis=0), s, axis=1)
+            big_mask = np.repeat(np.repeat(mask, s, axis=0), s, axis=1)
+            items.append((overlay(big, big_mask, self.palette, style="contour"), caption))
+        return items
+
+
+def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """(S, S) class ids -> (size, size) by the most frequent class of each block; nearest otherwise."""
+    h, w = labels.shape
+    if (h, w) == (size, size):
+        return labels.astype(np.int64)
+    if h % size or w % size:
+        return np.asarray(
+            PIL.Image.fromarray(labels.astype(np.uint8)).resize((size, size), PIL.Image.NEAREST)
+        ).astype(np.int64)
+    blocks = labels.reshape(size, h // size, size, w // size)
+    counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(num_classes)], axis=-1)  # (H, W, K)
+    return counts.argmax(-1).astype(np.int64)
+
+
+def _largest_side(path: Path) -> int:
+    """The larger side of an image or `.npy` file, read from its header only."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = read(f)
+            return max(shape, default=0)
+        with PIL.Image.open(path) as im:
+            return max(im.size)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise DataLayoutError(f"{path}: cannot read the mask ({e})") from e
+
+
+def _png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    info = PIL.PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).save(
+        buffer, format="PNG", pnginfo=info
+    )
+    return buffer.getvalue()
+
+
+def _write(run: Run, mask: np.ndarray) -> None:
+    """Write image PNGs (each with its settings as PNG text), the mask, settings.json and one zip."""
+    settings = run.settings
+    contents: dict[str, bytes] = {}
+    for k, (image, caption) in enumerate(zip(run.images, run.captions, strict=True)):
+        own = {**settings, "image": k, "caption": caption}
+        if run.kind == "generate":
+            own["seed"] = settings["seeds"][k]
+        else:
+            own["omit"] = settings["variants"][k]
+        name = f"{run.kind}_{k:02d}_seed{own['seed']}.png"
+        contents[name] = _png_bytes(image, {"segdiff": json.dumps(own), "Software": "segdiff studio"})
+        run.files.append(run.folder / name)
+    contents["mask.png"] = _png_bytes(mask.astype(np.uint8))  # class ids, as the original code reads masks
+    contents["settings.json"] = json.dumps(settings, indent=2).encode()
+    for name, data in contents.items():
+        (run.folder / name).write_bytes(data)
+    run.archive = run.folder / f"segdiff_{run.kind}_seed{settings['seed']}.zip"
+    with zipfile.ZipFile(run.archive, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+
+
+def load_segmenter(studio: Studio) -> Segmenter | None:
+    """The Dice segmenter the model card names (a sub-folder of the model), or None when it names none."""
+    if studio.card.segmenter is None or studio.folder is None:
+        return None
+    return Segmenter.from_pretrained(studio.folder / studio.card.segmenter, device=studio.pipe.device)
+
+
+def settings_of(path: str | os.PathLike) -> dict:
+    """The settings stored in a result PNG's text chunk (for scripts that reproduce a result)."""
+    with PIL.Image.open(path) as im:
+        text = im.info.get("segdiff")
+    if text is None:
+        raise DataLayoutError(f"{path}: no segdiff settings in this PNG's metadata")
+    return json.loads(text)
+

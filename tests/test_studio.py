@@ -1,0 +1,203 @@
+"""segdiff.studio: canvas and file masks in, reproducible results and their files out."""
+
+import json
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from segdiff import SegDiffPipeline
+from segdiff.errors import DataLayoutError, MaskError
+from segdiff.segmenter import Segmenter, SegmenterConfig
+from segdiff.studio import MAX_MASK_SIDE, Settings, Studio, settings_of
+
+FAST = dict(steps=3, num_images=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_model_dir):
+    return Studio(SegDiffPipeline.from_pretrained(tiny_model_dir), tiny_model_dir)
+
+
+def opaque(rgb):
+    return np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 255, np.uint8)], axis=-1)
+
+
+def test_painted_canvas_reads_back_at_model_size(studio, mask):
+    canvas = opaque(studio.canvas(mask))
+    assert canvas.shape == (64 * studio.canvas_scale,) * 2 + (4,)
+    assert np.array_equal(studio.mask_from_canvas(canvas), mask)
+
+
+def test_antialiased_edges_snap_to_the_classes_either_side(studio, mask):
+    canvas = studio.canvas(mask).astype(np.float32)
+    # A 3-pixel box blur stands in for the canvas's anti-aliasing: every class edge becomes a blend.
+    blurred = sum(np.roll(canvas, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    labels = studio.mask_from_canvas(opaque(blurred.round().astype(np.uint8)))
+    assert np.array_equal(labels, mask)
+
+
+def test_mask_loaded_into_a_layer_reads_back_from_background_and_layers(studio, mask):
+    layer = studio.layer(mask)
+    assert layer[0, 0, 3] == 0 and layer[layer.shape[0] // 2, layer.shape[1] // 2, 3] == 255
+    stroke = np.zeros_like(layer)
+    stroke[:8, :, :] = (*studio.palette.colors[3], 255)  # painted over the top rows of the canvas
+    expected = mask.copy()
+    expected[:1] = 3
+    assert np.array_equal(studio.mask_from_canvas(opaque(studio.canvas()), [layer, stroke]), expected)
+
+
+def test_never_painted_canvas_is_an_empty_mask(studio):
+    assert not studio.mask_from_canvas(None).any()
+
+
+@pytest.mark.parametrize("form", ["integer png", "palette-coloured png", "palette-mode png", "npy"])
+def test_mask_files_of_every_kind_read_the_same(studio, mask, tmp_path, form):
+    path = tmp_path / ("mask.npy" if form == "npy" else "mask.png")
+    if form == "integer png":
+        PIL.Image.fromarray(mask.astype(np.uint8)).save(path)
+    elif form == "palette-coloured png":
+        PIL.Image.fromarray(studio.palette.to_rgb(mask)).save(path)
+    elif form == "palette-mode png":
+        image = PIL.Image.fromarray(mask.astype(np.uint8), mode="P")
+        image.putpalette([v for color in studio.palette.colors for v in color])
+        image.save(path)
+    else:
+        np.save(path, mask)
+    read, notices = studio.mask_from_file(path)
+    assert np.array_equal(read, mask) and notices == []
+
+
+def test_wrong_size_mask_is_resized_nearest_with_a_notice(studio, mask, tmp_path):
+    big = np.kron(mask, np.ones((2, 2), np.int64))  # 128 x 128
+    PIL.Image.fromarray(big.astype(np.uint8)).save(tmp_path / "big.png")
+    read, notices = studio.mask_from_file(tmp_path / "big.png")
+    assert np.array_equal(read, mask)
+    assert len(notices) == 1 and "big.png" in notices[0] and "128x128" in notices[0]
+
+
+def test_bad_mask_files_are_refused_by_name(studio, mask, tmp_path):
+    values = mask.astype(np.uint8) * 3  # ids up to 9 for a 4-class model
+    PIL.Image.fromarray(values).save(tmp_path / "too_many.png")
+    with pytest.raises(MaskError, match=r"^too_many\.png: pixel value 6, expected class ids 0\.\.3"):
+        studio.mask_from_file(tmp_path / "too_many.png")
+
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    with pytest.raises(MaskError, match=r"^photo\.png: .* far from every class colour"):
+        studio.mask_from_file(tmp_path / "photo.png")
+
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataLayoutError, match=r"^corrupt\.png: cannot read"):
+        studio.mask_from_file(tmp_path / "corrupt.png")
+
+    np.save(tmp_path / "huge.npy", np.zeros((1, MAX_MASK_SIDE + 1), np.uint8))
+    with pytest.raises(MaskError, match=rf"^huge\.npy: {MAX_MASK_SIDE + 1} px on a side"):
+        studio.mask_from_file(tmp_path / "huge.npy")
+
+
+def test_same_seed_same_images_and_each_image_has_its_own_seed(studio, mask):
+    first = studio.generate(mask, Settings(seed=7, **FAST))
+    again = studio.generate(mask, Settings(seed=7, **FAST))
+    assert all(np.array_equal(a, b) for a, b in zip(first.images, again.images, strict=True))
+    assert not np.array_equal(first.images[0], first.images[1])
+    second_alone = studio.generate(mask, Settings(seed=8, steps=3, num_images=1))
+    assert np.array_equal(second_alone.images[0], first.images[1])
+    assert first.settings["seeds"] == [7, 8] and first.captions == ["seed 7", "seed 8"]
+
+
+def test_omitting_a_class_changes_the_image_and_the_mask_it_saw(studio, mask):
+    kept = studio.generate(mask, Settings(seed=3, **FAST))
+    omitted = studio.generate(mask, Settings(seed=3, omit=(2,), **FAST))
+    assert not np.array_equal(kept.images[0], omitted.images[0])
+    assert not (omitted.masks[0] == 2).any() and (kept.masks[0] == 2).any()
+    assert omitted.settings["omit"] == ["vessels"]
+
+
+def test_sweep_renders_one_noise_with_each_present_class_omitted(studio, mask):
+    mask[mask == 3] = 1  # no fibroglandular tissue: nothing to sweep for it
+    sweep = studio.sweep(mask, Settings(seed=5, steps=3))
+    assert sweep.captions == ["all classes kept", "without breast", "without vessels"]
+    assert any("fibroglandular tissue" in n for n in sweep.notices)
+    alone = studio.generate(mask, Settings(seed=5, steps=3, num_images=1))
+    assert np.array_equal(sweep.images[0], alone.images[0])
+    assert not np.array_equal(sweep.images[0], sweep.images[2])
+    assert sweep.settings["variants"] == [[], ["breast"], ["vessels"]]
+
+
+def test_start_image_pulls_the_result_towards_it(studio, mask):
+    image = torch.zeros(1, 1, 64, 64)
+    image[..., 32:, :] = 1.0
+    plain = studio.generate(mask, Settings(seed=1, steps=4, num_images=1))
+    near = studio.generate(mask, Settings(seed=1, steps=4, num_images=1, strength=0.25), image=image)
+    target = (image[0, 0].numpy() * 255)
+    assert np.abs(near.images[0][..., 0] - target).mean() < np.abs(plain.images[0][..., 0] - target).mean()
+    assert near.settings["start_image_strength"] == 0.25
+
+
+def test_results_carry_their_settings_in_png_zip_and_json(studio, mask):
+    run = studio.generate(mask, Settings(seed=11, omit=(3,), **FAST))
+    meta = settings_of(run.files[1])
+    assert meta["seed"] == 12 and meta["omit"] == ["fibroglandular tissue"] and meta["model"] == "tiny-breast"
+    assert meta["steps"] == 3 and meta["sampler"] == "dpm++"
+    with zipfile.ZipFile(run.archive) as archive:
+        names = set(archive.namelist())
+        assert {p.name for p in run.files} | {"mask.png", "settings.json"} == names
+        assert json.loads(archive.read("settings.json"))["seeds"] == [11, 12]
+        archive.extract("mask.png", run.folder / "check")
+    assert np.array_equal(np.asarray(PIL.Image.open(run.folder / "check" / "mask.png")), mask)
+
+
+def test_gallery_outlines_are_drawn_at_display_size(studio, mask):
+    run = studio.generate(mask, Settings(seed=2, **FAST))
+    plain = studio.gallery(run, contours=False)
+    outlined = studio.gallery(run, contours=True)
+    assert [c for _, c in plain] == [c for _, c in outlined] == run.captions
+    image = outlined[0][0]
+    assert image.shape == (64 * studio.display_scale, 64 * studio.display_scale, 3)
+    vessel = np.asarray(studio.palette.colors[2], np.uint8)
+    assert (image == vessel).all(-1).any()  # the vessel band's outline, in its class colour
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (Settings(steps=101), r"steps 101: expected a value in 1\.\.100"),
+        (Settings(num_images=9), r"num_images 9: expected a value in 1\.\.8"),
+        (Settings(sampler="euler"), r"sampler 'euler'"),
+        (Settings(seed=-1), r"seed -1"),
+        (Settings(omit=(0,)), r"omit=\[0\]: 0 is not a class id 1\.\.3"),
+    ],
+)
+def test_settings_out_of_range_are_refused_by_value(studio, mask, settings, match):
+    with pytest.raises(ValueError, match=match):
+        studio.generate(mask, settings)
+
+
+def test_omit_names_and_ids(studio):
+    assert studio.omit_ids(["vessels", "1"]) == (1, 2)
+    with pytest.raises(MaskError, match="'background' is not a class"):
+        studio.omit_ids(["background"])
+
+
+def test_dice_per_image_when_the_card_names_a_segmenter(tiny_model_dir, tmp_path, mask):
+    pipe = SegDiffPipeline.from_pretrained(tiny_model_dir)
+    assert Studio(pipe, tiny_model_dir).segmenter is None
+    Segmenter(SegmenterConfig(num_classes=4, img_size=64, widths=(4, 8))).save_pretrained(tmp_path / "seg")
+    pipe.card.segmenter = "seg"
+    studio = Studio(pipe, tmp_path)
+    run = studio.generate(mask, Settings(seed=0, steps=2, num_images=2, omit=(1, 2)))
+    dice = run.settings["dice_kept"]
+    assert len(dice) == 2 and all(0 <= d <= 1 for d in dice)
+    assert [c.split(" · ")[1] for c in run.captions] == [f"Dice {d:.2f}" for d in dice]

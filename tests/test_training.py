@@ -1,0 +1,221 @@
+"""Training: checkpoints are complete or absent, resume continues the step count, configs refuse bad values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from segdiff import CheckpointError, ConfigError, SegDiffPipeline
+from segdiff.training import TrainConfig, latest_checkpoint, prune_checkpoints, run_name, train
+
+SPLITS = ("train", "val", "test")
+
+
+def write_data(root, size=32, counts=(8, 4, 4), channels=1, num_classes=3, seed=0, segtypes=("all",)):
+    """A tiny data set in the original layout: discs of each class on noise. -> (img_dir, seg_dir).
+
+    Images of 1 or 3 channels are PNGs; other counts are .npy (C, H, W) arrays with .npy label maps
+    beside them, since the file names of images and masks must agree.
+    """
+    rng = np.random.default_rng(seed)
+    img_dir, seg_dir = Path(root) / "img", Path(root) / "mask"
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in zip(SPLITS, counts, strict=True):
+        (img_dir / split).mkdir(parents=True, exist_ok=True)
+        for segtype in segtypes:
+            (seg_dir / segtype / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((size, size), np.uint8)
+            for c in range(1, num_classes):
+                cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+                r = rng.integers(size // 8, size // 4)
+                mask[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = c
+            grey = (mask * (180 // num_classes) + rng.integers(0, 60, (size, size))).astype(np.uint8)
+            name = f"{split}_{i:03d}" + (".png" if channels in (1, 3) else ".npy")
+            if channels in (1, 3):
+                Image.fromarray(grey if channels == 1 else np.stack([grey] * 3, -1)).save(
+                    img_dir / split / name
+                )
+            else:
+                np.save(img_dir / split / name, np.stack([grey / 255.0] * channels).astype(np.float32))
+            for k, segtype in enumerate(segtypes):  # several segtypes: class c lives in folder c % len
+                layer = np.where(mask % len(segtypes) == k, mask, 0).astype(np.uint8)
+                if channels in (1, 3):
+                    Image.fromarray(layer).save(seg_dir / segtype / split / name)
+                else:
+                    np.save(seg_dir / segtype / split / name, layer)
+    return img_dir, seg_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), counts=(8, 4, 4))
+
+
+def config(out, data, **overrides) -> TrainConfig:
+    img_dir, seg_dir = data
+    settings = dict(
+        output_dir=str(out),
+        img_dir=str(img_dir),
+        seg_dir=str(seg_dir),
+        num_classes=3,
+        img_size=32,
+        preset="tiny",
+        train_batch_size=4,
+        num_epochs=2,
+        lr_warmup_steps=2,
+        checkpointing_steps=2,
+        sampler="ddim",
+        num_inference_steps=2,
+        eval_batch_size=3,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def steps_logged(out) -> list[int]:
+    with open(Path(out) / "train_log.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+# ---- checkpoints on disk ------------------------------------------------------------------------------
+
+
+def test_latest_checkpoint_takes_the_highest_complete_step(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-9", ".tmp-checkpoint-12", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-11").write_text("a file, not a checkpoint")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_prune_keeps_the_newest_and_never_touches_half_written_ones(tmp_path):
+    for step in (1, 5, 20, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / ".tmp-checkpoint-25").mkdir()
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["checkpoint-1", "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-checkpoint-25",
+        "checkpoint-20",
+        "checkpoint-5",
+    ]
+    assert prune_checkpoints(tmp_path, keep=None) == []
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("DDPM", "breast_mri", 256), "ddpm-breast_mri-256"),
+        (("DDIM", "ct", 64, True), "ddim-ct-64-segguided"),
+        (("DDIM", "ct", 64, True, True), "ddim-ct-64-segguided-ablated"),
+        (("DDPM", "ct", 64, True, False, True), "ddpm-ct-64-segguided-ablated"),
+        (("DDPM", "ct", 64, False, False, False, True), "ddpm-ct-64-ablated"),
+    ],
+)
+def test_run_folder_is_named_as_the_original(flags, expected):
+    assert run_name(*flags) == expected
+
+
+# ---- settings --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"img_dir": None}, "--img_dir"),
+        ({"num_classes": 0}, "--num_segmentation_classes"),
+        ({"num_classes": 1}, "--num_segmentation_classes 1"),
+        ({"img_size": 0}, "--img_size 0"),
+        ({"img_size": -32}, "--img_size -32"),
+        ({"img_size": 1_000_000}, "--img_size 1000000"),
+        ({"img_size": 48, "preset": "paper"}, "multiple of 32"),
+        ({"train_batch_size": 0}, "--train_batch_size 0"),
+        ({"eval_batch_size": -1}, "--eval_batch_size -1"),
+        ({"num_epochs": 0}, "--num_epochs 0"),
+        ({"max_train_steps": -3}, "--max_train_steps -3"),
+        ({"learning_rate": 0.0}, "--learning_rate 0.0"),
+        ({"img_channels": 0}, "--num_img_channels 0"),
+        ({"checkpointing_steps": 0}, "--checkpointing_steps 0"),
+        ({"preset": "huge"}, "--preset huge"),
+        ({"sampler": "euler"}, "--sampler euler"),
+        ({"resume": True, "resume_epoch": 3}, "--resume and --resume_epoch"),
+    ],
+)
+def test_config_refuses_bad_values_naming_the_flag(tmp_path, data, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config(tmp_path / "run", data, **overrides)
+
+
+# ---- training runs ------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_model_folders_and_resume_continues_the_step_count(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, max_train_steps=3, ema=True, checkpoints_total_limit=None))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert steps_logged(out) == [1, 2, 3]
+
+    # Each checkpoint opens as a model, holding the EMA weights rather than the raw ones.
+    pipe = SegDiffPipeline.from_pretrained(out / "checkpoint-2", device="cpu")
+    assert pipe.card.num_classes == 3 and pipe.card.training["steps"] == 2
+    raw = load_file(out / "checkpoint-2" / "model.safetensors")
+    saved = pipe.unet.state_dict()
+    assert raw.keys() == saved.keys()
+    assert any(not torch.equal(raw[k], saved[k].float()) for k in raw)
+
+    # A stray half-written checkpoint is ignored and cleaned; the run continues from step 3 to 5.
+    (out / ".tmp-checkpoint-4").mkdir()
+    train(config(out, data, max_train_steps=5, ema=True, resume=True, checkpoints_total_limit=None))
+    assert steps_logged(out) == [1, 2, 3, 4, 5]
+    assert not list(out.glob(".tmp-*"))
+    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["ema_step"] == 5
+    card = json.loads((out / "segdiff_card.json").read_text())
+    assert card["training"]["steps"] == 5 and card["training"]["finished"]
+
+
+def test_progress_grids_cycle_through_the_validation_masks(tmp_path, data):
+    # 4 validation cases, 3 per grid, a grid every epoch: the original ran out of masks and crashed.
+    out = tmp_path / "run"
+    train(config(out, data, num_epochs=3, save_image_epochs=1, checkpointing_steps=100))
+    grids = [np.asarray(Image.open(out / "samples" / f"{epoch:04d}.png")) for epoch in range(3)]
+    mask_rows = [grid[: grid.shape[0] // 3] for grid in grids]  # rows: masks, samples, real images
+    assert not np.array_equal(mask_rows[0], mask_rows[1])
+
+
+def test_refuses_a_folder_holding_another_model_or_run(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, max_train_steps=2))
+    with pytest.raises(CheckpointError, match="in_channels"):
+        train(config(out, data, max_train_steps=2, encoding="original"))
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config(out, data, max_train_steps=2))
+
+
+def test_resume_epoch_reloads_the_saved_weights_and_counts_on(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, num_epochs=1, checkpointing_steps=100))
+    for checkpoint in out.glob("checkpoint-*"):  # an original run folder has none
+        shutil.rmtree(checkpoint)
+    train(config(out, data, num_epochs=2, resume_epoch=1, checkpointing_steps=100))
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert json.loads((out / "segdiff_card.json").read_text())["training"]["steps"] == 4

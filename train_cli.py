@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""Train and sample segmentation-guided diffusion models with the original code's command line.
+
+Every flag of the original `main.py` keeps its name, default and meaning, so its commands run unchanged
+with `python3 train_cli.py` in place of `python3 main.py`, and `accelerate launch train_cli.py ...` trains
+on many GPUs or nodes. This file parses flags; `segdiff.training` and `segdiff.evaluation` do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from segdiff import ConfigError, SegdiffError
+from segdiff.evaluation import EvalConfig, evaluate, sample_many
+from segdiff.models import PRESETS
+from segdiff.pipeline import SCHEDULERS
+from segdiff.training import TrainConfig, run_name, train
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show defaults that say something: not None, not a flag's False
+        return (
+            action.help
+            if action.default is None or action.default is False
+            else super()._get_help_string(action)
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not the whole usage
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="train_cli.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Runs on a CPU, one GPU, or many GPUs and nodes with `accelerate launch train_cli.py ...`. "
+        "Bad input exits with status 2 and one line saying what is wrong.",
+        formatter_class=_Help,
+    )
+    add = parser.add_argument_group(
+        "the original main.py flags (same names, defaults and meanings)"
+    ).add_argument
+    add(
+        "--mode",
+        default="train",
+        choices=("train", "eval", "eval_many"),
+        help="train a model; eval: one grid of samples beside their masks (OUTPUT_DIR/samples/eval_grid.png); "
+        "eval_many: --eval_sample_size samples saved one file each in OUTPUT_DIR/samples_many_{N}/",
+    )
+    add(
+        "--img_size",
+        type=int,
+        default=256,
+        help="square image size; images resize bilinearly, masks by nearest",
+    )
+    add(
+        "--num_img_channels",
+        type=int,
+        default=1,
+        help="1 = greyscale, 3 = RGB; any other count reads images as .npy (C, H, W) arrays",
+    )
+    add("--dataset", default="breast_mri", help="a name for the data; only names the run folder")
+    add("--img_dir", help="IMG_DIR/{train,val,test}/<file>; needed to train")
+    add(
+        "--seg_dir",
+        help="SEG_DIR/<segtype>/{train,val,test}/<file>, file names as the images; several "
+        "segtypes merge into one mask (sorted order, first non-zero id wins)",
+    )
+    add(
+        "--model_type",
+        default="DDPM",
+        choices=("DDPM", "DDIM"),
+        help="the noise scheduler stored with the model and the sampler used to evaluate it "
+        "(DDIM: 50 steps, DDPM: 1000 steps, unless --sampler/--num_inference_steps say otherwise); "
+        "also the run folder's prefix",
+    )
+    add("--segmentation_guided", action="store_true", help="condition on the masks of --seg_dir")
+    add(
+        "--segmentation_channel_mode",
+        default="single",
+        choices=("single", "multi"),
+        help="single: all classes of all segtypes in one mask; multi (one channel per segtype) was never "
+        "implemented by the original code and is refused: --mask_encoding onehot already gives every "
+        "class its own channel",
+    )
+    add(
+        "--num_segmentation_classes",
+        type=int,
+        help="K, the number of mask classes INCLUDING background 0; needed with --segmentation_guided",
+    )
+    add("--train_batch_size", type=int, default=32, help="images per training step (per process)")
+    add("--eval_batch_size", type=int, default=8, help="images per sampling batch, and the grids' width")
+    add("--num_epochs", type=int, default=200, help="passes over the training set")
+    add(
+        "--resume_epoch",
+        type=int,
+        help="the original's resume: reload OUTPUT_DIR/unet/ weights and count on from this epoch (the LR "
+        "schedule continues from there; optimizer state is not kept). Prefer --resume",
+    )
+    add(
+        "--use_ablated_segmentations",
+        action="store_true",
+        help="mask-ablated training: each non-background class is removed with probability 0.5, drawn per "
+        "example (the original drew one set per batch); adds -ablated to the run folder",
+    )
+    add(
+        "--eval_noshuffle_dataloader",
+        action="store_true",
+        help="take test masks in file-name order instead of a seeded shuffle",
+    )
+    add(
+        "--eval_mask_removal",
+        action="store_true",
+        help="eval: also sample with the classes removed one after another, cumulatively, the same noise "
+        "along each row (OUTPUT_DIR/samples/eval_mask_removal.png, colours from the model card); adds "
+        "-ablated to the run folder as in the original",
+    )
+    add(
+        "--eval_blank_mask",
+        action="store_true",
+        help="eval: also sample on all-background masks (OUTPUT_DIR/samples/eval_blank_mask.png); adds -ablated",
+    )
+    add(
+        "--eval_sample_size",
+        type=int,
+        default=1000,
+        help="eval_many: number of samples; guided models draw one per test mask, at most this many",
+    )
+
+    add = parser.add_argument_group("segdiff flags").add_argument
+    add(
+        "--output_dir",
+        help="run folder; default: the original's name {model_type}-{dataset}-{img_size}[-segguided][-ablated] "
+        "in the working directory",
+    )
+    add(
+        "--model_dir",
+        help="eval/eval_many: the model to sample from, default the run folder; also opens an original run "
+        "folder or a released NAME/unet/ checkpoint (pass --num_segmentation_classes for those)",
+    )
+    add(
+        "--preset",
+        default="paper",
+        choices=sorted(PRESETS),
+        help="UNet size; paper is the original 114 M-parameter network",
+    )
+    add(
+        "--mask_encoding",
+        default="onehot",
+        choices=("onehot", "original"),
+        help="how masks enter the UNet. onehot: one 0/1 channel per class; the original's single channel "
+        "of class_id/255 separates classes by 0.004, and small models were seen to ignore thin classes "
+        "after thousands of steps. original: train models the original code can open too. The encoding "
+        "is stored with the model and picked up when it is loaded",
+    )
+    add(
+        "--class_names",
+        nargs="+",
+        metavar="NAME",
+        help="K class names, background first, for the model card (default: background, class 1, ...)",
+    )
+    add("--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate")
+    add("--lr_warmup_steps", type=int, default=500, help="linear warm-up steps before the cosine decay")
+    add(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        help="train: numeric precision (default: accelerate's configuration, else fp32 as the original); "
+        "bf16 is fastest on recent GPUs. eval: default bf16/fp16 on GPUs, fp32 on CPUs without native bf16",
+    )
+    add(
+        "--ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (diffusers EMAModel) and save it as the model",
+    )
+    add(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="save the full training state to OUTPUT_DIR/checkpoint-<step>/ every this many steps; each is "
+        "also a model folder that eval can open with --model_dir",
+    )
+    add(
+        "--checkpoints_total_limit",
+        type=int,
+        default=2,
+        help="keep this many newest checkpoints; older ones go once a newer one is complete",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint (weights, EMA, optimizer, LR schedule, RNG, step) "
+        "to the same final step; without one, start at step 0",
+    )
+    add("--max_train_steps", type=int, help="stop after this many optimizer steps (overrides --num_epochs)")
+    add("--gradient_accumulation_steps", type=int, default=1, help="batches summed per optimizer step")
+    add(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="loader processes; 0 suffices as images are decoded once, up front",
+    )
+    add("--seed", type=int, default=0, help="seeds training, the progress grids and every sample's noise")
+    add(
+        "--save_image_epochs",
+        type=int,
+        default=20,
+        help="write a progress grid (masks, samples, real images) to OUTPUT_DIR/samples/{epoch:04d}.png "
+        "every this many epochs; successive grids cycle through the validation masks",
+    )
+    add(
+        "--save_model_epochs",
+        type=int,
+        default=30,
+        help="save the model to OUTPUT_DIR every this many epochs, and at the end",
+    )
+    add(
+        "--sampler",
+        choices=sorted(SCHEDULERS),
+        help="sampler for grids and eval (default: the original's for --model_type; dpm++ with 20 steps "
+        "gives similar images far faster)",
+    )
+    add(
+        "--num_inference_steps",
+        type=int,
+        help="sampling steps (default: 50 for ddim, 1000 for ddpm, 20 for dpm++ and unipc)",
+    )
+    add(
+        "--eval_ablated_masks",
+        action="store_true",
+        help="eval/eval_many: remove random classes from each mask before sampling, as the original did for "
+        "models trained with --use_ablated_segmentations (it redrew them at every denoising step). Off by "
+        "default: the samples then follow the full mask that names their file",
+    )
+    return parser
+
+
+def train_config(args: argparse.Namespace, output_dir: str, command: str) -> TrainConfig:
+    return TrainConfig(
+        output_dir=output_dir,
+        img_dir=args.img_dir,
+        seg_dir=args.seg_dir if args.segmentation_guided else None,
+        num_classes=args.num_segmentation_classes or 0,
+        class_names=tuple(args.class_names or ()),
+        img_size=args.img_size,
+        img_channels=args.num_img_channels,
+        preset=args.preset,
+        encoding=args.mask_encoding,
+        model_type=args.model_type,
+        train_batch_size=args.train_batch_size,
+        eval_batch_size=args.eval_batch_size,
+        num_epochs=args.num_epochs,
+        max_train_steps=args.max_train_steps,
+        learning_rate=args.learning_rate,
+        lr_warmup_steps=args.lr_warmup_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        ema=args.ema,
+        ablate=args.use_ablated_segmentations,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume=args.resume,
+        resume_epoch=args.resume_epoch,
+        seed=args.seed,
+        save_image_epochs=args.save_image_epochs,
+        save_model_epochs=args.save_model_epochs,
+        sampler=args.sampler,
+        num_inference_steps=args.num_inference_steps,
+        dataloader_num_workers=args.dataloader_num_workers,
+        command=command,
+    )
+
+
+def eval_config(args: argparse.Namespace, output_dir: str) -> EvalConfig:
+    return EvalConfig(
+        model_dir=args.model_dir or output_dir,
+        output_dir=output_dir,
+        seg_dir=args.seg_dir if args.segmentation_guided else None,
+        img_dir=args.img_dir,
+        num_classes=args.num_segmentation_classes,
+        img_size=args.img_size,
+        img_channels=args.num_img_channels,
+        model_type=args.model_type,
+        eval_batch_size=args.eval_batch_size,
+        eval_sample_size=args.eval_sample_size,
+        sampler=args.sampler,
+        num_inference_steps=args.num_inference_steps,
+        shuffle=not args.eval_noshuffle_dataloader,
+        ablated_masks=args.eval_ablated_masks,
+        mask_removal=args.eval_mask_removal,
+        blank_mask=args.eval_blank_mask,
+        seed=args.seed,
+        precision={None: "auto", "no": "fp32"}.get(args.mixed_precision, args.mixed_precision),
+    )
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    if args.segmentation_channel_mode == "multi":
+        raise ConfigError(
+            "--segmentation_channel_mode multi: not implemented (the original raised NotImplementedError too); "
+            "use single, where --mask_encoding onehot already gives every class its own input channel"
+        )
+    if args.segmentation_guided and not args.seg_dir:
+        raise ConfigError(
+            "--segmentation_guided needs --seg_dir SEG_DIR (holding SEG_DIR/<segtype>/{train,val,test}/)"
+        )
+    output_dir = args.output_dir or run_name(
+        args.model_type,
+        args.dataset,
+        args.img_size,
+        args.segmentation_guided,
+        args.use_ablated_segmentations,
+        args.eval_mask_removal,
+        args.eval_blank_mask,
+    )
+    if args.mode == "train":
+        print(f"model saved to {train(train_config(args, output_dir, command))}")
+    elif args.mode == "eval":
+        for path in evaluate(eval_config(args, output_dir)):
+            print(f"wrote {path}")
+    else:
+        folder, written, skipped = sample_many(eval_config(args, output_dir))
+        note = f" ({skipped} already there, kept)" if skipped else ""
+        if written + skipped < args.eval_sample_size:
+            note += f" (one per test mask: only {written + skipped} masks)"
+        print(f"wrote {written} samples to {folder}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, shlex.join(["train_cli.py", *argv]))
+    except SegdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished checkpoints and samples are kept: rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
