@@ -34,20 +34,19 @@ from .errors import CheckpointError, MaskError
 from .masks import check_mask, encode, omit_classes
 from .models import CARD_FILE, ModelCard
 
-# Sampler name -> (scheduler class, settings over the model's own scheduler config).
-SCHEDULERS: dict[str, tuple[type, dict]] = {
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
 # Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
 # steps (seen on the demo model: DDIM clean, DPM-Solver++ pure salt and pepper). With sample_max_value 1,
 # dynamic thresholding is exactly clipping x0 to [-1, 1].
 _MULTISTEP = {"timestep_spacing": "linspace", "thresholding": True, "sample_max_value": 1.0}
-for _name in ("dpm++", "unipc"):
-    SCHEDULERS[_name][1].update(_MULTISTEP)
+
+# Sampler name -> (scheduler class, settings over the model's own scheduler config).
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP}),
+    "unipc": (UniPCMultistepScheduler, _MULTISTEP),
+}
 DEFAULT_SCHEDULER = "dpm++"
 DEFAULT_STEPS = 20
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
