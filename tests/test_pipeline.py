@@ -141,7 +141,9 @@ def test_save_and_reopen_gives_the_same_images(tmp_path, segdiff_pipe):
         "segdiff_card.json",
         "unet",
     ]
-    reopened = SegDiffPipeline.from_pretrained(tmp_path / "model")
+    # The same memory layout as before the save: channels-last alone changes rounding, which this
+    # untrained network amplifies over the steps.
+    reopened = SegDiffPipeline.from_pretrained(tmp_path / "model", precision="fp32", channels_last=False)
     reopened.set_progress_bar_config(disable=True)
     assert reopened.card == segdiff_pipe.card
     for name, images in before.items():
