@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from segdiff import SegdiffError, SegDiffPipeline
+from segdiff.pipeline import DEFAULT_STEPS
 from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Run, Settings, Studio
 
 try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
@@ -219,7 +220,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
                 )
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 with gr.Row():
                     sampler = gr.Dropdown(SAMPLERS, value="dpm++", label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")

@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--sampler",
         choices=sorted(SCHEDULERS),
-        help="sampler for grids and eval (default: the original's for --model_type; dpm++ with 20 steps "
+        help="sampler for grids and eval (default: the original's for --model_type; dpm++ with its default 12 steps "
         "gives similar images far faster)",
     )
     add(

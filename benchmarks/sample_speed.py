@@ -12,12 +12,15 @@ Same weights, same masks, same batch. Prints images/s of each, the ratio, and wh
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import SegDiffPipeline
 from segdiff.models import ModelCard, build_unet
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, autocast_dtype

@@ -48,7 +48,9 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "unipc": (UniPCMultistepScheduler, _MULTISTEP),
 }
 DEFAULT_SCHEDULER = "dpm++"
-DEFAULT_STEPS = 20
+# Chosen by benchmarks/quality.py on the demo model: DPM-Solver++ at 12 steps matched its Dice at 20
+# steps (0.934 vs 0.931 mean) and DDIM 50's realism; 10 steps lost 0.003 Dice and more realism.
+DEFAULT_STEPS = 12
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
