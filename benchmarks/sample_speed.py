@@ -93,19 +93,21 @@ def main(argv=None):
 
     rows = [measure("original: fp32, eager, DDIM 50", "fp32", False, original)]
     rows.append(measure(f"+ sampler: {args.scheduler} {args.steps} steps", "fp32", False, fast))
-    rows.append(measure("+ channels_last", "fp32", True, fast))
-    if autocast_dtype(device, "auto") is not None:
-        rows.append(measure(f"+ {autocast_dtype(device, 'auto')} autocast", "auto", True, fast))
+    dtype = autocast_dtype(device, "auto")
+    if dtype is not None:
+        rows.append(measure(f"+ {dtype} autocast", "auto", False, fast))
     else:
         print("  (bf16/fp16 autocast skipped: this CPU has no native bf16, where it runs slower than fp32)")
+    rows.append(measure("+ channels_last", "auto", True, fast))
     if args.compile:
-        rows.append(measure("+ torch.compile", "auto", True, fast, compile=True))
+        rows.append(measure("defaults + torch.compile", "auto", None, fast, compile=True))
     base = rows[0][1]
     for name, rate in rows:
         print(f"  {name:<40} {rate:8.2f} images/s   x{rate / base:5.2f}")
-    default = measure("segdiff defaults", "auto", True, fast)[1]
-    print(f"segdiff default fast settings vs original: {default:.2f} / {base:.2f} images/s = x{default / base:.2f}")
-
+    default = measure("segdiff defaults", "auto", None, fast)[1]
+    layout = "channels-last" if device.type == "cpu" else "contiguous"
+    print(f"segdiff default fast settings ({args.scheduler} {args.steps}, {dtype or 'fp32'}, {layout}) vs original: "
+          f"{default:.2f} / {base:.2f} images/s = x{default / base:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -100,9 +99,9 @@ class ModelCard:
 
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(f.name, folder / CARD_FILE)
+        tmp = folder / f".{CARD_FILE}.{os.getpid()}.tmp"  # open() keeps the umask's permissions; mkstemp's are 0600
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, folder / CARD_FILE)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ModelCard:
