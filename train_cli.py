@@ -15,7 +15,7 @@ import sys
 from segdiff import ConfigError, SegdiffError
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
 from segdiff.models import PRESETS
-from segdiff.pipeline import SCHEDULERS
+from segdiff.pipeline import DEFAULT_STEPS, SCHEDULERS
 from segdiff.training import TrainConfig, run_name, train
 
 
@@ -220,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--sampler",
         choices=sorted(SCHEDULERS),
-        help="sampler for grids and eval (default: the original's for --model_type; dpm++ with its default 12 steps "
-        "gives similar images far faster)",
+        help="sampler for grids and eval (default: the original's for --model_type; dpm++ with its default "
+        f"{DEFAULT_STEPS} steps gives similar images far faster)",
     )
     add(
         "--num_inference_steps",
         type=int,
-        help="sampling steps (default: 50 for ddim, 1000 for ddpm, 20 for dpm++ and unipc)",
+        help=f"sampling steps (default: 50 for ddim, 1000 for ddpm, {DEFAULT_STEPS} for dpm++ and unipc)",
     )
     add(
         "--eval_ablated_masks",

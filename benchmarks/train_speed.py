@@ -3,7 +3,7 @@
 The original loop (re-created here as it was): fp32, eager, images and masks decoded from PNG files in
 every step, a DataLoader without workers, one set of class removals per batch, the `class_id / 255` mask
 channel, plain AdamW. segdiff: `segdiff.training.train` itself, with its defaults (data decoded once,
-channels-last on GPUs, TF32 and cuDNN autotuning on GPUs, fused AdamW, per-example ablation, one-hot
+TF32 and cuDNN autotuning on GPUs, fused AdamW, per-example ablation, one-hot
 masks), timed from its own CSV log.
 
 Rounds alternate between the two so that a machine shared with other work slows both alike; steps/s is
@@ -159,7 +159,7 @@ def main(argv=None):
     original_rate, our_rate = 1 / statistics.median(original), 1 / statistics.median(ours)
     print(f"original loop: {original_rate:.3f} steps/s (fp32, eager, PNGs decoded every step, no workers, "
           "per-batch ablation, class_id/255 mask channel, AdamW)")  # fmt: skip
-    print(f"segdiff:       {our_rate:.3f} steps/s (train(): data decoded once, fused AdamW, channels-last/TF32 on GPUs, "
+    print(f"segdiff:       {our_rate:.3f} steps/s (train(): data decoded once, fused AdamW, TF32 on GPUs, "
           f"per-example ablation, one-hot masks, mixed precision {args.mixed_precision})")  # fmt: skip
     print(f"ratio: {our_rate / original_rate:.2f}x")
 
