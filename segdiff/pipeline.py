@@ -71,9 +71,13 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
         return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def cpu_has_native_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class SegDiffPipeline(DiffusionPipeline):

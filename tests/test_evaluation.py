@@ -23,6 +23,7 @@ from segdiff.evaluation import (
     write_sample,
 )
 from segdiff.models import ModelCard, build_unet
+from segdiff.pipeline import DEFAULT_STEPS
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,7 @@ def test_sample_names_follow_the_original(mask_name, index, channels, expected):
 def test_sampler_defaults_to_the_originals_for_the_model_type():
     assert sampler_for("DDIM") == ("ddim", 50)
     assert sampler_for("DDPM") == ("ddpm", 1000)
-    assert sampler_for("DDPM", "dpm++") == ("dpm++", 20)
+    assert sampler_for("DDPM", "dpm++") == ("dpm++", DEFAULT_STEPS)
     assert sampler_for("DDIM", None, 10) == ("ddim", 10)
 
 

@@ -9,8 +9,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from segdiff import SegDiffPipeline
+from segdiff import pipeline as pipeline_module
 from segdiff.errors import CheckpointError, MaskError
 from segdiff.models import PRESETS, ModelCard, build_unet
+from segdiff.pipeline import autocast_dtype
 
 SIZE, K = 32, 4
 
@@ -229,3 +231,16 @@ def test_presets_build_the_expected_networks():
     assert 110e6 < sum(p.numel() for p in paper.parameters()) < 118e6
     with pytest.raises(CheckpointError, match="unknown preset 'huge'"):
         build_unet("huge", 64, 1, 1)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_on_a_cpu_uses_bf16_only_where_native(monkeypatch, segdiff_pipe, native_bf16):
+    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native_bf16 else None)
+    assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") == torch.bfloat16
+    masks = square_masks()
+    auto = sample(segdiff_pipe.set_speed(precision="auto", channels_last=False), masks, num_inference_steps=3)
+    fp32 = sample(segdiff_pipe.set_speed(precision="fp32", channels_last=False), masks, num_inference_steps=3)
+    # Without native bf16 "auto" falls back to exactly the fp32 arithmetic; with it, the images differ.
+    assert np.array_equal(auto, fp32) != native_bf16
