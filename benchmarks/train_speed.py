@@ -108,7 +108,6 @@ def segdiff_steps(args, img_dir, seg_dir, num_classes: int, out: Path) -> list[f
             train_batch_size=args.batch,
             max_train_steps=args.warmup + args.steps,
             mixed_precision=args.mixed_precision,
-            compile=args.compile,
             ablate=True,
             checkpointing_steps=never,
             save_image_epochs=never,
@@ -135,7 +134,6 @@ def main(argv=None):
     parser.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="segdiff only"
     )
-    parser.add_argument("--compile", action="store_true", help="segdiff only: torch.compile the UNet")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -104,7 +104,6 @@ class TrainConfig:
     # Off: this UNet's GroupNorms pay for the layout. Measured slower both on a 2-core CPU (backward 12%) and
     # on an H200 (sampling 22%; bf16 training with it no faster than the original's fp32 without it).
     channels_last: bool = False
-    compile: bool = False  # torch.compile the UNet (inductor): slow first steps, then faster ones
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
 
@@ -181,7 +180,6 @@ def train(config: TrainConfig) -> Path:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        dynamo_backend="inductor" if config.compile else None,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
@@ -443,7 +441,7 @@ def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None
 
 def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
     """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise."""
-    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    model = accelerator.unwrap_model(unet)
     if ema is not None:
         model = UNet2DModel.from_config(model.config).to(accelerator.device)
         ema.copy_to(model.parameters())
