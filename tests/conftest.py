@@ -11,6 +11,15 @@ from segdiff.models import ModelCard, build_unet
 CLASS_NAMES = ["background", "breast", "vessels", "fibroglandular tissue"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mask():
     """A 64 px breast-like mask holding every class: body, a vessel band and a tissue blob."""
@@ -40,10 +49,7 @@ def studio_url(tiny_model_dir):
     """The studio app launched in this process on a free local port; its URL."""
     import app
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread, and the test machine's cores are shared
     demo = app.build_demo(SegDiffPipeline.from_pretrained(tiny_model_dir), tiny_model_dir)
     app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield demo.local_url
     demo.close()
-    torch.set_num_threads(threads)

@@ -26,14 +26,6 @@ from segdiff.models import ModelCard, build_unet
 from segdiff.pipeline import DEFAULT_STEPS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(folder, num_classes=3, channels=1, blind=False):
     """A random tiny segdiff model saved in `folder`; `blind` zeroes its output, so it ignores the mask."""
     encoding = "onehot" if num_classes else "none"

@@ -31,14 +31,6 @@ from segdiff.segmenter import (
 SIZE, K = 32, 4  # breast phantoms: background, breast, vessels, fibroglandular
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- Dice and KID on data made by hand -----------------------------------------------------------------
 

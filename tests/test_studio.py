@@ -16,14 +16,6 @@ from segdiff.studio import MAX_MASK_SIDE, Settings, Studio, settings_of
 FAST = dict(steps=3, num_images=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def studio(tiny_model_dir):

@@ -56,14 +56,6 @@ def write_data(root, size=32, counts=(8, 4, 4), channels=1, num_classes=3, seed=
     return img_dir, seg_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
