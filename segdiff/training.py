@@ -101,8 +101,8 @@ class TrainConfig:
     sampler: str | None = None  # for the grid; None: the original's sampler for model_type
     num_inference_steps: int | None = None
     dataloader_num_workers: int = 0
-    # Off: this UNet's GroupNorms pay for the layout. Measured slower both on a 2-core CPU (backward 12%) and
-    # on an H200 (sampling 22%; bf16 training with it no faster than the original's fp32 without it).
+    # Off: no gain measured on a 2-core CPU (within noise, fp32 and bf16), and on an H200 the layout made
+    # sampling 22% slower (the UNet's GroupNorms pay for it) and bf16 training no faster than fp32 without it.
     channels_last: bool = False
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
