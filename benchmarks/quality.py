@@ -6,7 +6,7 @@ DATA holds `img/` and `mask/` as `python -m segdiff.phantoms DATA` writes them (
 --seg_dir for any data in the original layout). One image is drawn per test mask, from noise fixed by the
 mask's index, with (a) the pipeline's defaults (DEFAULT_SCHEDULER, DEFAULT_STEPS, automatic precision) and
 (b) the original code's settings (DDIM 50 steps, eta 0, fp32, contiguous memory). A segmenter trained on the
-real training images (the model's own, or --segmenter; train one with `python -m segdiff.segmenter train`)
+real training images (the model's own, or --segmenter; train one with `python -m segdiff.quality train-segmenter`)
 finds the classes in each image; the table prints per-class and mean Dice against the masks, the kept-class
 Dice with each class omitted in turn, and KID and Frechet distance to the real test images. Its first column is the real
 test images themselves: the segmenter's Dice there is the ceiling, and the distances of a real train subset to
@@ -25,14 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import CheckpointError, SegdiffError, SegDiffPipeline
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
-from segdiff.segmenter import (
-    Segmenter,
+from segdiff.quality import (
     load_test_set,
     measure_quality,
     quality_table,
     run_label,
     write_to_card,
 )
+from segdiff.segmenter import Segmenter
 
 # Targets of issue 5, checked in the summary. The realism target reads on the Frechet distance: the unbiased
 # KID's real-vs-real baseline is 0 +- noise, so a ratio to it means nothing.

@@ -172,7 +172,7 @@ def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
             if config.ablated_masks:
                 masks = torch.cat(
                     [
-                        ablate(m[None], card.num_classes, generator=_generator(config.seed, i, stream=1))
+                        ablate(m[None], card.num_classes, generator=noise_generator(config.seed, i, stream=1))
                         for m, (i, _) in zip(masks, batch, strict=True)
                     ]
                 )
@@ -284,7 +284,7 @@ def _atomic(path: Path, write: Callable) -> Path:
 # ---- sampling ------------------------------------------------------------------------------------------
 
 
-def _generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+def noise_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     """Image `index`'s own generator: its noise (stream 0) or its mask ablation (stream 1)."""
     return torch.Generator().manual_seed(((seed * 2 + stream) << 32) + index)
 
@@ -294,7 +294,7 @@ def _sample(pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed:
     return pipe(
         masks if pipe.card.guided else None,
         batch_size=len(indices),
-        generator=[_generator(seed, i) for i in indices],
+        generator=[noise_generator(seed, i) for i in indices],
         scheduler=sampler,
         num_inference_steps=steps,
         output_type="np",

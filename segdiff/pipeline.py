@@ -146,7 +146,7 @@ class SegDiffPipeline(DiffusionPipeline):
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             self.card.save(staging)
             for item in sorted(staging.iterdir(), key=lambda p: p.name == CARD_FILE):  # card last
-                _swap_in(item, target / item.name)
+                swap_in(item, target / item.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -390,7 +390,7 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
         raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
 
 
-def _swap_in(new: Path, target: Path) -> None:
+def swap_in(new: Path, target: Path) -> None:
     """Replace `target` with `new`: files by one rename, folders by two renames around the old one."""
     if new.is_file() or not target.exists():
         os.replace(new, target)

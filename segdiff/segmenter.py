@@ -1,37 +1,24 @@
-"""The ruler for generated images: a segmenter trained on real data, and the Dice and distances built on it.
+"""The ruler for generated images: a segmenter trained on real images and masks, and its Dice.
 
-Faithfulness, as the paper measures it (Konz et al., MICCAI 2024): a segmentation network trained on REAL
-images and masks segments each generated image, and the Dice between what it finds and the conditioning
-mask says how closely the image follows the mask. With classes omitted, only the kept classes are scored.
-The same network's Dice on the real test images is the ceiling: no generator can score above its ruler.
+Faithfulness, as the paper measures it (Konz et al., MICCAI 2024), needs a segmentation network trained on
+REAL images and masks: it segments each generated image, and the Dice between what it finds and the
+conditioning mask says how closely the image follows the mask (`segdiff.quality` does that). This module is
+the network, its training and the Dice itself.
 
-Realism: two distances between generated and real test images on the segmenter's pooled features (Inception
-knows nothing of 64 px greyscale MRI), each beside its real-vs-real baseline: a subset of the real TRAIN
-images, as many as the test images, against the same real test images. The Kernel Inception Distance
-(Binkowski et al., 2018) is unbiased, so its baseline sits at 0 +- its spread: read the generated KID against
-that spread. The Frechet distance (as in FID) is biased upwards by small samples, so its baseline is the floor
-a perfect generator would reach with this many images, and "within 2x of the baseline" means something.
-Generated images share their test images' masks while the baseline's do not: the comparison, if anything,
-favours the generated side.
-
-    python -m segdiff.segmenter train --img_dir D/img --seg_dir D/mask --num_classes 4 --img_size 64 --out S
-    python -m segdiff.segmenter evaluate --model M --img_dir D/img --seg_dir D/mask --segmenter S --write-card
+    python -m segdiff.quality train-segmenter --img_dir D/img --seg_dir D/mask --num_classes 4 --img_size 64 --out S
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import torch
@@ -40,20 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import SegDataset, find_cases, read_image
-from .errors import CheckpointError, ImageError, MaskError, SegdiffError
-from .evaluation import _generator as noise_generator
+from .data import SegDataset
+from .errors import CheckpointError, ImageError, MaskError
 from .masks import check_mask
-from .models import CARD_FILE, ModelCard
-from .pipeline import (
-    DEFAULT_SCHEDULER,
-    DEFAULT_STEPS,
-    Precision,
-    SegDiffPipeline,
-    _swap_in,
-    autocast_dtype,
-    default_device,
-)
+from .pipeline import default_device, swap_in
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
 
@@ -192,7 +169,7 @@ class Segmenter(nn.Module):
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, staging / WEIGHTS_FILE)
             (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            _swap_in(staging, folder)
+            swap_in(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -203,7 +180,7 @@ class Segmenter(nn.Module):
         if not config_file.is_file() or not weights_file.is_file():
             raise CheckpointError(
                 f"{folder}: not a segmenter folder (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
-                "train one with `python -m segdiff.segmenter train`)"
+                "train one with `python -m segdiff.quality train-segmenter`)"
             )
         try:
             data = json.loads(config_file.read_text())
@@ -324,18 +301,19 @@ def train_segmenter(
     }
     if val is not None:
         training["val_dice"] = {
-            str(c): _rounded(v) for c, v in dice(model.predict(val[0]), val[1], num_classes).items()
+            str(c): round_score(v) for c, v in dice(model.predict(val[0]), val[1], num_classes).items()
         }
-        training["val_mean_dice"] = _rounded(best)
+        training["val_mean_dice"] = round_score(best)
     model.config = SegmenterConfig(num_classes, img_channels, img_size, tuple(widths), training)
     model.save_pretrained(out_dir)
     return model.eval()
 
 
-# ---- measures ------------------------------------------------------------------------------------------
+# ---- Dice --------------------------------------------------------------------------------------------------
 
 
-def _labels(masks, what: str) -> np.ndarray:
+def labels(masks, what: str) -> np.ndarray:
+    """Class-id masks (numpy or torch) as an int64 array; `what` names them in the error."""
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
     masks = np.asarray(masks)
@@ -353,7 +331,7 @@ def dice(pred, target, num_classes: int, classes: Sequence[int] | None = None) -
     `classes` defaults to 1..K-1: background is left out, it would inflate every mean. A class absent from
     both pred and target has no defined Dice: it maps to NaN, and `mean_dice` leaves it out.
     """
-    pred, target = _labels(pred, "pred"), _labels(target, "target")
+    pred, target = labels(pred, "pred"), labels(target, "target")
     if pred.shape != target.shape:
         raise MaskError(
             f"pred of shape {pred.shape} and target of shape {target.shape}, expected equal shapes"
@@ -380,372 +358,7 @@ def mean_dice(pred, target, num_classes: int, classes: Sequence[int] | None = No
     return float(np.mean(values)) if values else math.nan
 
 
-def faithfulness(segmenter: Segmenter, images, masks, kept_classes: Sequence[int]) -> list[float]:
-    """Per-image mean Dice over the kept classes present in that image's mask (NaN where none is).
-
-    images as `Segmenter.predict` takes them; masks (B, H, W) class ids, the FULL masks the images were
-    asked to follow; kept_classes: the classes the model had to obey (background is never scored).
-    """
-    pred, masks = segmenter.predict(images), _labels(masks, "masks")
-    if masks.ndim == 2:
-        masks = masks[None]
-    if masks.shape != pred.shape:
-        raise MaskError(
-            f"{masks.shape[0]} masks of shape {masks.shape[1:]} for images segmented to {pred.shape}"
-        )
-    k = segmenter.config.num_classes
-    scores = []
-    for p, t in zip(pred, masks, strict=True):
-        present = [c for c in kept_classes if c != 0 and (t == c).any()]
-        scores.append(mean_dice(p, t, k, present) if present else math.nan)
-    return scores
-
-
-def kid(
-    features_a, features_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """Kernel Inception Distance between two feature sets (N, D) and (M, D) -> (mean, std) over subsets.
-
-    Each subset draws m = min(subset_size, N, M) rows of each set without replacement and computes the
-    unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al., 2018).
-    Unbiased: the estimate of two samples of the same distribution averages 0 and can be negative.
-    """
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D)")
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 samples in each set, got {len(a)} and {len(b)}")
-    d, rng = a.shape[1], np.random.default_rng(seed)
-    estimates = []
-    for _ in range(subsets):
-        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off_diagonal = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        estimates.append(off_diagonal - 2 * kxy.mean())
-    return float(np.mean(estimates)), float(np.std(estimates))
-
-
-def frechet_distance(features_a, features_b) -> float:
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to (N, D) and (M, D).
-
-    FID's formula (Heusel et al., 2017). tr((S_a S_b)^(1/2)) is computed as the sum of the square roots of
-    the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix, which stays stable when N < D.
-    """
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D), N, M >= 2")
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    values, vectors = np.linalg.eigh(cov_a)
-    root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T
-    cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(0)).sum()
-    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
-    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
-
-
-# ---- quality of a diffusion model ----------------------------------------------------------------------
-
-
-def measure_quality(
-    pipe: SegDiffPipeline,
-    segmenter: Segmenter,
-    masks,
-    real_images,
-    *,
-    scheduler: str = DEFAULT_SCHEDULER,
-    num_inference_steps: int = DEFAULT_STEPS,
-    precision: Precision = "auto",
-    seed: int = 0,
-    batch_size: int = 16,
-    omit_each: bool = True,
-    baseline_images=None,
-    progress: bool = True,
-) -> dict:
-    """Faithfulness and realism of `pipe` on test masks, as a JSON-ready dict for `ModelCard.quality`.
-
-    masks: (N, H, W) class ids; real_images: the N real images of those masks, as `Segmenter.predict`
-    takes them; baseline_images: other real images (a train subset) for the real-vs-real KID baseline.
-    Image i is drawn from its own generator for (seed, i), the one
-    `segdiff.evaluation` samples with: every setting starts from the same noise, whatever the batching. Reported: per-class and mean Dice
-    against the masks; with `omit_each`, for each class c present, the Dice of the kept classes (not c,
-    not background) when c is omitted; the segmenter's Dice on the real images (the ceiling); KID of the
-    generated images against the real ones, beside KID(baseline_images, real_images). Dice values are
-    rounded to 4 digits, undefined ones stored as null.
-    """
-    card = pipe.card
-    mine = (segmenter.config.num_classes, segmenter.config.img_channels, segmenter.config.img_size)
-    if mine != (card.num_classes, card.img_channels, card.img_size):
-        raise CheckpointError(
-            f"the segmenter reads {mine[0]} classes, {mine[1]} channel(s), {mine[2]} px; the model makes "
-            f"{card.num_classes} classes, {card.img_channels} channel(s), {card.img_size} px"
-        )
-    if precision not in get_args(Precision):
-        raise ValueError(f"precision={precision!r}, expected one of {get_args(Precision)}")
-    masks = pipe.prepare_masks(masks)  # (N, H, W) int64, validated
-    n, k = masks.shape[0], card.num_classes
-    real_pred = segmenter.predict(real_images)
-    if real_pred.shape[0] != n:
-        raise ImageError(f"{real_pred.shape[0]} real images for {n} masks, expected one real image per mask")
-    omitted = [c for c in range(1, k) if (masks == c).any()] if omit_each else []
-    bar = tqdm(
-        total=n * (1 + len(omitted)), desc=f"quality {scheduler} {num_inference_steps}", disable=not progress
-    )
-
-    def sample(omit: tuple[int, ...]) -> np.ndarray:
-        out = []
-        for start in range(0, n, batch_size):
-            batch = slice(start, start + batch_size)
-            out.append(
-                pipe(
-                    masks[batch],
-                    omit=omit,
-                    num_inference_steps=num_inference_steps,
-                    scheduler=scheduler,
-                    generator=[noise_generator(seed, i) for i in range(n)[batch]],
-                    output_type="np",
-                ).images
-            )
-            bar.update(len(out[-1]))
-        return np.concatenate(out)  # (N, H, W, C) float in [0, 1]
-
-    names = card.class_names
-    previous_precision, previous_bar = pipe.precision, dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.precision = precision
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        generated = sample(())
-        pred = segmenter.predict(generated)
-        result = {
-            "settings": {
-                "scheduler": scheduler,
-                "num_inference_steps": num_inference_steps,
-                "precision": precision,
-                "dtype": str(autocast_dtype(pipe.device, precision) or torch.float32).removeprefix("torch."),
-                "device": pipe.device.type,
-                "seed": seed,
-                "num_masks": n,
-            },
-            "dice": _named(dice(pred, masks, k), names),
-            "mean_dice": _rounded(mean_dice(pred, masks, k)),
-            "omit": {},
-        }
-        for c in omitted:
-            kept = [j for j in range(1, k) if j != c]
-            pred = segmenter.predict(sample((c,)))
-            result["omit"][names[c]] = {
-                "dice": _named(dice(pred, masks, k, kept), names),
-                "mean_dice": _rounded(mean_dice(pred, masks, k, kept)),
-            }
-    finally:
-        pipe.precision = previous_precision
-        pipe.set_progress_bar_config(**previous_bar)
-        bar.close()
-    result["real"] = {
-        "dice": _named(dice(real_pred, masks, k), names),
-        "mean_dice": _rounded(mean_dice(real_pred, masks, k)),
-    }
-    # Half-size subsets: with subsets as large as the sets, every subset would be the whole set (std 0).
-    real_features, subset = segmenter.features(real_images), max(2, n // 2)
-
-    def distances(features: np.ndarray, prefix: str = "") -> dict:
-        return {
-            f"{prefix}kid": _pair(kid(features, real_features, subset_size=subset, seed=seed)),
-            f"{prefix}fd": float(f"{frechet_distance(features, real_features):.4g}"),
-        }
-
-    realism = {
-        "measure": f"on the segmenter's pooled features: KID (100 subsets of {subset}), Frechet distance",
-        **distances(segmenter.features(generated)),
-    }
-    if baseline_images is not None:
-        realism["baseline"] = "real train subset vs real test images"
-        realism.update(distances(segmenter.features(baseline_images), "baseline_"))
-    result["realism"] = realism
-    return result
-
-
-def _rounded(value: float) -> float | None:
+def round_score(value: float) -> float | None:
+    """A score as the cards and tables store it: 4 decimals, None for NaN (JSON has no NaN)."""
     return None if math.isnan(value) else round(float(value), 4)
 
-
-def _named(scores: dict[int, float], names: Sequence[str]) -> dict[str, float | None]:
-    return {names[c]: _rounded(v) for c, v in scores.items()}
-
-
-def _pair(mean_std: tuple[float, float]) -> dict[str, float]:
-    return {"mean": float(f"{mean_std[0]:.4g}"), "std": float(f"{mean_std[1]:.4g}")}
-
-
-def run_label(result: dict) -> str:
-    """The key of one `measure_quality` result in `card.quality["runs"]`, e.g. "dpm++ 20 auto"."""
-    s = result["settings"]
-    return f"{s['scheduler']} {s['num_inference_steps']} {s['precision']}"
-
-
-def quality_table(runs: dict[str, dict]) -> str:
-    """`measure_quality` results by label -> a text table: Dice per class, mean, per omitted class, KID.
-
-    The first column is the real test images: the segmenter's ceiling for Dice, the real-vs-real
-    baseline for KID. KID is shown x 1000, as mean +- std over subsets.
-    """
-    first = next(iter(runs.values()))
-    labels = ["real (ceiling)", *runs]
-    rows: list[tuple[str, list[str]]] = []
-
-    def cell(value):
-        return "-" if value is None else f"{value:.4f}"
-
-    for name in first["dice"]:
-        rows.append(
-            (
-                f"Dice {name}",
-                [cell(first["real"]["dice"][name])] + [cell(r["dice"][name]) for r in runs.values()],
-            )
-        )
-    rows.append(
-        ("mean Dice", [cell(first["real"]["mean_dice"])] + [cell(r["mean_dice"]) for r in runs.values()])
-    )
-    for name in first["omit"]:
-        values = [cell(r["omit"].get(name, {}).get("mean_dice")) for r in runs.values()]
-        rows.append((f"kept-class Dice, {name} omitted", ["", *values]))
-
-    def kid_cell(pair):
-        return "-" if pair is None else f"{1000 * pair['mean']:.2f} +- {1000 * pair['std']:.2f}"
-
-    baseline = first["realism"]
-    rows.append(
-        (
-            "KID x1000 vs real test images",
-            [kid_cell(baseline.get("baseline_kid"))] + [kid_cell(r["realism"]["kid"]) for r in runs.values()],
-        )
-    )
-    fd = [baseline.get("baseline_fd")] + [r["realism"]["fd"] for r in runs.values()]
-    rows.append(("Frechet distance vs real test images", ["-" if v is None else f"{v:.4g}" for v in fd]))
-    head = max(len(r[0]) for r in rows)
-    widths = [max(len(label), *(len(r[1][i]) for r in rows)) for i, label in enumerate(labels)]
-    lines = ["  ".join([" " * head, *(label.rjust(w) for label, w in zip(labels, widths, strict=True))])]
-    lines += [
-        "  ".join([name.ljust(head), *(v.rjust(w) for v, w in zip(values, widths, strict=True))])
-        for name, values in rows
-    ]
-    lines.append("(real column: the segmenter on the real test images; distances of a real train subset)")
-    return "\n".join(lines)
-
-
-# ---- command line --------------------------------------------------------------------------------------
-
-
-def load_test_set(img_dir, seg_dir, card: ModelCard, num_masks: int | None = None, seed: int = 0):
-    """The real data `measure_quality` needs, read in the model's size, channels and palette.
-
-    -> (test masks (N, H, W) int64, test images (N, C, H, W) float32 in [0, 1], a random subset of N real
-    train images for the baseline, same layout, or None without a train split). N = the test split's size,
-    or its first `num_masks`.
-    """
-    test = SegDataset(
-        img_dir, seg_dir, "test", card.img_size, card.img_channels, card.num_classes, card.palette
-    )
-    n = len(test) if num_masks is None else min(num_masks, len(test))
-    images = torch.stack([test[i]["image"] for i in range(n)]) / 2 + 0.5
-    masks = torch.from_numpy(test.masks[:n].astype(np.int64))
-    if not (Path(img_dir) / "train").is_dir():
-        return masks, images, None
-    train = [case.image for case in find_cases(img_dir, None, "train")]
-    pick = np.random.default_rng(seed).choice(len(train), min(n, len(train)), replace=False)
-    baseline = [read_image(train[i], card.img_channels, card.img_size) for i in sorted(pick)]
-    baseline = torch.stack(
-        [torch.from_numpy(b).float() / (255 if b.dtype == np.uint8 else 1) for b in baseline]
-    )
-    return masks, images, baseline
-
-
-def write_to_card(model_dir: str | Path, segmenter: Segmenter, result: dict) -> ModelCard:
-    """Copy the segmenter into MODEL_DIR/segmenter/ and store `result` under card.quality["runs"][label]."""
-    model_dir = Path(model_dir)
-    segmenter.save_pretrained(model_dir / "segmenter")
-    card = ModelCard.load(model_dir) if (model_dir / CARD_FILE).is_file() else None
-    if card is None:  # an original-code folder: its card is built when it is opened
-        card = SegDiffPipeline.from_pretrained(model_dir, num_classes=segmenter.config.num_classes).card
-    card.segmenter = "segmenter"
-    card.quality.setdefault("runs", {})[run_label(result)] = result
-    card.save(model_dir)
-    return card
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segdiff.segmenter", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a segmenter on real images and masks")
-    evaluate = commands.add_parser("evaluate", help="Dice and KID of a diffusion model's samples")
-    for sub in (train, evaluate):
-        sub.add_argument("--img_dir", required=True, help="IMG_DIR/{train,val,test}/")
-        sub.add_argument("--seg_dir", required=True, help="SEG_DIR/<segtype>/{train,val,test}/")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--batch_size", type=int, default=None)
-    train.add_argument("--num_classes", type=int, required=True, help="K, background included")
-    train.add_argument("--img_size", type=int, required=True)
-    train.add_argument("--img_channels", type=int, default=1)
-    train.add_argument("--out", required=True, help="folder to write the segmenter to")
-    train.add_argument("--steps", type=int, default=2000)
-    evaluate.add_argument("--model", required=True, help="a model folder SegDiffPipeline opens")
-    evaluate.add_argument("--segmenter", help="a segmenter folder (default: the model's own)")
-    evaluate.add_argument("--num_classes", type=int, help="K, for models of the original code")
-    evaluate.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
-    evaluate.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    evaluate.add_argument("--precision", default="auto", choices=get_args(Precision))
-    evaluate.add_argument("--num_masks", type=int, help="use the first N test masks (default: all)")
-    evaluate.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
-    evaluate.add_argument(
-        "--write-card",
-        action="store_true",
-        help="store the results in the model card and copy the segmenter into MODEL/segmenter/",
-    )
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            model = train_segmenter(
-                args.img_dir,
-                args.seg_dir,
-                args.num_classes,
-                args.img_size,
-                args.img_channels,
-                args.out,
-                steps=args.steps,
-                batch_size=args.batch_size or 16,
-                seed=args.seed,
-            )
-            print(
-                f"saved the segmenter to {args.out}; validation Dice {model.config.training.get('val_dice')}"
-            )
-            return
-        pipe = SegDiffPipeline.from_pretrained(args.model, num_classes=args.num_classes)
-        if args.segmenter is None and pipe.card.segmenter is None:
-            raise CheckpointError(f"{args.model}: the model has no segmenter; pass --segmenter DIR")
-        segmenter = Segmenter.from_pretrained(args.segmenter or Path(args.model) / pipe.card.segmenter)
-        masks, images, baseline = load_test_set(
-            args.img_dir, args.seg_dir, pipe.card, args.num_masks, args.seed
-        )
-        result = measure_quality(
-            pipe,
-            segmenter,
-            masks,
-            images,
-            scheduler=args.scheduler,
-            num_inference_steps=args.steps,
-            precision=args.precision,
-            seed=args.seed,
-            batch_size=args.batch_size or 16,
-            omit_each=not args.no_omit,
-            baseline_images=baseline,
-        )
-        print(quality_table({run_label(result): result}))
-        if args.write_card:
-            write_to_card(args.model, segmenter, result)
-            print(f"wrote the results to {Path(args.model) / CARD_FILE}")
-    except (SegdiffError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

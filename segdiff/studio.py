@@ -34,7 +34,8 @@ from .data import read_image, read_mask
 from .errors import CheckpointError, ConfigError, DataLayoutError, MaskError, check_range
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
-from .segmenter import Segmenter, faithfulness
+from .quality import faithfulness
+from .segmenter import Segmenter
 
 # Caps on what one request may ask of a shared server.
 MAX_IMAGES = 8

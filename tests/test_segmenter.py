@@ -12,19 +12,14 @@ from segdiff import SegDiffPipeline
 from segdiff.errors import CheckpointError, ImageError, MaskError
 from segdiff.models import PRESETS, ModelCard
 from segdiff.phantoms import write_dataset
+from segdiff.quality import faithfulness, frechet_distance, kid, load_test_set, main, measure_quality
 from segdiff.segmenter import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Segmenter,
     SegmenterConfig,
     dice,
-    faithfulness,
-    frechet_distance,
-    kid,
-    load_test_set,
-    main,
     mean_dice,
-    measure_quality,
     train_segmenter,
 )
 
@@ -135,7 +130,7 @@ def segmenter_dir(phantoms):
     out = phantoms.parent / "segmenter"
     main(
         [
-            "train",
+            "train-segmenter",
             "--img_dir",
             str(phantoms / "img"),
             "--seg_dir",
@@ -302,7 +297,7 @@ def test_cli_errors_are_one_line_and_exit_2(model_dir, phantoms, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
-                "train",
+                "train-segmenter",
                 "--img_dir",
                 str(phantoms / "nope"),
                 "--seg_dir",
