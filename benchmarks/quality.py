@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(
         seed=args.seed, batch_size=args.batch_size, omit_each=not args.no_omit, baseline_images=baseline
     )
-    settings = [("fast", args.scheduler, args.steps, "auto", True)]
+    settings = [("fast", args.scheduler, args.steps, "auto", None)]  # None: the default layout
     if not args.no_original:
         settings.append(("original", "ddim", 50, "fp32", False))
     runs = {}

@@ -109,5 +109,6 @@ def main(argv=None):
     print(f"segdiff default fast settings ({args.scheduler} {args.steps}, {dtype or 'fp32'}, {layout}) vs original: "
           f"{default:.2f} / {base:.2f} images/s = x{default / base:.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -1,10 +1,10 @@
 """Studio latency: click-to-gallery time through gradio_client, default settings against the original ones.
 
 Two studios are launched in this process on the same weights: one as `python app.py` opens it (automatic
-precision, channels-last, DPM++ at the default step count), one with the original code's settings (fp32, contiguous memory,
-DDIM 50 steps). Each request goes through the named `generate` endpoint exactly as a user's would: the mask
-file is uploaded, sampled into 4 images, written as PNGs with their settings and a zip, and the gallery
-images are downloaded. Prints the median of each, and their ratio.
+precision and memory layout, DPM++ at the default step count), one with the original code's settings (fp32,
+contiguous memory, DDIM 50 steps). Each request goes through the named `generate` endpoint exactly as a
+user's would: the mask file is uploaded, sampled into 4 images, written as PNGs with their settings and a
+zip, and the gallery images are downloaded. Prints the median of each, and their ratio.
 
     python benchmarks/studio_latency.py                  # the bundled demo model
     python benchmarks/studio_latency.py --model PATH --repeats 5
@@ -96,7 +96,9 @@ def main(argv=None):
             app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
         mask = mask_file(Path(tmp), fast.card.img_size)
         try:
-            default = click_to_gallery(demos[0].local_url, mask, args.repeats, steps=DEFAULT_STEPS, sampler=DEFAULT_SCHEDULER)
+            default = click_to_gallery(
+                demos[0].local_url, mask, args.repeats, steps=DEFAULT_STEPS, sampler=DEFAULT_SCHEDULER
+            )
             baseline = click_to_gallery(demos[1].local_url, mask, args.repeats, steps=50, sampler="ddim")
         finally:
             for demo in demos:
@@ -104,7 +106,7 @@ def main(argv=None):
 
     device = f"{fast.device.type} ({torch.get_num_threads()} threads)" if fast.device.type == "cpu" else "cuda"
     print(f"model {model.name}, {fast.card.img_size} px, {NUM_IMAGES} images, {device}, median of {args.repeats}")
-    print(f"  default  (precision {fast.precision}, channels-last, {DEFAULT_SCHEDULER} {DEFAULT_STEPS} steps): {default:6.2f} s click to gallery")
+    print(f"  default  (precision {fast.precision}, {DEFAULT_SCHEDULER} {DEFAULT_STEPS} steps):        {default:6.2f} s click to gallery")
     print(f"  original (fp32, contiguous, ddim 50 steps):                {baseline:6.2f} s click to gallery")
     print(f"  speed-up: {baseline / default:.2f}x")
 
