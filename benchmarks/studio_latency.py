@@ -106,8 +106,11 @@ def main(argv=None):
 
     device = f"{fast.device.type} ({torch.get_num_threads()} threads)" if fast.device.type == "cpu" else "cuda"
     print(f"model {model.name}, {fast.card.img_size} px, {NUM_IMAGES} images, {device}, median of {args.repeats}")
-    print(f"  default  (precision {fast.precision}, {DEFAULT_SCHEDULER} {DEFAULT_STEPS} steps):        {default:6.2f} s click to gallery")
-    print(f"  original (fp32, contiguous, ddim 50 steps):                {baseline:6.2f} s click to gallery")
+    for label, seconds in (
+        (f"default  (precision {fast.precision}, {DEFAULT_SCHEDULER} {DEFAULT_STEPS} steps):", default),
+        ("original (fp32, contiguous, ddim 50 steps):", baseline),
+    ):
+        print(f"  {label:<48} {seconds:6.2f} s click to gallery")
     print(f"  speed-up: {baseline / default:.2f}x")
 
 
