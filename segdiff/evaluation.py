@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def sampler_for(model_type: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
     """(sampler, steps): the original's choice for `model_type` unless chosen.
 
-    A sampler other than the original's defaults to the pipeline's step count: DPM++ needs 12 steps where
+    A sampler other than the original's defaults to the pipeline's step count: DPM++ needs about a dozen where
     DDPM needed 1000.
     """
     original, original_steps = ORIGINAL_SAMPLERS[model_type]
