@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import get_args
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
 from segdiff.models import PRESETS
 from segdiff.pipeline import DEFAULT_STEPS, SCHEDULERS
+from segdiff.recipes import DEFAULT_RECIPE, RECIPES, BetaSchedule, Prediction, Weighting
 from segdiff.training import TrainConfig, run_name, train
 
 
@@ -163,8 +165,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="K class names, background first, for the model card (default: background, class 1, ...)",
     )
-    add("--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate")
-    add("--lr_warmup_steps", type=int, default=500, help="linear warm-up steps before the cosine decay")
+    add(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=sorted(RECIPES),
+        help="how the model learns: fast (v-prediction, min-SNR-5 loss weighting, cosine noise schedule, a "
+        "learning rate fit to --preset with 100 warm-up steps, EMA), measured by benchmarks/convergence.py "
+        "to follow the masks in a fraction of the steps; original: the original code's (epsilon, uniform "
+        "MSE, linear betas, 1e-4 after 500 warm-up steps, no EMA). The flags below override single parts",
+    )
+    add("--prediction_type", choices=get_args(Prediction), help="what the UNet predicts (default: the recipe's)")
+    add(
+        "--loss_weighting",
+        choices=get_args(Weighting),
+        help="uniform MSE, or min_snr: weights capped at --snr_gamma / SNR (Hang et al., 2023)",
+    )
+    add("--snr_gamma", type=float, help="the cap of --loss_weighting min_snr (default 5)")
+    add(
+        "--beta_schedule",
+        choices=get_args(BetaSchedule),
+        help="linear (the original) or squaredcos_cap_v2 (cosine, Nichol & Dhariwal 2021)",
+    )
+    add(
+        "--zero_terminal_snr",
+        action=argparse.BooleanOptionalAction,
+        help="rescale the betas so the last timestep is pure noise (Lin et al., 2024); needs v_prediction or sample",
+    )
+    add("--learning_rate", type=float, help="AdamW peak learning rate (default: the recipe's, by --preset)")
+    add("--lr_warmup_steps", type=int, help="linear warm-up steps before the cosine decay (default: the recipe's)")
     add(
         "--mixed_precision",
         choices=("no", "fp16", "bf16"),
@@ -173,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--ema",
-        action="store_true",
-        help="keep an exponential moving average of the weights (diffusers EMAModel) and save it as the model",
+        action=argparse.BooleanOptionalAction,
+        help="keep an exponential moving average of the weights (diffusers EMAModel) and save it as the model "
+        "(default: the recipe's)",
     )
     add(
         "--checkpointing_steps",
@@ -254,6 +283,12 @@ def train_config(args: argparse.Namespace, output_dir: str, command: str) -> Tra
         eval_batch_size=args.eval_batch_size,
         num_epochs=args.num_epochs,
         max_train_steps=args.max_train_steps,
+        recipe=args.recipe,
+        prediction_type=args.prediction_type,
+        loss_weighting=args.loss_weighting,
+        snr_gamma=args.snr_gamma,
+        beta_schedule=args.beta_schedule,
+        zero_terminal_snr=args.zero_terminal_snr,
         learning_rate=args.learning_rate,
         lr_warmup_steps=args.lr_warmup_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -1,8 +1,10 @@
 """Training on accelerate: one code path for a CPU, one GPU, many GPUs and many nodes.
 
-Epsilon-prediction MSE over 1000 DDPM timesteps with the encoded mask concatenated to the noisy image;
+An MSE diffusion loss over 1000 DDPM timesteps with the encoded mask concatenated to the noisy image;
 mask-ablated training removes each non-background class with probability 0.5, per example. AdamW with a
-cosine schedule after a linear warm-up, gradients clipped at 1.0, optional EMA weights, as the original.
+cosine schedule after a linear warm-up, gradients clipped at 1.0, as the original. What the UNet predicts,
+the loss weighting, the noise schedule, the learning rate and the EMA come from a `Recipe`
+(`segdiff.recipes`): `original` is the original code's, `fast` the measured default.
 
 Checkpoints hold the full state (model, EMA, optimizer, LR schedule, RNG, step) and are written to a
 temporary folder, then renamed, so a run killed at any moment resumes from the last complete one. Each
@@ -27,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -41,6 +42,7 @@ from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
 from .models import CARD_FILE, PRESETS, ModelCard, build_unet
 from .pipeline import SCHEDULERS, SegDiffPipeline
+from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -85,11 +87,17 @@ class TrainConfig:
     eval_batch_size: int = 8
     num_epochs: int = 200
     max_train_steps: int | None = None  # overrides num_epochs when set
-    learning_rate: float = 1e-4
-    lr_warmup_steps: int = 500
+    recipe: str = DEFAULT_RECIPE  # a name in segdiff.recipes.RECIPES; the fields below override its parts
+    prediction_type: str | None = None
+    loss_weighting: str | None = None
+    snr_gamma: float | None = None
+    beta_schedule: str | None = None
+    zero_terminal_snr: bool | None = None
+    learning_rate: float | None = None  # None: the recipe's (for `fast`, by preset)
+    lr_warmup_steps: int | None = None
+    ema: bool | None = None
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None  # None: what `accelerate launch`/`accelerate config` says, else fp32
-    ema: bool = False
     ablate: bool = False
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
@@ -125,6 +133,7 @@ class TrainConfig:
                     f"--num_segmentation_classes {self.num_classes}; give one per class, background first"
                 )
         choices = (
+            ("--recipe", self.recipe, RECIPES),
             ("--preset", self.preset, PRESETS),
             ("--mask_encoding", self.encoding, ("onehot", "original")),
             ("--model_type", self.model_type, ORIGINAL_SAMPLERS),
@@ -163,6 +172,21 @@ class TrainConfig:
                 check_range(flag, value, low, high)
         if self.resume and self.resume_epoch is not None:
             raise ConfigError("--resume and --resume_epoch: choose one (--resume continues the full state)")
+        self.training_recipe  # noqa: B018 - refuses contradictory recipe settings now, not mid-run
+
+    @property
+    def training_recipe(self) -> Recipe:
+        """The named recipe with this run's overrides."""
+        return RECIPES[self.recipe].with_overrides(
+            prediction_type=self.prediction_type,
+            loss_weighting=self.loss_weighting,
+            snr_gamma=self.snr_gamma,
+            beta_schedule=self.beta_schedule,
+            zero_terminal_snr=self.zero_terminal_snr,
+            learning_rate=self.learning_rate,
+            lr_warmup_steps=self.lr_warmup_steps,
+            ema=self.ema,
+        )
 
 
 @dataclass
@@ -185,6 +209,7 @@ def train(config: TrainConfig) -> Path:
     )
     _fast_backends(accelerator.device)
     set_seed(config.seed)
+    recipe = config.training_recipe
     card = _card(config)
     card.training.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
     palette = card.palette if card.guided else None
@@ -201,29 +226,17 @@ def train(config: TrainConfig) -> Path:
         pin_memory=accelerator.device.type == "cuda",
     )
     latest = latest_checkpoint(out) if config.resume else None
-    unet = _initial_unet(config, card, out, latest)
+    noise_scheduler = recipe.noise_scheduler(config.model_type)
+    unet = _initial_unet(config, card, noise_scheduler, out, latest)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    noise_scheduler = (DDIMScheduler if config.model_type == "DDIM" else DDPMScheduler)(
-        num_train_timesteps=1000
-    )
-    optimizer = _optimizer(unet, config.learning_rate, accelerator.device)
+    optimizer = _optimizer(unet, recipe.peak_learning_rate(config.preset), accelerator.device)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     lr_scheduler = get_cosine_schedule_with_warmup(
-        optimizer, config.lr_warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
+        optimizer, recipe.lr_warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
     )
-    ema = (
-        EMAModel(
-            unet.parameters(),
-            use_ema_warmup=True,
-            power=3 / 4,
-            model_cls=UNet2DModel,
-            model_config=unet.config,
-        )
-        if config.ema
-        else None
-    )
+    ema = recipe.ema_model(unet)
 
     state = TrainerState()
     if config.resume_epoch is not None:
@@ -282,7 +295,7 @@ def train(config: TrainConfig) -> Path:
         unet.train()
         for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             with accelerator.accumulate(unet):
-                loss = _loss(unet, noise_scheduler, batch, card, config.ablate, config.channels_last)
+                loss = _loss(unet, noise_scheduler, recipe, batch, card, config.ablate, config.channels_last)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -332,7 +345,9 @@ def train(config: TrainConfig) -> Path:
     return out
 
 
-def _loss(unet, noise_scheduler, batch, card: ModelCard, ablated: bool, channels_last: bool) -> torch.Tensor:
+def _loss(
+    unet, noise_scheduler, recipe: Recipe, batch, card: ModelCard, ablated: bool, channels_last: bool
+) -> torch.Tensor:
     images, masks = batch["image"], batch["mask"]  # (B, C, H, W) in [-1, 1], (B, H, W) int64
     if ablated:
         masks = ablate(masks, card.num_classes)
@@ -344,7 +359,7 @@ def _loss(unet, noise_scheduler, batch, card: ModelCard, ablated: bool, channels
     if channels_last:
         model_input = model_input.contiguous(memory_format=torch.channels_last)
     prediction = unet(model_input, t).sample
-    return F.mse_loss(prediction.float(), noise.float())
+    return recipe.loss(prediction, noise_scheduler, images, noise, t)
 
 
 def _optimizer(unet: torch.nn.Module, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
@@ -366,6 +381,9 @@ def _card(config: TrainConfig) -> ModelCard:
     names = (list(config.class_names) or list(Palette.default(config.num_classes).names)) if guided else []
     palette = Palette.default(config.num_classes, names) if guided else None
     flags = {k: v for k, v in asdict(config).items() if k not in ("command", "extra_card")}
+    recipe = config.training_recipe
+    recipe_card = {"name": config.recipe, **recipe.as_dict()}
+    recipe_card["learning_rate"] = recipe.peak_learning_rate(config.preset)
     return ModelCard(
         num_classes=config.num_classes if guided else 0,
         img_channels=config.img_channels,
@@ -378,6 +396,7 @@ def _card(config: TrainConfig) -> ModelCard:
             "command": config.command,
             "hardware": _hardware(),
             "flags": flags,
+            "recipe": recipe_card,
             **config.extra_card,
         },
     )
@@ -403,12 +422,33 @@ def _check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
             )
 
 
-def _initial_unet(config: TrainConfig, card: ModelCard, out: Path, latest: Path | None) -> UNet2DModel:
+def _check_same_schedule(folder: Path, noise_scheduler) -> None:
+    """Refuse to continue a model trained to another target or noise schedule than this run's recipe."""
+    saved = folder / "scheduler" / "scheduler_config.json"
+    if not saved.is_file():
+        return
+    old, new = json.loads(saved.read_text()), noise_scheduler.config
+    defaults = {"prediction_type": "epsilon", "beta_schedule": "linear", "rescale_betas_zero_snr": False}
+    for key, default in defaults.items():
+        if old.get(key, default) != new[key]:
+            raise ConfigError(
+                f"{folder}: its model was trained with {key}={old.get(key, default)}, this run's recipe "
+                f"uses {new[key]}; continue it with the same recipe (runs from before recipes existed, and "
+                "the original code's: --recipe original), or choose another --output_dir"
+            )
+
+
+def _initial_unet(
+    config: TrainConfig, card: ModelCard, noise_scheduler, out: Path, latest: Path | None
+) -> UNet2DModel:
     """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
     unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
     _check_same_model(out, unet, card)
+    if config.resume or config.resume_epoch is not None:
+        _check_same_schedule(out, noise_scheduler)
     if latest is not None:
         _check_same_model(latest, unet, card)
+        _check_same_schedule(latest, noise_scheduler)
     elif not config.resume and (old := latest_checkpoint(out)) is not None:
         raise ConfigError(
             f"{out}: holds {old.name} from an earlier run; pass --resume to continue it, or choose another "

@@ -88,7 +88,8 @@ def test_help_documents_every_original_and_new_flag():
     new = ["--output_dir", "--model_dir", "--preset", "--mask_encoding", "--learning_rate", "--lr_warmup_steps",
            "--mixed_precision", "--ema", "--checkpointing_steps", "--checkpoints_total_limit", "--resume", "--seed",
            "--sampler", "--num_inference_steps", "--class_names", "--dataloader_num_workers",
-           "--gradient_accumulation_steps", "--max_train_steps", "--eval_ablated_masks"]  # fmt: skip
+           "--gradient_accumulation_steps", "--max_train_steps", "--eval_ablated_masks", "--recipe",
+           "--prediction_type", "--loss_weighting", "--snr_gamma", "--beta_schedule", "--zero_terminal_snr"]  # fmt: skip
     for flag in original + new:
         assert f"{flag} " in text or f"{flag}\n" in text, flag
     for action in train_cli.build_parser()._actions:
@@ -103,7 +104,6 @@ def test_defaults_are_the_originals():
         "num_segmentation_classes": None, "train_batch_size": 32, "eval_batch_size": 8, "num_epochs": 200,
         "resume_epoch": None, "use_ablated_segmentations": False, "eval_noshuffle_dataloader": False,
         "eval_mask_removal": False, "eval_blank_mask": False, "eval_sample_size": 1000, "preset": "paper",
-        "learning_rate": 1e-4, "lr_warmup_steps": 500,
     }  # fmt: skip
     assert {key: args[key] for key in expected} == expected
 
