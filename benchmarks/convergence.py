@@ -39,7 +39,9 @@ FRACTIONS = (0.5, 0.8, 0.9)
 
 
 def parse_recipe(text: str) -> tuple[str, list[str]]:
-    """`lr=original,learning_rate=1e-3` -> ("lr", ["--recipe", "original", "--learning_rate", "1e-3"])."""
+    """`lr=original,learning_rate=1e-3` -> ("lr", ["--recipe", "original", "--learning_rate", "1e-3"]).
+
+    `max_train_steps=N` gives that recipe its own budget (its LR schedule ends there)."""
     name, _, spec = text.partition("=")
     recipe, *overrides = spec.split(",")
     flags = ["--recipe", recipe]
@@ -62,11 +64,16 @@ def train_command(args, flags: list[str], out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def budget(args, flags: list[str]) -> int:
+    """The recipe's own --max_train_steps where it sets one (the last flag wins, as in argparse)."""
+    given = [int(flags[i + 1]) for i, flag in enumerate(flags) if flag == "--max_train_steps"]
+    return given[-1] if given else args.steps
+
+
 def train_all(args, recipes: dict[str, list[str]], runs: Path) -> None:
     """Train every recipe to --steps (resuming), `--parallel` at a time with one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    pending = [(name, flags) for name, flags in recipes.items() if not (runs / name / "model_index.json").is_file()
-               or not (runs / name / f"checkpoint-{args.steps}").is_dir()]  # fmt: skip
+    pending = [(n, f) for n, f in recipes.items() if not (runs / n / f"checkpoint-{budget(args, f)}").is_dir()]
     while pending:
         wave, pending = pending[: args.parallel], pending[args.parallel :]
         procs = []

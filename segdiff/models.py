@@ -73,6 +73,9 @@ class ModelCard:
     colors: list[list[int]] = field(default_factory=list)
     preset: str | None = None
     training: dict = field(default_factory=dict)  # command, steps, time, hardware
+    # Where the training images came from, for the credit their licence asks: name, source, licence,
+    # citation, the changes made. Shown by the studio and kept with every copy of the model.
+    data: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)  # measured Dice and realism, from segdiff.evaluation
     segmenter: str | None = None  # sub-folder holding the Dice segmenter, when the model has one
 
