@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
-from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for, write_png
+from .evaluation import ORIGINAL_SAMPLERS, launched_processes, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
 from .models import CARD_FILE, PRESETS, ModelCard, build_unet
 from .pipeline import SCHEDULERS, SegDiffPipeline, clean_interrupted_saves
@@ -204,12 +204,21 @@ class EpochOrder(torch.utils.data.Sampler):
 def train(config: TrainConfig) -> Path:
     """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process)."""
     out = Path(config.output_dir)
+    launched = launched_processes()
     accelerator = Accelerator(
+        # Without a GPU, accelerate joins the processes of a launch (over gloo) only when told `cpu`; else
+        # each would train alone, all of them writing the same run folder.
+        cpu=launched > 1 and not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate joined none of them: "
+            "on CPUs launch with ACCELERATE_USE_CPU=1"
+        )
     if accelerator.num_processes > 1:  # one line per process: proof that all of them started
         print(
             f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}",
