@@ -94,7 +94,18 @@ class EvalConfig:
 
 def processes() -> PartialState:
     """This process's place among those a launch started (one when run directly), joined over gloo on CPUs."""
-    return PartialState(cpu=launched_processes() > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=launched_processes() > 1 and not torch.cuda.is_available())
+    announce(state)
+    return state
+
+
+def announce(state) -> None:
+    """One line from each process of a launch, saying which it is: proof that all of them started."""
+    if state.num_processes > 1:
+        print(
+            f"process {state.process_index} of {state.num_processes} on {state.device} (pid {os.getpid()})",
+            flush=True,
+        )
 
 
 def open_model(config: EvalConfig, state: PartialState | None = None) -> SegDiffPipeline:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
-from .evaluation import ORIGINAL_SAMPLERS, launched_processes, sample_grid, sampler_for, write_png
+from .evaluation import ORIGINAL_SAMPLERS, announce, launched_processes, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
 from .models import CARD_FILE, PRESETS, ModelCard, build_unet
 from .pipeline import SCHEDULERS, SegDiffPipeline, clean_interrupted_saves
@@ -219,11 +219,7 @@ def train(config: TrainConfig) -> Path:
             f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate joined none of them: "
             "on CPUs launch with ACCELERATE_USE_CPU=1"
         )
-    if accelerator.num_processes > 1:  # one line per process: proof that all of them started
-        print(
-            f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}",
-            flush=True,
-        )
+    announce(accelerator)
     _fast_backends(accelerator.device)
     set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
     card = _card(config)
