@@ -2,7 +2,10 @@
 
 These are the original code's `eval` and `eval_many` modes, made safe to interrupt: every file is written
 under a temporary name and renamed, and `sample_many` skips the files already there. The noise of each
-image depends only on (seed, mask index), so a resumed run writes the images an uninterrupted one would.
+image depends only on (seed, mask index), and images are drawn in fixed batches (the k-th run of
+`eval_batch_size` masks in the sampling order), so a resumed run, or one split over the processes of
+`accelerate launch`, writes the images an uninterrupted single process would, bit for bit on the same
+hardware. (Batches of another size may differ in the last bits: some kernels pick their algorithm by batch.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather
 from tqdm.auto import tqdm
 
 from .data import SegDataset
@@ -26,6 +31,11 @@ from .pipeline import DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
 ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def launched_processes() -> int:
+    """How many processes torchrun or `accelerate launch` started together (WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def sampler_for(model_type: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
@@ -82,8 +92,24 @@ class EvalConfig:
             )
 
 
-def open_model(config: EvalConfig) -> SegDiffPipeline:
-    """The model to sample from, checked against what the flags say it is."""
+def processes() -> PartialState:
+    """This process's place among those a launch started (one when run directly), joined over gloo on CPUs."""
+    state = PartialState(cpu=launched_processes() > 1 and not torch.cuda.is_available())
+    announce(state)
+    return state
+
+
+def announce(state) -> None:
+    """One line from each process of a launch, saying which it is: proof that all of them started."""
+    if state.num_processes > 1:
+        print(
+            f"process {state.process_index} of {state.num_processes} on {state.device} (pid {os.getpid()})",
+            flush=True,
+        )
+
+
+def open_model(config: EvalConfig, state: PartialState | None = None) -> SegDiffPipeline:
+    """The model to sample from, checked against what the flags say it is; on `state`'s device if launched."""
     path = Path(config.model_dir)
     if not path.is_dir():
         raise CheckpointError(
@@ -93,7 +119,7 @@ def open_model(config: EvalConfig) -> SegDiffPipeline:
     pipe = SegDiffPipeline.from_pretrained(
         path,
         num_classes=config.num_classes if guided else None,
-        device=config.device,
+        device=config.device or (state.device if state is not None and state.num_processes > 1 else None),
         precision=config.precision,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -118,38 +144,52 @@ def evaluate(config: EvalConfig) -> list[Path]:
     samples/eval_grid.png         rows: coloured masks, samples, real images (those given by `img_dir`)
     samples/eval_mask_removal.png per example, masks above samples as classes go one after another
     samples/eval_blank_mask.png   samples conditioned on all-background masks
+
+    Under `accelerate launch` the batches (grid, blank masks, each mask-removal state) are shared out
+    between the processes and the main process writes the figures; every process returns their paths.
     """
-    pipe = open_model(config)
+    state = processes()
+    pipe = open_model(config, state)
     sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
     folder = Path(config.output_dir) / "samples"
-    n = config.eval_batch_size
-    if not pipe.card.guided:
-        grid = sample_grid(pipe, n, sampler=sampler, steps=steps, seed=config.seed)
-        return [write_png(grid, folder / "eval_grid.png")]
-
-    test_set = _test_set(config, pipe.card, images=config.img_dir is not None)
-    picks = _order(len(test_set), config)[:n]
-    masks = torch.stack([test_set[i]["mask"] for i in picks])  # (B, H, W)
-    images = torch.stack([test_set[i]["image"] for i in picks]) if config.img_dir else None
-    grid = sample_grid(pipe, len(picks), masks, images, sampler=sampler, steps=steps, seed=config.seed)
-    written = [write_png(grid, folder / "eval_grid.png")]
-    if config.mask_removal:
-        grid = mask_removal_grid(pipe, masks, sampler=sampler, steps=steps, seed=config.seed)
-        written.append(write_png(grid, folder / "eval_mask_removal.png"))
-    if config.blank_mask:
-        blank = torch.zeros_like(masks)
-        grid = sample_grid(pipe, len(picks), blank, sampler=sampler, steps=steps, seed=config.seed)
-        written.append(write_png(grid, folder / "eval_blank_mask.png"))
-    return written
+    # file name -> the masks of its batches, (B, H, W) each; None for an unconditional model's grid
+    figures: dict[str, list[torch.Tensor] | None] = {"eval_grid.png": None}
+    masks = images = None
+    if pipe.card.guided:
+        test_set = _test_set(config, pipe.card, images=config.img_dir is not None)
+        picks = _order(len(test_set), config)[: config.eval_batch_size]
+        masks = torch.stack([test_set[i]["mask"] for i in picks])  # (B, H, W)
+        images = torch.stack([test_set[i]["image"] for i in picks]) if config.img_dir else None
+        figures["eval_grid.png"] = [masks]
+        if config.mask_removal:
+            figures["eval_mask_removal.png"] = removal_states(masks)
+        if config.blank_mask:
+            figures["eval_blank_mask.png"] = [torch.zeros_like(masks)]
+    n = config.eval_batch_size if masks is None else masks.shape[0]
+    batches = [batch for states in figures.values() for batch in (states or [None])]
+    samples = _sample_shared(state, pipe, batches, list(range(n)), sampler, steps, config.seed)
+    if state.is_main_process:
+        for name, states in figures.items():
+            batch = [samples.pop(0) for _ in states or [None]]
+            if name == "eval_mask_removal.png":
+                figure = removal_figure(pipe, states, batch)
+            else:
+                figure = grid_figure(pipe, batch[0], None if states is None else states[0], images)
+            write_png(figure, folder / name)
+    state.wait_for_everyone()
+    return [folder / name for name in figures]
 
 
 def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
     """The `eval_many` mode: N samples written one file each. -> (folder, files written, files skipped).
 
     Guided models draw one sample per test mask, at most N, named `condon_<mask file name>`; unconditional
-    ones draw N named `{i:04d}.png`. Files already present are skipped, so an interrupted run resumes.
+    ones draw N named `{i:04d}.png`. Files already present are skipped, so an interrupted run resumes: a
+    batch with any file missing is drawn whole again, so each image comes from the batch it always does.
+    Under `accelerate launch` the batches are shared out between the processes; each file is written once.
     """
-    pipe = open_model(config)
+    state = processes()
+    pipe = open_model(config, state)
     card = pipe.card
     sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
     folder = Path(config.output_dir) / f"samples_many_{config.eval_sample_size}"
@@ -161,11 +201,23 @@ def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
         test_set = None
         picks = list(range(config.eval_sample_size))
         names = [sample_name(None, i, card.img_channels) for i in picks]
-    todo = [(i, name) for i, name in zip(picks, names, strict=True) if not (folder / name).exists()]
+    jobs = list(zip(picks, names, strict=True))
+    batches = [
+        jobs[start : start + config.eval_batch_size] for start in range(0, len(jobs), config.eval_batch_size)
+    ]
+    missing = [{name for _, name in batch if not (folder / name).exists()} for batch in batches]
+    todo = [(batch, wanted) for batch, wanted in zip(batches, missing, strict=True) if wanted]
+    written = sum(len(wanted) for _, wanted in todo)
+    state.wait_for_everyone()  # all processes see the same files missing before any writes one
 
-    bar = tqdm(total=len(picks), initial=len(picks) - len(todo), unit="image", desc="eval_many")
-    for start in range(0, len(todo), config.eval_batch_size):
-        batch = todo[start : start + config.eval_batch_size]
+    mine = todo[state.process_index :: state.num_processes]
+    bar = tqdm(
+        total=sum(len(wanted) for _, wanted in mine),
+        unit="image",
+        desc="eval_many",
+        disable=not state.is_main_process,
+    )
+    for batch, wanted in mine:
         masks = None
         if test_set is not None:
             masks = torch.stack([test_set[i]["mask"] for i, _ in batch])  # (B, H, W)
@@ -178,10 +230,12 @@ def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
                 )
         images = _sample(pipe, masks, [i for i, _ in batch], sampler, steps, config.seed)
         for (_, name), image in zip(batch, images, strict=True):
-            write_sample(image, folder / name)
-        bar.update(len(batch))
+            if name in wanted:
+                write_sample(image, folder / name)
+        bar.update(len(wanted))
     bar.close()
-    return folder, len(todo), len(picks) - len(todo)
+    state.wait_for_everyone()
+    return folder, written, len(picks) - written
 
 
 # ---- figures --------------------------------------------------------------------------------------------
@@ -201,13 +255,19 @@ def sample_grid(
 
     masks (B, H, W) int64 with B = count; images (B, C, H, W) float in [-1, 1].
     """
-    samples = _sample(pipe, masks, list(range(count)), sampler, steps, seed)
+    return grid_figure(pipe, _sample(pipe, masks, list(range(count)), sampler, steps, seed), masks, images)
+
+
+def grid_figure(
+    pipe: SegDiffPipeline, samples: np.ndarray, masks: torch.Tensor | None, images: torch.Tensor | None
+) -> np.ndarray:
+    """`sample_grid`'s figure from its samples (B, H, W, C) float in [0, 1]. -> (H', W', 3) uint8."""
     rows = [to_rgb(samples)]
     if masks is not None:
         rows.insert(0, pipe.card.palette.to_rgb(masks.numpy()))
     if images is not None:
         rows.append(to_rgb((images.permute(0, 2, 3, 1).numpy() + 1) / 2))
-    return tile([cell for row in rows for cell in row], columns=count)
+    return tile([cell for row in rows for cell in row], columns=samples.shape[0])
 
 
 def mask_removal_grid(
@@ -219,12 +279,25 @@ def mask_removal_grid(
     example gets a row of masks with the samples below; every sample of a row starts from the same noise,
     so what changes along it is the conditioning alone. Colours come from the model card.
     """
-    present = [c for c in masks.unique().tolist() if c != 0]
+    states = removal_states(masks)
     indices = list(range(masks.shape[0]))
-    states = [omit_classes(masks, present[:k]) for k in range(len(present) + 1)]
-    samples = [_sample(pipe, state, indices, sampler, steps, seed) for state in states]
+    return removal_figure(
+        pipe, states, [_sample(pipe, state, indices, sampler, steps, seed) for state in states]
+    )
+
+
+def removal_states(masks: torch.Tensor) -> list[torch.Tensor]:
+    """`masks` (B, H, W), then with the classes present removed one after another, up to blank masks."""
+    present = [c for c in masks.unique().tolist() if c != 0]
+    return [omit_classes(masks, present[:k]) for k in range(len(present) + 1)]
+
+
+def removal_figure(
+    pipe: SegDiffPipeline, states: list[torch.Tensor], samples: list[np.ndarray]
+) -> np.ndarray:
+    """`mask_removal_grid`'s figure from each state's samples (B, H, W, C). -> (H', W', 3) uint8."""
     cells = []
-    for b in indices:
+    for b in range(states[0].shape[0]):
         cells += [pipe.card.palette.to_rgb(state[b].numpy()) for state in states]
         cells += list(to_rgb(np.stack([s[b] for s in samples])))
     return tile(cells, columns=len(states))
@@ -299,6 +372,29 @@ def _sample(pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed:
         num_inference_steps=steps,
         output_type="np",
     ).images
+
+
+def _sample_shared(
+    state: PartialState, pipe, batches: list, indices: Sequence[int], sampler: str, steps: int, seed: int
+) -> list[np.ndarray] | None:
+    """`_sample` of each batch of masks, the batches shared out between the processes of a launch.
+
+    -> on the main process the samples of every batch, in order ((B, H, W, C) each); None elsewhere.
+    """
+    if state.num_processes == 1:
+        return [_sample(pipe, masks, indices, sampler, steps, seed) for masks in batches]
+    per_process = -(-len(batches) // state.num_processes)
+    shape = (len(indices), pipe.card.img_size, pipe.card.img_size, pipe.card.img_channels)
+    mine = torch.zeros(per_process, *shape, device=state.device)  # padded so every process sends as many
+    for slot, masks in enumerate(batches[state.process_index :: state.num_processes]):
+        mine[slot] = torch.from_numpy(_sample(pipe, masks, indices, sampler, steps, seed))
+    everyone = gather(mine).cpu().numpy()  # (processes x per_process, B, H, W, C), by process
+    if not state.is_main_process:
+        return None
+    return [
+        everyone[(j % state.num_processes) * per_process + j // state.num_processes]
+        for j in range(len(batches))
+    ]
 
 
 def _test_set(config: EvalConfig, card: ModelCard, images: bool) -> SegDataset:

@@ -141,6 +141,7 @@ class SegDiffPipeline(DiffusionPipeline):
         """
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
+        clean_interrupted_saves(target)
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
         try:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
@@ -388,6 +389,21 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
         return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
+
+
+def clean_interrupted_saves(folder: str | os.PathLike) -> None:
+    """Undo what a save killed midway left in `folder`: `.saving-*` staging folders go, and a `.old-<name>`
+    that `swap_in` moved aside comes back where its replacement never arrived. One save at a time per folder.
+    """
+    folder = Path(folder)
+    for staging in folder.glob(".saving-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in folder.glob(".old-*"):
+        current = folder / old.name.removeprefix(".old-")
+        if current.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, current)
 
 
 def swap_in(new: Path, target: Path) -> None:

@@ -7,9 +7,16 @@ the loss weighting, the noise schedule, the learning rate and the EMA come from 
 (`segdiff.recipes`): `original` is the original code's, `fast` the measured default.
 
 Checkpoints hold the full state (model, EMA, optimizer, LR schedule, RNG, step) and are written to a
-temporary folder, then renamed, so a run killed at any moment resumes from the last complete one. Each
-`checkpoint-<step>` is also a model folder that `SegDiffPipeline.from_pretrained` opens (EMA weights when
-EMA is on); the EMA state lives there as safetensors, so resuming loads no pickled weights.
+temporary folder, then renamed, so a run killed at any moment resumes from the last complete one (or the
+one before, when the newest is damaged). Each `checkpoint-<step>` is also a model folder that
+`SegDiffPipeline.from_pretrained` opens (EMA weights when EMA is on); the EMA state lives there as
+safetensors, so resuming loads no pickled weights.
+
+Exact resumes: each epoch's order of examples is a function of (seed, epoch) alone, and no RNG draw depends
+on where a run started, so a run resumed mid-epoch trains on exactly the batches, noise and timesteps of an
+uninterrupted one. Under N processes (`accelerate launch`) the loader is sharded, steps are counted on the
+sharded loader, and each optimizer step sees the global batch N x --train_batch_size: epochs, steps, the LR
+schedule, grids, saves and checkpoints are those of one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # the exception only: nothing here unpickles
 
 import numpy as np
 import torch
@@ -34,14 +42,15 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
-from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for, write_png
+from .evaluation import ORIGINAL_SAMPLERS, announce, launched_processes, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
 from .models import CARD_FILE, PRESETS, ModelCard, build_unet
-from .pipeline import SCHEDULERS, SegDiffPipeline
+from .pipeline import SCHEDULERS, SegDiffPipeline, clean_interrupted_saves
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -198,17 +207,45 @@ class TrainerState:
     seconds: float = 0.0  # training time over all resumes
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """A shuffled order of `n` examples that is a function of (seed, epoch) alone; set `epoch` before each pass.
+
+    A sampler drawing from the global RNG would give a run resumed mid-epoch a new permutation, training
+    some examples twice and others not at all. Every process draws the same order; accelerate shards it.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed << 32) + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 def train(config: TrainConfig) -> Path:
-    """Train, checkpoint and save the model to `config.output_dir`; returns that folder."""
+    """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process)."""
     out = Path(config.output_dir)
+    launched = launched_processes()
     accelerator = Accelerator(
+        # Without a GPU, accelerate joins the processes of a launch (over gloo) only when told `cpu`; else
+        # each would train alone, all of them writing the same run folder.
+        cpu=launched > 1 and not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate joined none of them: "
+            "on CPUs launch with ACCELERATE_USE_CPU=1"
+        )
+    announce(accelerator)
     _fast_backends(accelerator.device)
-    set_seed(config.seed)
+    set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
     recipe = config.training_recipe
     card = _card(config)
     card.training.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
@@ -216,22 +253,28 @@ def train(config: TrainConfig) -> Path:
     data = (config.img_dir, config.seg_dir)
     train_set = SegDataset(*data, "train", config.img_size, config.img_channels, config.num_classes, palette)
     grid_set = _grid_set(config, palette)
+    order = EpochOrder(len(train_set), config.seed)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.train_batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > config.train_batch_size,
+        sampler=order,
+        # Partial batches only where the set is smaller than one global batch.
+        drop_last=len(train_set) > config.train_batch_size * accelerator.num_processes,
         num_workers=config.dataloader_num_workers,
         persistent_workers=config.dataloader_num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
+        # The loader draws a seed per pass; from the global RNG, a resumed run's draws would shift.
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    latest = latest_checkpoint(out) if config.resume else None
+    # Sharded across processes first: each process then runs len(loader) batches per epoch.
+    loader = accelerator.prepare(loader)
+    resuming = config.resume and latest_checkpoint(out) is not None
     noise_scheduler = recipe.noise_scheduler(config.model_type)
-    unet = _initial_unet(config, card, noise_scheduler, out, latest)
+    unet = _initial_unet(config, card, noise_scheduler, out)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = _optimizer(unet, recipe.peak_learning_rate(config.preset), accelerator.device)
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)  # per process
     total_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     lr_scheduler = get_cosine_schedule_with_warmup(
         optimizer, recipe.lr_warmup_steps * accelerator.num_processes, total_steps * accelerator.num_processes
@@ -245,14 +288,16 @@ def train(config: TrainConfig) -> Path:
             warnings.simplefilter("ignore")
             for _ in range(state.step * accelerator.num_processes):
                 lr_scheduler.step()  # the original restarted the LR schedule; we continue it
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    if latest is not None:
-        state = _load_checkpoint(accelerator, latest, ema)
+    latest = None
+    if resuming:
+        latest, state = _resume(accelerator, out, unet, ema, card)
     if accelerator.is_main_process:
         for stale in out.glob(".tmp-checkpoint-*"):  # from a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
+        clean_interrupted_saves(out)
         accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items() if _scalar(v)})
     if latest is not None:
         accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
@@ -292,6 +337,7 @@ def train(config: TrainConfig) -> Path:
     while state.step < total_steps:
         epoch = state.step // steps_per_epoch
         done_in_epoch = (state.step % steps_per_epoch) * config.gradient_accumulation_steps
+        order.epoch = epoch  # this epoch's permutation; a resumed run then skips the batches done
         unet.train()
         for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             with accelerator.accumulate(unet):
@@ -341,6 +387,7 @@ def train(config: TrainConfig) -> Path:
         save_grid(epochs_done)
         card.training["finished"] = True
         save_model(epochs_done, state.seconds)
+    accelerator.wait_for_everyone()  # every process returns once the model is saved
     accelerator.end_training()
     return out
 
@@ -438,18 +485,15 @@ def _check_same_schedule(folder: Path, noise_scheduler) -> None:
             )
 
 
-def _initial_unet(
-    config: TrainConfig, card: ModelCard, noise_scheduler, out: Path, latest: Path | None
-) -> UNet2DModel:
+def _initial_unet(config: TrainConfig, card: ModelCard, noise_scheduler, out: Path) -> UNet2DModel:
     """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
     unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
     _check_same_model(out, unet, card)
     if config.resume or config.resume_epoch is not None:
-        _check_same_schedule(out, noise_scheduler)
-    if latest is not None:
-        _check_same_model(latest, unet, card)
-        _check_same_schedule(latest, noise_scheduler)
-    elif not config.resume and (old := latest_checkpoint(out)) is not None:
+        for folder in (out, latest_checkpoint(out)):
+            if folder is not None:
+                _check_same_schedule(folder, noise_scheduler)
+    if not config.resume and (old := latest_checkpoint(out)) is not None:
         raise ConfigError(
             f"{out}: holds {old.name} from an earlier run; pass --resume to continue it, or choose another "
             "--output_dir (a new run here would prune that run's checkpoints)"
@@ -483,7 +527,8 @@ def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
     """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise."""
     model = accelerator.unwrap_model(unet)
     if ema is not None:
-        model = UNet2DModel.from_config(model.config).to(accelerator.device)
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the training RNG
+            model = UNet2DModel.from_config(model.config).to(accelerator.device)
         ema.copy_to(model.parameters())
     pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card)
     pipe.set_progress_bar_config(disable=True)
@@ -524,9 +569,12 @@ def save_checkpoint(
     `pipeline` (main process only) builds the model as it is saved: its unet/ holds the EMA weights when
     EMA is on, which is also where resuming reads the EMA state from.
     """
+    # Every process writes into this folder (its RNG state), so the path follows from the step alone and
+    # the folder exists before any process writes.
     final, tmp = out / f"checkpoint-{state.step}", out / f".tmp-checkpoint-{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -542,21 +590,74 @@ def save_checkpoint(
     return final
 
 
-def _load_checkpoint(accelerator: Accelerator, folder: Path, ema: EMAModel | None) -> TrainerState:
-    """Restore what `save_checkpoint` wrote, after `accelerator.prepare`.
+def _resume(
+    accelerator: Accelerator, out: Path, unet, ema: EMAModel | None, card: ModelCard
+) -> tuple[Path, TrainerState]:
+    """Restore the newest checkpoint that loads on every process, newest first. -> (its folder, state).
+
+    A damaged one (a truncated or garbled file) is named and skipped for the one before it; processes
+    agree on each verdict, so all of them resume from the same step.
+    """
+    found = sorted(
+        ((int(m[1]), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    damaged = []
+    for _, folder in found:
+        try:
+            state = _load_checkpoint(accelerator, folder, unet, ema, card)
+        except _Damaged as e:
+            state, reason = None, str(e)
+        loaded = torch.tensor([state is not None], device=accelerator.device)
+        if accelerator.gather(loaded).all():
+            for reason in damaged:
+                accelerator.print(f"warning: {reason}; resumed from {folder.name} instead")
+            return folder, state
+        damaged.append(reason if state is None else f"{folder}: damaged on another process")
+    raise CheckpointError(
+        f"--resume: no checkpoint in {out} can be loaded ({'; '.join(damaged)}); remove the damaged "
+        "checkpoint folders to start over"
+    )
+
+
+class _Damaged(CheckpointError):
+    """A checkpoint whose files cannot be read; an older one may still be."""
+
+
+# What reading a truncated or garbled checkpoint raises, from json, safetensors, torch and accelerate.
+_UNREADABLE = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    EOFError,
+    SafetensorError,
+    UnpicklingError,
+)
+
+
+def _load_checkpoint(
+    accelerator: Accelerator, folder: Path, unet, ema: EMAModel | None, card: ModelCard
+) -> TrainerState:
+    """Restore what `save_checkpoint` wrote, after `accelerator.prepare`. Raises `_Damaged` for unreadable
+    files, CheckpointError for a model of another shape.
 
     accelerate reads the model from safetensors and the optimizer, LR schedule and RNG states with
     weights-only unpickling; the EMA weights come from the checkpoint's unet/ (safetensors).
     """
     try:
         state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+        _check_same_model(folder, accelerator.unwrap_model(unet), card)
         accelerator.load_state(str(folder))
         if ema is not None:
             ema_unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
             ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_unet.parameters()]
             ema.optimization_step = state.ema_step
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({e})") from e
+    except CheckpointError:
+        raise
+    except _UNREADABLE as e:
+        raise _Damaged(f"{folder}: damaged checkpoint, cannot resume from it ({e})") from e
     return state
 
 

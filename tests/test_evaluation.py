@@ -114,6 +114,31 @@ def test_sample_many_names_counts_and_resumes_by_skipping(tmp_path, data):
     assert sample_many(eval_config(model, tmp_path / "run", data, eval_sample_size=100))[1] == 5
 
 
+def test_a_rerun_draws_each_missing_image_in_the_batch_it_was_first_drawn_in(tmp_path, data, monkeypatch):
+    # Kernels may pick their algorithm by batch size, so an image drawn in a smaller batch could differ in
+    # its last bits: a rerun must sample the missing image among the same neighbours as the first run.
+    import segdiff.evaluation as evaluation
+
+    drawn = []
+    sample = evaluation._sample
+    monkeypatch.setattr(evaluation, "_sample", lambda *a: drawn.append(list(a[2])) or sample(*a))
+    cfg = eval_config(tiny_model(tmp_path / "model"), tmp_path / "run", data, eval_sample_size=5)
+    folder, _, _ = sample_many(cfg)
+    first = drawn[:]
+    assert [len(b) for b in first] == [2, 2, 1]
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+    drawn.clear()
+    lost = f"condon_test_{first[1][1]:03d}.png"  # the second image of the second batch
+    os.remove(folder / lost)
+    assert sample_many(cfg)[1:] == (1, 4)
+    assert drawn == [first[1]]  # that whole batch again, nothing else
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    assert after[lost][0] == before[lost][0]  # the same image, bit for bit
+    del after[lost], before[lost]
+    assert after == before  # its neighbour was drawn again but not rewritten
+
+
 def test_unconditional_sample_many_numbers_its_files(tmp_path, data):
     model = tiny_model(tmp_path / "model", num_classes=0)
     folder, _, _ = sample_many(eval_config(model, tmp_path / "run", data, seg_dir=None, eval_sample_size=3))

@@ -211,3 +211,51 @@ def test_resume_epoch_reloads_the_saved_weights_and_counts_on(tmp_path, data):
     train(config(out, data, num_epochs=2, resume_epoch=1, checkpointing_steps=100))
     assert steps_logged(out) == [1, 2, 3, 4]
     assert json.loads((out / "segdiff_card.json").read_text())["training"]["steps"] == 4
+
+
+# ---- exact resumes ------------------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_trains_exactly_the_uninterrupted_run(tmp_path, data):
+    # 8 examples, batch 2: 4 steps an epoch. A copy of checkpoint-3 is a run killed after 3 of 4 batches.
+    settings = dict(train_batch_size=2, checkpointing_steps=3, checkpoints_total_limit=None, ema=True, ablate=True)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(config(full, data, **settings))
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    train(config(resumed, data, resume=True, **settings))
+    assert steps_logged(resumed) == [4, 5, 6, 7, 8]
+    for name in ("checkpoint-8/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):  # raw, EMA
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, data, capsys, damaged):
+    out = tmp_path / "run"
+    settings = dict(max_train_steps=4, checkpoints_total_limit=None, ema=True)
+    train(config(out, data, **settings))
+    path = out / "checkpoint-4" / damaged
+    path.write_bytes(path.read_bytes()[:100])  # a kill or a full disk mid-write
+    capsys.readouterr()
+    train(config(out, data, resume=True, **settings))
+    printed = capsys.readouterr().out
+    assert f"{out / 'checkpoint-4'}: damaged checkpoint" in printed and "resumed from checkpoint-2" in printed
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert SegDiffPipeline.from_pretrained(out / "checkpoint-4", device="cpu").card.training["steps"] == 4
+
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):  # nothing loadable left: one error naming both
+        (out / checkpoint / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError, match="checkpoint-4: damaged.*checkpoint-2: damaged"):
+        train(config(out, data, resume=True, **settings))
+
+
+def test_a_save_killed_midway_leaves_nothing_behind_at_the_next_start(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, max_train_steps=2))
+    # What SIGKILL leaves mid-save: a staging folder, and unet/ moved aside with its successor not yet in.
+    (out / ".saving-x1y2" / "unet").mkdir(parents=True)
+    (out / "unet").rename(out / ".old-unet")
+    (out / ".old-scheduler").mkdir()
+    train(config(out, data, max_train_steps=3, resume=True))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert SegDiffPipeline.from_pretrained(out, device="cpu").card.training["steps"] == 3
