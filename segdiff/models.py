@@ -75,7 +75,7 @@ class ModelCard:
     training: dict = field(default_factory=dict)  # command, steps, time, hardware
     # Where the training images came from, for the credit their licence asks: name, source, licence,
     # citation, the changes made. Shown by the studio and kept with every copy of the model.
-    data: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)  # measured Dice and realism, from segdiff.evaluation
     segmenter: str | None = None  # sub-folder holding the Dice segmenter, when the model has one
 

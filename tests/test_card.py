@@ -18,16 +18,16 @@ CREDIT = {
 
 def test_a_saved_model_keeps_its_data_credit_and_classes(tmp_path):
     card = ModelCard(num_classes=3, img_channels=1, img_size=16, class_names=["background", "pubic symphysis",
-                     "fetal head"], colors=[[0, 0, 0], [1, 2, 3], [4, 5, 6]], data=CREDIT)  # fmt: skip
+                     "fetal head"], colors=[[0, 0, 0], [1, 2, 3], [4, 5, 6]], dataset=CREDIT)  # fmt: skip
     SegDiffPipeline(build_unet("tiny", 16, 1, card.cond_channels), DDPMScheduler(), card).save_pretrained(tmp_path)
     reopened = SegDiffPipeline.from_pretrained(tmp_path, device="cpu").card
     assert asdict(reopened) == asdict(card)
-    assert reopened.data["license"].startswith("CC BY 4.0") and reopened.palette.hex(2) == "#040506"
+    assert reopened.dataset["license"].startswith("CC BY 4.0") and reopened.palette.hex(2) == "#040506"
 
 
 def test_cards_written_before_the_credit_field_still_open(tmp_path):
     card = ModelCard(num_classes=2, img_channels=1, img_size=16)
     card.save(tmp_path)
-    text = (tmp_path / "segdiff_card.json").read_text().replace('"data": {},', "")
+    text = (tmp_path / "segdiff_card.json").read_text().replace("\"dataset\": {},", "")
     (tmp_path / "segdiff_card.json").write_text(text)
-    assert "data" not in text and ModelCard.load(tmp_path).data == {}
+    assert "dataset" not in text and ModelCard.load(tmp_path).dataset == {}
