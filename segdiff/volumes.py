@@ -156,7 +156,7 @@ def _data(image: nib.Nifti1Image, path: Path, labels: bool = False) -> np.ndarra
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data) | (data != np.round(data))
         if bad.any():
-            raise VolumeError(f"{path}: label value {data[bad].flat[0]!r}, expected integer label ids")
+            raise VolumeError(f"{path}: label value {data[bad].flat[0]:g}, expected integer label ids")
     if data.min() < 0:
         raise VolumeError(f"{path}: label value {data.min()}, expected label ids >= 0")
     return data.astype(np.int64)
