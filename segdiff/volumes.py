@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import zlib
 from dataclasses import asdict, dataclass
@@ -332,6 +333,18 @@ def _write_json(path: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def _grid(case: str, image_path: Path, label_path: Path) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Image and label volumes of one case, checked to share one voxel grid, reoriented to RAS+."""
+    image, label = read_volume(image_path), read_volume(label_path)
+    for what, a, b in (("shape", image.shape, label.shape), ("affine", image.affine, label.affine)):
+        if np.shape(a) != np.shape(b) or not np.allclose(a, b, atol=1e-3):  # mm: float32 headers round
+            raise VolumeError(
+                f"case {case}: {image_path} and {label_path} differ in {what} "
+                f"({np.round(a, 3).tolist()} vs {np.round(b, 3).tolist()}); expected one voxel grid"
+            )
+    return nib.as_closest_canonical(image), nib.as_closest_canonical(label)
+
+
 def convert(
     out_dir: str | os.PathLike,
     images: str | os.PathLike,
@@ -352,63 +365,63 @@ def convert(
     Layout: `img/<split>/CASE_z042.png` (8-bit greyscale), `mask/all/<split>/<same name>` (class ids),
     `classes.json` (class names and the conversion settings) and `split.json` (cases and slices per split).
     `window` (level, width) in HU maps CT intensities; None normalises each volume to its percentiles.
+    Everything is written to a hidden folder beside `out_dir` and renamed at the end: a failed run leaves
+    nothing half-converted.
     """
     if axis not in AXES:
         raise VolumeError(f"--axis {axis}: expected one of {', '.join(AXES)}")
     if not 8 <= size <= 4096:
         raise VolumeError(f"--size {size}: expected 8..4096 px")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VolumeError(f"{out} already exists and is not an empty folder, expected a new or empty one")
     pairs = pair_volumes(images, labels)
     kept = parse_classes(classes, label_names(labels, names_file))
     splits = split_cases([case for case, _, _ in pairs], split, seed)
-    out = Path(out_dir)
-    folders = {s: (out / "img" / s, out / "mask" / "all" / s) for s in SPLITS}
-    for folder in (f for pair in folders.values() for f in pair):
-        if folder.is_dir() and any(folder.iterdir()):
-            raise VolumeError(f"{folder} already holds files, expected an empty or new folder")
-        folder.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    for s in SPLITS:
+        (staging / "img" / s).mkdir(parents=True)
+        (staging / "mask" / "all" / s).mkdir(parents=True)
 
     where = {case: s for s, cases in splits.items() for case in cases}
-    per_case, letter = {}, "xyz"[AXES[axis]]
-    for case, image_path, label_path in tqdm(pairs, desc="convert", unit="volume", disable=not progress):
-        image, label = read_volume(image_path), read_volume(label_path)
-        for what, a, b in (("shape", image.shape, label.shape), ("affine", image.affine, label.affine)):
-            if np.shape(a) != np.shape(b) or not np.allclose(a, b, atol=1e-3):  # mm: float32 headers round
-                raise VolumeError(
-                    f"case {case}: {image_path} and {label_path} differ in {what} "
-                    f"({np.round(a, 3).tolist()} vs {np.round(b, 3).tolist()}); expected one voxel grid"
-                )
-        image, label = nib.as_closest_canonical(image), nib.as_closest_canonical(label)
-        volume, mask = _data(image, image_path), map_labels(_data(label, label_path, labels=True), kept)
-        value_range = intensity_range(volume, window)
-        spacing, img_dir, mask_dir = _spacing(image, AXES[axis]), *folders[where[case]]
-        written = 0
-        for index in range(volume.shape[AXES[axis]]):
-            mask_slice = to_slice(mask, AXES[axis], index)
-            if not keep_empty and not mask_slice.any():
-                continue
-            pixels = fit(to_pixels(to_slice(volume, AXES[axis], index), value_range), spacing, size, False)
-            name = f"{case}_{letter}{index:03d}.png"
-            write_png(np.round(pixels).astype(np.uint8), img_dir / name)
-            write_png(fit(mask_slice, spacing, size, nearest=True), mask_dir / name)
-            written += 1
-        per_case[case] = {"split": where[case], "slices": written, "intensity_range": list(value_range)}
+    along, per_case = AXES[axis], {}
+    try:
+        for case, image_path, label_path in tqdm(pairs, desc="convert", unit="volume", disable=not progress):
+            image, label = _grid(case, image_path, label_path)
+            volume, mask = _data(image, image_path), map_labels(_data(label, label_path, labels=True), kept)
+            value_range, spacing = intensity_range(volume, window), _spacing(image, along)
+            written = 0
+            for index in range(volume.shape[along]):
+                mask_slice = to_slice(mask, along, index)
+                if not keep_empty and not mask_slice.any():
+                    continue
+                pixels = fit(to_pixels(to_slice(volume, along, index), value_range), spacing, size, False)
+                name = f"{where[case]}/{case}_{'xyz'[along]}{index:03d}.png"
+                write_png(np.round(pixels).astype(np.uint8), staging / "img" / name)
+                write_png(fit(mask_slice, spacing, size, nearest=True), staging / "mask" / "all" / name)
+                written += 1
+            per_case[case] = {"split": where[case], "slices": written, "intensity_range": list(value_range)}
 
-    training = [per_case[c]["intensity_range"] for c in splits["train"]] or [
-        v["intensity_range"] for v in per_case.values()
-    ]
-    conversion = Conversion(kept, axis, size, window, tuple(float(v) for v in np.median(training, axis=0)))
-    info = {"source": "segdiff.volumes", "class_names": conversion.class_names,
-            "num_classes": len(conversion.class_names), "conversion": conversion.to_json()}
-    _write_json(out / "classes.json", info)
-    record = {
-        "class_names": conversion.class_names,
-        "settings": {"images": str(images), "labels": str(labels), "split": list(split), "seed": seed,
-                     "keep_empty": keep_empty, **conversion.to_json()},
-        "cases": splits,
-        "slices": {s: sum(v["slices"] for v in per_case.values() if v["split"] == s) for s in SPLITS},
-        "per_case": per_case,
-    }
-    _write_json(out / "split.json", record)
+        # Percentile models map back to the typical range of the volumes they were trained on.
+        ranges = [per_case[c]["intensity_range"] for c in splits["train"] or per_case]
+        conversion = Conversion(kept, axis, size, window, tuple(float(v) for v in np.median(ranges, axis=0)))
+        info = {"source": "segdiff.volumes", "class_names": conversion.class_names,
+                "num_classes": len(conversion.class_names), "conversion": conversion.to_json()}  # fmt: skip
+        record = {
+            "class_names": conversion.class_names,
+            "settings": {"images": str(images), "labels": str(labels), "split": list(split), "seed": seed,
+                         "keep_empty": keep_empty, **conversion.to_json()},
+            "cases": splits,
+            "slices": {s: sum(v["slices"] for v in per_case.values() if v["split"] == s) for s in SPLITS},
+            "per_case": per_case,
+        }
+        _write_json(staging / "classes.json", info)
+        _write_json(staging / "split.json", record)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
@@ -440,11 +453,8 @@ def slice_noise(count: int, shape: tuple[int, ...], seed: int, independent: bool
         return torch.randn((count, *shape), generator=generator)
     anchors = torch.randn((count // _NOISE_SPAN + 2, *shape), generator=generator)
     k = torch.arange(count)
-    angle = (k % _NOISE_SPAN).float() / _NOISE_SPAN * (torch.pi / 2)
-    expand = (-1,) + (1,) * len(shape)
-    return anchors[k // _NOISE_SPAN] * angle.cos().view(expand) + anchors[k // _NOISE_SPAN + 1] * angle.sin().view(
-        expand
-    )
+    angle = ((k % _NOISE_SPAN).float() / _NOISE_SPAN * (torch.pi / 2)).view(-1, *(1,) * len(shape))
+    return anchors[k // _NOISE_SPAN] * angle.cos() + anchors[k // _NOISE_SPAN + 1] * angle.sin()
 
 
 def synthesize(
@@ -471,13 +481,17 @@ def synthesize(
         raise VolumeError(f"{out}: expected a .nii or .nii.gz file name")
     if batch_size < 1 or steps < 1:
         raise VolumeError(f"--batch_size {batch_size}, --steps {steps}: expected both >= 1")
+    if out.resolve() == Path(labels).resolve():
+        raise VolumeError(f"{out}: the label volume itself; expected a new file name for the synthetic volume")
     pipe = SegDiffPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     conversion = recorded_conversion(pipe, data, str(model))
     kept = parse_classes(classes, label_names(labels, names_file)) if classes else conversion.classes
-    if len(kept) + 1 != pipe.card.num_classes:
-        raise VolumeError(f"--classes gives {len(kept) + 1} classes (background included), the model "
-                          f"{model} takes {pipe.card.num_classes}")
+    if len(kept) + 1 != pipe.card.num_classes or pipe.card.img_channels != 1:
+        raise VolumeError(
+            f"{model}: a model of {pipe.card.num_classes} classes and {pipe.card.img_channels} image channels; "
+            f"expected {len(kept) + 1} classes ({', '.join(c.name for c in kept)} and background) and 1 channel"
+        )
     original = read_volume(Path(labels))
     label_image = nib.as_closest_canonical(original)
     mask = map_labels(_data(label_image, Path(labels), labels=True), kept)
@@ -503,7 +517,7 @@ def synthesize(
 
     # Back from RAS+ to the label file's own axes, so its affine and header describe the result.
     back = ornt_transform(axcodes2ornt("RAS"), io_orientation(original.affine))
-    volume = apply_orientation(result, back).astype(np.float32).reshape(original.shape)
+    volume = apply_orientation(result, back).astype(np.float32)
     header = original.header.copy()
     header.set_data_dtype(np.float32)
     written = type(original)(volume, original.affine, header)
@@ -574,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
                               names_file=args.label_names, data=args.data, seed=args.seed, steps=args.steps,
                               batch_size=args.batch_size, independent_noise=args.independent_noise,
                               progress=True)
-            unit = "HU" if info["window"] else "normalised units"
+            unit = "HU" if info["window"] else "(the training volumes' median percentile range)"
             print(f"wrote {info['path']}: shape {info['shape']}, {info['drawn']} of {info['slices']} slices drawn, "
                   f"intensities {info['intensity_range'][0]:g}..{info['intensity_range'][1]:g} {unit}")
     except SegdiffError as e:

@@ -157,6 +157,9 @@ def damage(root, what):
         save(np.stack([ct, ct], -1), images / "case1_0000.nii.gz")
     elif what == "unreadable":
         (images / "case1_0000.nii.gz").write_bytes(b"not a volume")
+    elif what == "output":
+        (root.parent / "out").mkdir()
+        (root.parent / "out" / "notes.txt").write_text("kept")
 
 
 ERRORS = [
@@ -168,6 +171,8 @@ ERRORS = [
     ("unreadable", [], "case1_0000.nii.gz: cannot read the NIfTI volume"),
     (None, ["--classes", "liver,pancreas"], "unknown label 'pancreas'; known names: background, spleen"),
     (None, ["--window", "wide"], "--window wide: expected one of abdomen"),
+    (None, ["--window", "bone", "--normalize", "percentile"], "--window and --normalize: choose one"),
+    ("output", [], "out already exists and is not an empty folder"),
 ]
 
 
@@ -178,6 +183,8 @@ def test_bad_volumes_exit_2_naming_the_file(nnunet, tmp_path, capsys, what, flag
         run_convert(nnunet, tmp_path / "out", *(flags or ["--classes", "liver"]), "--size", "16")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and err.startswith("error: ") and message in err, err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == (["Dataset001", "out"] if what == "output" else ["Dataset001"])  # nothing half-written
 
 
 def test_neighbouring_slices_share_noise_unless_asked_not_to():
@@ -225,3 +232,18 @@ def test_a_class_count_other_than_classes_json_is_refused(nnunet, tmp_path, caps
                            "--preset", "tiny", "--output_dir", str(tmp_path / "model")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "classes.json: names 2 classes (background, liver)" in err
+
+
+def test_synthesize_takes_the_settings_from_the_data_when_the_model_lacks_them(nnunet, tmp_path, tiny_model_dir,
+                                                                                 capsys):
+    labels, out = nnunet / "labelsTr" / "case0.nii.gz", tmp_path / "synthetic.nii"
+    with pytest.raises(SystemExit) as stop:
+        main(["synthesize", str(tiny_model_dir), str(labels), str(out)])
+    assert stop.value.code == 2 and "no conversion settings" in capsys.readouterr().err and not out.exists()
+    run_convert(nnunet, tmp_path / "data", "--classes", "liver,spleen,kidneys=kidney_left+kidney_right",
+                "--normalize", "percentile", "--size", "16")  # fmt: skip
+    main(["synthesize", str(tiny_model_dir), str(labels), str(out), "--data", str(tmp_path / "data"),
+          "--steps", "1", "--independent-noise"])  # fmt: skip
+    volume = nib.load(out).get_fdata()
+    # percentile settings: pixels map back to the training volumes' 0.5-99.5 percentile range (air..marker)
+    assert volume.shape == SHAPE and volume.min() >= AIR and volume.max() <= MARKER and volume.max() > 240
