@@ -247,8 +247,8 @@ def from_slice(image: np.ndarray) -> np.ndarray:
     return image[::-1, ::-1].T
 
 
-def _spacing(image: nib.Nifti1Image, axis: int) -> np.ndarray:
-    """(row, column) voxel spacing in mm of the slices `to_slice` cuts across `axis`."""
+def slice_spacing(image: nib.Nifti1Image, axis: int) -> np.ndarray:
+    """(row, column) voxel spacing in mm of the slices `to_slice` cuts across `axis` of a RAS+ image."""
     first, second = (a for a in range(3) if a != axis)
     sizes = nib.affines.voxel_sizes(image.affine)
     return np.array([sizes[second], sizes[first]])
@@ -389,7 +389,7 @@ def convert(
         for case, image_path, label_path in tqdm(pairs, desc="convert", unit="volume", disable=not progress):
             image, label = _grid(case, image_path, label_path)
             volume, mask = _data(image, image_path), map_labels(_data(label, label_path, labels=True), kept)
-            value_range, spacing = intensity_range(volume, window), _spacing(image, along)
+            value_range, spacing = intensity_range(volume, window), slice_spacing(image, along)
             written = 0
             for index in range(volume.shape[along]):
                 mask_slice = to_slice(mask, along, index)
@@ -496,7 +496,7 @@ def synthesize(
     label_image = nib.as_closest_canonical(original)
     mask = map_labels(_data(label_image, Path(labels), labels=True), kept)
     axis, size = AXES[conversion.axis], pipe.card.img_size
-    spacing, (low, high) = _spacing(label_image, axis), conversion.intensity_range
+    spacing, (low, high) = slice_spacing(label_image, axis), conversion.intensity_range
     drawn = [k for k in range(mask.shape[axis]) if np.take(mask, k, axis=axis).any()]
     noise = slice_noise(mask.shape[axis], (pipe.card.img_channels, size, size), seed, independent_noise)
 
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
                              names_file=args.label_names, axis=args.axis,
                              window=parse_window(args.window) if args.window else None, size=args.size,
                              keep_empty=args.keep_empty, split=args.split, seed=args.seed, progress=True)
-            counts = ", ".join(f"{s} {record['slices'][s]} slices ({len(record['cases'][s])} cases)" for s in SPLITS)
+            counts = ", ".join(f"{s} {record['slices'][s]} slices ({len(record['cases'][s])} case(s))" for s in SPLITS)
             print(f"wrote {counts} to {args.out_dir}; classes: {', '.join(record['class_names'])}")
         else:
             info = synthesize(args.model, args.labels, args.out, classes=args.classes,
