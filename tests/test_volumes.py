@@ -16,7 +16,7 @@ from PIL import Image
 
 import train_cli
 from segdiff import SegDiffPipeline
-from segdiff.volumes import main, slice_noise
+from segdiff.volumes import label_names, main, slice_noise
 
 # World x = 10 - 2 j (2 mm, to the left), y = 5 - 1.5 i (1.5 mm, posterior), z = 20 - 3 k (3 mm, inferior).
 AFFINE = np.array([[0, -2.0, 0, 10], [-1.5, 0, 0, 5], [0, 0, -3.0, 20], [0, 0, 0, 1]])
@@ -86,6 +86,16 @@ def test_slices_are_read_as_radiologists_read_them(nnunet, tmp_path):
     assert image.shape == (20, 20) and (np.ptp(rows) + 1, np.ptp(cols) + 1) == (15, 16)
 
 
+def test_coronal_slices_have_superior_up(nnunet, tmp_path):
+    record = run_convert(nnunet, tmp_path / "out", "--classes", "liver,stomach", "--axis", "coronal",
+                         "--size", "24", "--split", "1,0,0")  # fmt: skip
+    assert record["slices"]["train"] == 4 * 5  # the liver's five coronal (stored i = 4..8) slices per case
+    mask = png(tmp_path / "out" / "mask" / "all" / "train" / "case0_y005.png")  # stored i = 6: both organs
+    (liver_rows, liver_cols), (stomach_rows, stomach_cols) = np.nonzero(mask == 1), np.nonzero(mask == 2)
+    assert stomach_rows.min() > liver_rows.max()  # the stomach's slice is inferior to the liver's: lower
+    assert liver_cols.mean() < stomach_cols.mean()  # the liver on the patient's right: the image's left
+
+
 def at(image: np.ndarray, i: int, j: int) -> int:
     """The pixel at the centre of stored voxel (i, j) on a 40 px slice: 4 px per voxel across (2 mm at
     2 px/mm), 3 px down (1.5 mm), below 2 px of padding (36 px high)."""
@@ -125,6 +135,17 @@ def test_classes_are_picked_and_merged_by_name_or_id(nnunet, tmp_path):
     assert set(np.unique(right)) == set(np.unique(left)) == {0, 2, 3}
     assert (left == 3).sum() * 4 < (right == 3).sum()  # kidney_left was not kept: background
     assert (left == 2).sum() == (right == 2).sum()  # the liver, merged with the (absent) spleen
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{"labels": {"0": "background", "5": "liver"}},  # MSD dataset.json: id -> name
+     {"labels": {"background": 0, "liver": 5}},  # nnU-Net v2 dataset.json: name -> id
+     {"5": "liver", "1": "spleen"}],  # a bare id -> name table, as TotalSegmentator's label names
+)  # fmt: skip
+def test_label_names_are_read_in_every_common_form(tmp_path, table):
+    (tmp_path / "names.json").write_text(json.dumps(table))
+    assert label_names(tmp_path, tmp_path / "names.json")[5] == "liver"
 
 
 def test_split_is_by_case_and_recorded(nnunet, tmp_path):
