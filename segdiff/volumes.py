@@ -106,7 +106,8 @@ def _stem(path: Path) -> str:
 
 
 def _volume_files(folder: Path) -> dict[str, Path]:
-    return {_stem(p): p for p in sorted(folder.iterdir()) if p.name.endswith(_SUFFIXES) and p.is_file()}
+    found = (p for p in sorted(folder.iterdir()) if p.name.endswith(_SUFFIXES) and p.is_file())
+    return {_stem(p): p for p in found if not p.name.startswith(".")}  # macOS leaves ._CASE.nii.gz files
 
 
 def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
@@ -196,14 +197,13 @@ def parse_classes(spec: str | None, names: dict[int, str]) -> tuple[KeptClass, .
 
     Without a spec, every named label but background is kept, each its own class.
     """
-    if not spec:
-        if not names:
-            raise VolumeError("--classes: nothing names the labels (no dataset.json, no --label-names); "
-                              "list the label ids to keep, e.g. --classes 1,2,3")
-        return tuple(KeptClass(name, (i,)) for i, name in sorted(names.items()) if i > 0)
+    if not spec and not names:
+        raise VolumeError("--classes: nothing names the labels (no dataset.json, no --label-names); "
+                          "list the label ids to keep, e.g. --classes 1,2,3")
+    groups = spec.split(",") if spec else [str(i) for i in sorted(names) if i > 0]
     by_name = {name: i for i, name in names.items()}
     classes, used = [], {}
-    for group in spec.split(","):
+    for group in groups:
         given, _, members = group.rpartition("=")
         ids = []
         for token in (t.strip() for t in members.split("+")):

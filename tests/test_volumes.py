@@ -136,6 +136,10 @@ def test_classes_are_picked_and_merged_by_name_or_id(nnunet, tmp_path):
     assert (left == 3).sum() * 4 < (right == 3).sum()  # kidney_left was not kept: background
     assert (left == 2).sum() == (right == 2).sum()  # the liver, merged with the (absent) spleen
 
+    run_convert(nnunet, tmp_path / "all", "--size", "16")  # no --classes: every label dataset.json names
+    names = json.loads((tmp_path / "all" / "classes.json").read_text())["class_names"]
+    assert names == ["background", "spleen", "kidney_right", "kidney_left", "liver", "stomach"]
+
 
 @pytest.mark.parametrize(
     "table",
