@@ -14,6 +14,7 @@ import sys
 from typing import get_args
 
 from segdiff import ConfigError, SegdiffError
+from segdiff.data import data_info
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
 from segdiff.models import PRESETS
 from segdiff.pipeline import DEFAULT_STEPS, SCHEDULERS
@@ -268,12 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_config(args: argparse.Namespace, output_dir: str, command: str) -> TrainConfig:
+    # classes.json above the data (phantoms, converted volumes): class names and conversion settings
+    seg_dir = args.seg_dir if args.segmentation_guided else None
+    data = data_info(args.img_dir, seg_dir, args.num_segmentation_classes if seg_dir else None)
     return TrainConfig(
         output_dir=output_dir,
         img_dir=args.img_dir,
         seg_dir=args.seg_dir if args.segmentation_guided else None,
         num_classes=args.num_segmentation_classes or 0,
-        class_names=tuple(args.class_names or ()),
+        class_names=tuple(args.class_names or data.get("class_names", ())),
         img_size=args.img_size,
         img_channels=args.num_img_channels,
         preset=args.preset,
@@ -306,6 +310,7 @@ def train_config(args: argparse.Namespace, output_dir: str, command: str) -> Tra
         num_inference_steps=args.num_inference_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         command=command,
+        extra_card={"data": data} if data else {},
     )
 
 

@@ -8,6 +8,7 @@ Several segtype folders merge into one mask: a pixel takes the first non-zero id
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .errors import DataLayoutError
 from .masks import Palette, check_mask, labels_from_array
 
 SPLITS = ("train", "val", "test")
+DATA_INFO = "classes.json"  # beside img/ and mask/: class names, and how volumes were converted
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,33 @@ def find_cases(
         Case(name, images[name] if images is not None else None, tuple(m[name] for m in per_type))
         for name in names
     ]
+
+
+def data_info(
+    img_dir: str | os.PathLike | None, seg_dir: str | os.PathLike | None, num_classes: int | None = None
+) -> dict:
+    """The data set's `classes.json` (segdiff.phantoms and segdiff.volumes write one above IMG_DIR and
+    SEG_DIR): its class names, background first, and how volumes were converted; {} when there is none.
+
+    A file naming another number of classes than `num_classes` is refused: the names would be wrong.
+    """
+    found = [Path(d).parent / DATA_INFO for d in (seg_dir, img_dir) if d is not None]
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataLayoutError(f"{path}: cannot read the class names ({e})") from e
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DataLayoutError(f"{path}: expected a JSON object whose class_names lists names, background first")
+    if num_classes and len(names) != num_classes:
+        raise DataLayoutError(
+            f"{path}: names {len(names)} classes ({', '.join(names)}), but --num_segmentation_classes is "
+            f"{num_classes}; pass {len(names)}, or --class_names"
+        )
+    return info
 
 
 def read_mask(

@@ -29,3 +29,7 @@ def check_range(name: str, value, low, high) -> None:
     """Raise ConfigError unless low <= value <= high; `name` is how the user spelled the setting."""
     if not low <= value <= high:
         raise ConfigError(f"{name} {value}: expected a value in {low}..{high}")
+
+
+class VolumeError(DataLayoutError):
+    """A NIfTI volume cannot be read, paired with its labels, or mapped to the classes asked for."""
