@@ -217,8 +217,8 @@ def train(config: TrainConfig) -> Path:
     )
     if launched > 1 and accelerator.num_processes == 1:
         raise ConfigError(
-            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate joined none of them: "
-            "on CPUs launch with ACCELERATE_USE_CPU=1"
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate did not join them, so "
+            "each would train alone into the same folder; to join them on CPUs, set ACCELERATE_USE_CPU=1"
         )
     announce(accelerator)
     _fast_backends(accelerator.device)
