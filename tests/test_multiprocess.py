@@ -81,9 +81,10 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(work):
-    """A run of one process with the global batch (4) of the two-process runs."""
-    launch([sys.executable, str(CLI)], *TRAIN, *guided(["data/img", "data/mask"]), "--train_batch_size", "4",
-           "--output_dir", "one", cwd=work)  # fmt: skip
+    """A run of one process (this one) with the global batch (4) of the two-process runs."""
+    data = [work / "data" / "img", work / "data" / "mask"]
+    flags = [*TRAIN, *guided(data), "--train_batch_size", "4", "--output_dir", work / "one"]
+    assert train_cli.main(list(map(str, flags))) == 0
     return work / "one"
 
 
