@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="train_cli.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Runs on a CPU, one GPU, or many GPUs and nodes with `accelerate launch train_cli.py ...`. "
+        epilog="Runs on a CPU, one GPU, or many GPUs and nodes with `accelerate launch train_cli.py ...`, and as "
+        "N CPU processes with `torchrun --standalone --nproc_per_node N train_cli.py ...`. "
         "Bad input exits with status 2 and one line saying what is wrong.",
         formatter_class=_Help,
     )

@@ -102,10 +102,10 @@ def processes() -> PartialState:
 def announce(state) -> None:
     """One line from each process of a launch, saying which it is: proof that all of them started."""
     if state.num_processes > 1:
-        print(
-            f"process {state.process_index} of {state.num_processes} on {state.device} (pid {os.getpid()})",
-            flush=True,
+        line = (
+            f"process {state.process_index} of {state.num_processes} on {state.device} (pid {os.getpid()})\n"
         )
+        print(line, end="", flush=True)  # one write, so the lines of several processes do not interleave
 
 
 def open_model(config: EvalConfig, state: PartialState | None = None) -> SegDiffPipeline:

@@ -205,6 +205,7 @@ class TrainerState:
     step: int = 0
     ema_step: int = 0
     seconds: float = 0.0  # training time over all resumes
+    processes: int = 1  # the LR schedule and the data shards count in processes: resume with as many
 
 
 class EpochOrder(torch.utils.data.Sampler):
@@ -240,8 +241,8 @@ def train(config: TrainConfig) -> Path:
     )
     if launched > 1 and accelerator.num_processes == 1:
         raise ConfigError(
-            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate joined none of them: "
-            "on CPUs launch with ACCELERATE_USE_CPU=1"
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate did not join them, so "
+            "each would train alone into the same folder; to join them on CPUs, set ACCELERATE_USE_CPU=1"
         )
     announce(accelerator)
     _fast_backends(accelerator.device)
@@ -281,7 +282,7 @@ def train(config: TrainConfig) -> Path:
     )
     ema = recipe.ema_model(unet)
 
-    state = TrainerState()
+    state = TrainerState(processes=accelerator.num_processes)
     if config.resume_epoch is not None:
         state.step = config.resume_epoch * steps_per_epoch
         with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
@@ -648,6 +649,11 @@ def _load_checkpoint(
     """
     try:
         state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+        if state.processes != accelerator.num_processes:
+            raise CheckpointError(
+                f"{folder}: written by {state.processes} process(es), resumed by {accelerator.num_processes}; "
+                f"launch {state.processes} to continue it (the LR schedule counts steps x processes)"
+            )
         _check_same_model(folder, accelerator.unwrap_model(unet), card)
         accelerator.load_state(str(folder))
         if ema is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,8 +46,7 @@ def launch(command, *args, cwd) -> subprocess.CompletedProcess:
 
 def ranks(output: str) -> dict[str, int]:
     """The line each process prints first -> its pid: "process 0 of 2 on cpu:0 (pid 123)"."""
-    lines = [line for line in output.splitlines() if line.startswith("process ")]
-    return {line.split(" on ")[0]: int(line.rsplit(" ", 1)[1].rstrip(")")) for line in lines}
+    return {m[1]: int(m[2]) for m in re.finditer(r"(process \d+ of \d+) on \S+ \(pid (\d+)\)", output)}
 
 
 TWO = {"process 0 of 2", "process 1 of 2"}
@@ -81,13 +81,14 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(work):
-    """A run of one process with the global batch (4) of the two-process runs."""
-    launch([sys.executable, str(CLI)], *TRAIN, *guided(["data/img", "data/mask"]), "--train_batch_size", "4",
-           "--output_dir", "one", cwd=work)  # fmt: skip
+    """A run of one process (this one) with the global batch (4) of the two-process runs."""
+    data = [work / "data" / "img", work / "data" / "mask"]
+    flags = [*TRAIN, *guided(data), "--train_batch_size", "4", "--output_dir", work / "one"]
+    assert train_cli.main(list(map(str, flags))) == 0
     return work / "one"
 
 
-def test_two_processes_train_sigkill_and_resume_as_one_process_does(work, one_process):
+def test_two_processes_train_sigkill_and_resume_as_one_process_does(work, one_process, monkeypatch, capsys):
     flags = [*TRAIN, *guided(["data/img", "data/mask"]), "--train_batch_size", "2", "--output_dir", "two"]
     run, log = work / "two", work / "two.out"
     with open(log, "w") as out:
@@ -127,6 +128,11 @@ def test_two_processes_train_sigkill_and_resume_as_one_process_does(work, one_pr
     assert two == one, (two, one)
     assert [row[0] for row in two["log"]] == list(range(1, 13)) and two["card"] == (12, 3, True)
     assert json.loads((run / "segdiff_card.json").read_text())["training"]["processes"] == 2
+
+    # Its LR schedule counts in steps x 2 processes: one process may not continue it.
+    monkeypatch.chdir(work)
+    assert train_cli.main([*map(str, flags), "--resume"]) == 2
+    assert "checkpoint-12: written by 2 process(es), resumed by 1" in capsys.readouterr().err
 
 
 def test_two_processes_sample_the_files_one_process_writes(work, one_process, monkeypatch):
