@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -72,7 +73,9 @@ def cpu_isa() -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="a model folder; default: random weights of --preset")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--size", type=int, default=64)
@@ -81,13 +84,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
     if args.model:
         pipe = SegDiffPipeline.from_pretrained(args.model)
         label = args.model
     else:
-        pipe = random_pipeline(args.preset, args.size).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe = random_pipeline(args.preset, args.size).to(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         label = f"{args.preset} preset, random weights"
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
@@ -154,6 +160,10 @@ def main(argv=None):
         print(f"targets (>= {TARGET_RATIO:.0f}x and >= {TARGET_RATE:.0f} images/s): best {best!r} "
               f"x{rates[best] / base:.2f}, {rates[best]:.1f} images/s: "
               f"{'met' if rates[best] / base >= TARGET_RATIO and rates[best] >= TARGET_RATE else 'NOT met'}")  # fmt: skip
+    if args.json:
+        rows = [{"row": name, "images_per_s": rate, "ratio": rate / base, "default": name == default}
+                for name, rate in rates.items()]  # fmt: skip
+        args.json.write_text(json.dumps({"device": hardware, "label": label, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
