@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from test_pipeline import SIZE, square_masks, tiny_unet
-from test_training import write_data
+from test_training import config, write_data
 
 from segdiff import SegDiffPipeline
 from segdiff.models import ModelCard
-from segdiff.training import TrainConfig, train
+from segdiff.training import train
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +22,9 @@ def data(tmp_path_factory):
 
 
 def run(out, data, **overrides) -> list[dict]:
-    img_dir, seg_dir = data
-    settings = dict(
-        output_dir=str(out),
-        img_dir=str(img_dir),
-        seg_dir=str(seg_dir),
-        num_classes=3,
-        img_size=32,
-        preset="tiny",
-        train_batch_size=4,
-        max_train_steps=4,
-        lr_warmup_steps=1,
-        checkpointing_steps=100,
-        save_image_epochs=100,
-        save_model_epochs=100,
-        sampler="ddim",
-        num_inference_steps=2,
-        eval_batch_size=1,
-        mixed_precision="no",
-    )
-    train(TrainConfig(**(settings | overrides)))
+    """Train the tiny model 4 steps (data of 8 cases: 2 epochs) at fp32; -> the CSV log's rows."""
+    settings = dict(max_train_steps=4, lr_warmup_steps=1, checkpointing_steps=100, mixed_precision="no")
+    train(config(out, data, **(settings | overrides)))
     with open(out / "train_log.csv", newline="") as f:
         return list(csv.DictReader(f))
 
