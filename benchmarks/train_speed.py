@@ -31,6 +31,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.flop_counter import FlopCounterMode
@@ -84,6 +85,8 @@ def original_rate(args, img_dir, seg_dir, num_classes: int) -> float:
     loader = torch.utils.data.DataLoader(
         FilesEveryStep(img_dir, seg_dir, args.img_size), batch_size=args.batch, shuffle=True, drop_last=True
     )
+    if args.device == "cuda":  # torch's defaults, which segdiff's rows change for the process
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = False, False
     torch.manual_seed(0)
     unet = build_unet(args.preset, args.img_size, 1, 1)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -120,6 +123,7 @@ def original_rate(args, img_dir, seg_dir, num_classes: int) -> float:
 def segdiff_rate(args, img_dir, seg_dir, num_classes: int, out: Path, **options) -> float:
     """Steps/s of `segdiff.training.train` between its first log row after warm-up and its last one."""
     never = 10**6
+    AcceleratorState._reset_state(reset_partial_state=True)  # each row sets its own mixed precision
     train(
         TrainConfig(
             output_dir=str(out),
@@ -255,7 +259,7 @@ def main(argv=None):
     flops = flops_per_step(args.preset, args.img_size, args.batch, 1 + num_classes - 1)
     median = {name: statistics.median(r) for name, r in rates.items()}
     base = median[next(iter(rows))]
-    print(f"\nUNet forward + backward: {flops / 1e12:.2f} TFLOP per step; segdiff's loader alone "
+    print(f"\nUNet forward + backward: {flops / 1e9:.1f} GFLOP per step; segdiff's loader alone "
           f"{data_ms:.1f} ms per batch on the host")  # fmt: skip
     table = []
     for name, rate in median.items():
