@@ -57,17 +57,17 @@ python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name, unit in (("sample", "images/s"), ("train", "steps/s")):
+for name in ("sample", "train"):
     path = out / f"{name}.json"
     if not path.exists():
         print(f"{name}: no result (see bench.log)\n")
         continue
     result = json.loads(path.read_text())
-    print(f"**{name}** on {result['device']}\n\n| row | {unit} | images/s | x original | MFU |\n|---|---|---|---|---|")
+    print(f"**{name}** on {result['device']}\n\n| row | steps/s | images/s | x original | MFU |\n|---|---|---|---|---|")
     for row in result["rows"]:
-        rate = row.get("steps_per_s", row["images_per_s"])
+        steps = f"{row['steps_per_s']:.2f}" if "steps_per_s" in row else "-"
         mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "n/a"
-        print(f"| {row['row']} | {rate:.2f} | {row['images_per_s']:.1f} | {row['ratio']:.2f}x | {mfu} |")
+        print(f"| {row['row']} | {steps} | {row['images_per_s']:.2f} | {row['ratio']:.2f}x | {mfu} |")
     print()
 PY
 
