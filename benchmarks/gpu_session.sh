@@ -1,35 +1,81 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (about ten minutes): sampling and training speed at the paper's
-# size, then the demo model trained longer than a laptop can. Everything lands in $OUT:
-#   bench.log      sample_speed.py and train_speed.py output
-#   train.log      the demo model's training output
-#   demo.tar       the trained model folder (final, or the newest complete checkpoint if time ran out)
-#   train_log.csv, last_grid.png   its loss curve and latest sample grid
+# Every GPU number of the README's speed table in one run of under 8 minutes on an H100/H200, then a table:
+# sampling (issue 13 item 4: paper preset, 256 px, batch 64, default steps, against fp32 DDIM 50 in the
+# original loop) and training (item 3: paper preset, 256 px, batch 16, on the real psfhs-256 images and
+# masks, against the original loop), each with torch.compile. Logs and JSON land in $OUT.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh          # on the GPU machine
+#   bash benchmarks/gpu_session.sh --dry-run             # tiny sizes on a CPU: the same code paths, to
+#                                                          know it will not crash on the GPU
+#   bash benchmarks/gpu_session.sh --train-demo          # then train the demo model in the time left
+#
+# The data: $DATA, else shared/data/psfhs-256 in the repository root (the device machine gets it there when
+# it is carried), else ../shared/data/psfhs-256 beside the checkout, else synthetic phantoms (said so).
 # A machine without diffusers gets it from wheels in .whl/ (pip download ... -d .whl diffusers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/segdiff-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+DRY=0 DEMO=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY=1 ;;
+    --train-demo) DEMO=1 ;;
+    *) echo "unknown argument $arg (expected --dry-run or --train-demo)" >&2; exit 2 ;;
+  esac
+done
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-STEPS=${DEMO_STEPS:-8000}
-DEADLINE=${DEADLINE:-570}  # seconds for the whole script; training gets what the benchmarks leave
+DATA=${DATA:-}
+for candidate in shared/data/psfhs-256 ../shared/data/psfhs-256; do
+  [ -z "$DATA" ] && [ -d "$candidate/img/train" ] && DATA=$candidate
+done
+data_args=()
+if [ -n "$DATA" ]; then data_args=(--data "$DATA" --num_classes 3); else echo "psfhs-256 not found: training on phantoms"; fi
 
-[ "${BENCH:-1}" = 1 ] && {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$DRY" = 1 ]; then
+  sample=(--preset tiny --size 32 --batch 2 --rounds 1)
+  training=(--preset tiny --img_size 32 --batch 4 --warmup 2 --steps 2 --log_every 2 --rounds 1)
+  limits=(1200 1200)
+else
+  sample=(--preset paper --size 256 --batch 64 --rounds 1)
+  training=(--preset paper --img_size 256 --batch 16 --warmup 10 --steps 30 --log_every 10 --rounds 1)
+  limits=(200 280)  # seconds: with the machine's start, under 8 minutes
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU (dry run)"
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-  timeout 150 python3 benchmarks/sample_speed.py --preset paper --size 256 --batch 64 --repeats 2
-  timeout 120 python3 benchmarks/train_speed.py --preset paper --img_size 256 --batch 16 --mixed_precision bf16 \
-    --steps 6 --warmup 3 --rounds 2
+  timeout "${limits[0]}" python3 benchmarks/sample_speed.py "${sample[@]}" --compile --json "$OUT/sample.json"
+  timeout "${limits[1]}" python3 benchmarks/train_speed.py "${training[@]}" "${data_args[@]}" --mixed_precision bf16 \
+    --compile --json "$OUT/train.json"
 } 2>&1 | tee "$OUT/bench.log"
 
+python3 - "$OUT" <<'PY' | tee "$OUT/table.md"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("sample", "train"):
+    path = out / f"{name}.json"
+    if not path.exists():
+        print(f"{name}: no result (see bench.log)\n")
+        continue
+    result = json.loads(path.read_text())
+    print(f"**{name}** on {result['device']}\n\n| row | steps/s | images/s | x original | MFU |\n|---|---|---|---|---|")
+    for row in result["rows"]:
+        steps = f"{row['steps_per_s']:.2f}" if "steps_per_s" in row else "-"
+        mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") else "n/a"
+        print(f"| {row['row']} | {steps} | {row['images_per_s']:.2f} | {row['ratio']:.2f}x | {mfu} |")
+    print()
+PY
+
+[ "$DEMO" = 1 ] || exit 0
 # The demo model: the same data and flags as the CPU-trained one (held-out test ids stay held out), a
 # larger batch, bf16, and as many steps as the time allows; checkpoints make a cut run still usable.
+STEPS=${DEMO_STEPS:-8000}
+DEADLINE=${DEADLINE:-570}  # seconds for the whole script; training gets what the benchmarks leave
 rm -rf /tmp/run /tmp/data
 python3 -m segdiff.phantoms /tmp/data --family breast --size 64 --n-train 2000 --n-val 64 --n-test 64 --seed 0 \
   > /dev/null 2>&1

@@ -40,14 +40,35 @@ from .models import CARD_FILE, ModelCard
 # dynamic thresholding is exactly clipping x0 to [-1, 1].
 _MULTISTEP = {"timestep_spacing": "linspace", "thresholding": True, "sample_max_value": 1.0}
 
+
+class _ClipX0:
+    """Dynamic thresholding with sample_max_value 1 clamps each image's |x0| quantile to [1, 1], so it is
+    exactly clipping x0 to [-1, 1]: the same numbers without the quantile, 3-7% of a CPU step (demo model)."""
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        if self.config.sample_max_value != 1.0:
+            return super()._threshold_sample(sample)
+        return sample.clamp(-1.0, 1.0)
+
+
+class _DPMSolverPlusPlus(_ClipX0, DPMSolverMultistepScheduler):
+    pass
+
+
+class _UniPC(_ClipX0, UniPCMultistepScheduler):
+    pass
+
+
 # Sampler name -> (scheduler class, settings over the model's own scheduler config).
 SCHEDULERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP}),
-    "unipc": (UniPCMultistepScheduler, _MULTISTEP),
+    "dpm++": (_DPMSolverPlusPlus, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP}),
+    "unipc": (_UniPC, _MULTISTEP),
 }
 DEFAULT_SCHEDULER = "dpm++"
+# Which of (eta, generator) each sampler's `step` takes, read once rather than at every call.
+_STEP_ARGUMENTS = {name: set(inspect.signature(cls.step).parameters) for name, (cls, _) in SCHEDULERS.items()}
 # Chosen by benchmarks/quality.py. The demo model scores the same from 8 to 20 DPM-Solver++ steps (mean Dice
 # 0.995-0.996, Frechet distance 0.063-0.068), above DDIM 50 (0.984, 0.079); an earlier, less trained one
 # matched 20 steps at 12 (0.934 vs 0.931) but lost Dice and realism at 10. Less trained models need more.
@@ -63,8 +84,8 @@ def default_device() -> torch.device:
 def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
     """The dtype to autocast to, or None for plain fp32.
 
-    "auto": bf16 on GPUs that have it, else fp16; on CPUs bf16 only where the hardware computes it
-    natively (AVX512-BF16 / AMX): emulated bf16 on an AVX2 CPU is several times slower than fp32.
+    "auto": bf16 on GPUs that have it, else fp16; on CPUs bf16 only where oneDNN runs it on AMX tiles:
+    emulated bf16 on an AVX2 CPU is several times slower than fp32, and AVX512-BF16 alone was slower too.
     """
     if precision == "fp32":
         return None
@@ -72,13 +93,24 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
         return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
 
 
-def cpu_has_native_bf16() -> bool:
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN computes bf16 on AMX tiles here.
+
+    benchmarks/sample_speed.py, demo model, one thread of a Xeon with AMX: bf16 autocast 1.5x faster than
+    fp32; with oneDNN held to AVX512-BF16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`, as on CPUs without AMX) it
+    was 0.75x. torch's AMX probe reads the CPU, not that cap, so the cap oneDNN obeys is read here too.
+    """
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and torch.cpu._is_amx_tile_supported()
+        and (cap == "ALL" or "AMX" in cap)
+    )
 
 
 class SegDiffPipeline(DiffusionPipeline):
@@ -173,11 +205,12 @@ class SegDiffPipeline(DiffusionPipeline):
             self.unet = torch.compile(self.unet)
         return self
 
-    def _autocast(self):
-        dtype = autocast_dtype(self.device, self.precision)
+    def _autocast(self, device: torch.device):
+        """One context for every step: `self.device` walks all modules, 10% of a CPU step (demo model)."""
+        dtype = autocast_dtype(device, self.precision)
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(device.type, dtype=dtype)
 
     def make_scheduler(self, name: str = DEFAULT_SCHEDULER):
         """A fresh sampler of kind `name`, sharing the model's noise schedule."""
@@ -273,7 +306,7 @@ class SegDiffPipeline(DiffusionPipeline):
         else:
             batch_size = batch_size or (latents.shape[0] if latents is not None else 1)
             masks = torch.zeros(batch_size, card.img_size, card.img_size, dtype=torch.long)
-        device = self._execution_device
+        device = self._execution_device  # once: the lookup walks every module, ~3 ms on a CPU
         cond = encode(masks, card.encoding, card.num_classes).to(device)  # (B, C_mask, H, W)
 
         shape = (batch_size, card.img_channels, card.img_size, card.img_size)
@@ -292,13 +325,13 @@ class SegDiffPipeline(DiffusionPipeline):
                 sampler.set_begin_index(start * sampler.order)
             x0 = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape) * 2 - 1
             x = sampler.add_noise(x0, x, timesteps[:1])
-        step_kwargs = {"eta": eta} if "eta" in inspect.signature(sampler.step).parameters else {}
-        if "generator" in inspect.signature(sampler.step).parameters:
-            step_kwargs["generator"] = generator
+        step_kwargs = {"eta": eta, "generator": generator}
+        step_kwargs = {k: v for k, v in step_kwargs.items() if k in _STEP_ARGUMENTS[scheduler]}
+        autocast = self._autocast(device)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = torch.cat([x, cond], dim=1)  # (B, C_img + C_mask, H, W)
-            with self._autocast():
+            with autocast:
                 noise = self.unet(model_input, t).sample
             x = sampler.step(noise.float(), t, x, **step_kwargs).prev_sample
             if callback is not None:

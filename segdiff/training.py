@@ -121,6 +121,9 @@ class TrainConfig:
     # Off: no gain measured on a 2-core CPU (within noise, fp32 and bf16), and on an H200 the layout made
     # sampling 22% slower (the UNet's GroupNorms pay for it) and bf16 training no faster than fp32 without it.
     channels_last: bool = False
+    # GPU speed candidates measured by benchmarks/train_speed.py (off: no gain on a 2-core CPU).
+    compile: bool = False  # torch.compile the UNet (inductor): slow first steps, then faster ones
+    log_every: int = 1  # log the loss (mean since the last row) every N steps: each log waits for the GPU
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
 
@@ -176,6 +179,7 @@ class TrainConfig:
             ("--save_model_epochs", self.save_model_epochs, 1, 1_000_000),
             ("--num_inference_steps", self.num_inference_steps, 1, 1000),
             ("--dataloader_num_workers", self.dataloader_num_workers, 0, 256),
+            ("--log_every", self.log_every, 1, 1_000_000),
         ):
             if value is not None:
                 check_range(flag, value, low, high)
@@ -290,6 +294,8 @@ def train(config: TrainConfig) -> Path:
             for _ in range(state.step * accelerator.num_processes):
                 lr_scheduler.step()  # the original restarted the LR schedule; we continue it
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if config.compile:  # after prepare: checkpoints keep the plain UNet's names, so any run can resume them
+        unet = torch.compile(unet)
     if ema is not None:
         ema.to(accelerator.device)
     latest = None
@@ -335,6 +341,7 @@ def train(config: TrainConfig) -> Path:
         disable=not accelerator.is_local_main_process,
     )
     started, seconds_before = time.time(), state.seconds
+    loss_sum, loss_steps = 0.0, 0  # a tensor once added to: summed on the device, no wait per step
     while state.step < total_steps:
         epoch = state.step // steps_per_epoch
         done_in_epoch = (state.step % steps_per_epoch) * config.gradient_accumulation_steps
@@ -355,16 +362,21 @@ def train(config: TrainConfig) -> Path:
             if ema is not None:
                 ema.step(unet.parameters())
                 state.ema_step = ema.optimization_step
+            loss_sum, loss_steps = loss_sum + loss.detach(), loss_steps + 1
+            logging = state.step % config.log_every == 0 or state.step == total_steps
+            if logging:
+                loss_value = accelerator.gather(loss_sum / loss_steps).mean().item()  # waits for the device
+                loss_sum, loss_steps = 0.0, 0
             state.seconds = seconds_before + time.time() - started
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            lr = lr_scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-            accelerator.log({"loss": loss_value, "lr": lr}, step=state.step)
-            if log is not None:
-                log.write(
-                    step=state.step, epoch=epoch, loss=loss_value, lr=lr, seconds=round(state.seconds, 3)
-                )
+            if logging:
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                accelerator.log({"loss": loss_value, "lr": lr}, step=state.step)
+                if log is not None:
+                    log.write(
+                        step=state.step, epoch=epoch, loss=loss_value, lr=lr, seconds=round(state.seconds, 3)
+                    )
             if state.step % config.checkpointing_steps == 0 or state.step == total_steps:
                 save_checkpoint(
                     accelerator,
@@ -526,7 +538,7 @@ def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None
 
 def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
     """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise."""
-    model = accelerator.unwrap_model(unet)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
     if ema is not None:
         with torch.random.fork_rng(devices=[]):  # its random init must not move the training RNG
             model = UNet2DModel.from_config(model.config).to(accelerator.device)

@@ -235,7 +235,7 @@ def test_presets_build_the_expected_networks():
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto_precision_on_a_cpu_uses_bf16_only_where_native(monkeypatch, segdiff_pipe, native_bf16):
-    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(pipeline_module, "cpu_has_fast_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native_bf16 else None)
     assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") == torch.bfloat16
@@ -244,3 +244,30 @@ def test_auto_precision_on_a_cpu_uses_bf16_only_where_native(monkeypatch, segdif
     fp32 = sample(segdiff_pipe.set_speed(precision="fp32", channels_last=False), masks, num_inference_steps=3)
     # Without native bf16 "auto" falls back to exactly the fp32 arithmetic; with it, the images differ.
     assert np.array_equal(auto, fp32) != native_bf16
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "unipc"])
+def test_x0_clipping_gives_the_images_of_diffusers_thresholding(monkeypatch, segdiff_pipe, scheduler):
+    masks = square_masks()
+    ours = sample(segdiff_pipe, masks, num_inference_steps=6, scheduler=scheduler)
+    subclass, overrides = pipeline_module.SCHEDULERS[scheduler]
+    library_class = subclass.__mro__[2]  # the diffusers scheduler behind the clipping mixin
+    monkeypatch.setitem(pipeline_module.SCHEDULERS, scheduler, (library_class, overrides))
+    theirs = sample(segdiff_pipe, masks, num_inference_steps=6, scheduler=scheduler)
+    assert np.array_equal(ours, theirs)
+
+
+def test_device_lookups_do_not_grow_with_the_steps(monkeypatch, segdiff_pipe):
+    """`pipe.device` walks every module (10% of a CPU step of the demo model when it ran per step)."""
+    lookups = []
+    for name in ("device", "_execution_device"):
+        original = getattr(SegDiffPipeline, name)
+        counted = property(lambda self, original=original: lookups.append(1) or original.fget(self))
+        monkeypatch.setattr(SegDiffPipeline, name, counted)
+    segdiff_pipe.precision = "auto"
+    counts = []
+    for steps in (2, 8):
+        lookups.clear()
+        sample(segdiff_pipe, square_masks(1), num_inference_steps=steps)
+        counts.append(len(lookups))
+    assert counts[0] == counts[1]
