@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import random
+import signal
 import sys
 from pathlib import Path
 
 import gradio as gr
+import pydantic
+from gradio.exceptions import InvalidPathError
 
-from segdiff import SegdiffError, SegDiffPipeline
+from segdiff import ConfigError, SegdiffError, SegDiffPipeline
 from segdiff.pipeline import DEFAULT_STEPS
-from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Run, Settings, Studio
+from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Run, Studio
 
 try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
     import spaces
@@ -51,6 +55,15 @@ CSS = """
 """
 
 
+log = logging.getLogger("segdiff.studio")
+
+
+def refusal(message: str, action: str) -> gr.Error:
+    """A user's mistake: one line in the server log, the message on the page; tracebacks are for our faults."""
+    log.warning("segdiff studio refused %s: %s", action, message)
+    return gr.Error(message, print_exception=False)
+
+
 def user_errors(fn):
     """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on."""
 
@@ -59,9 +72,27 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SegdiffError, ValueError) as e:
-            raise gr.Error(str(e)) from e
+            raise refusal(str(e), fn.__name__) from e
 
     return wrapper
+
+
+def refuse_foreign_files(demo: gr.Blocks) -> None:
+    """Say in words why gradio refuses a request's file before any handler runs (else: `{"error": null}`)."""
+    preprocess = demo.preprocess_data
+
+    @functools.wraps(preprocess)
+    async def checked(block_fn, *args, **kwargs):
+        try:
+            return await preprocess(block_fn, *args, **kwargs)
+        except InvalidPathError as e:  # a path on the server that no upload created
+            raise refusal("only files uploaded to this server are accepted, not paths on it; "
+                          "upload the file first (gradio_client: handle_file(path))", block_fn.name) from e
+        except pydantic.ValidationError as e:
+            raise refusal("a file input holds something else; expected an uploaded file "
+                          "(gradio_client: handle_file(path))", block_fn.name) from e
+
+    demo.preprocess_data = checked
 
 
 def legend_html(studio: Studio) -> str:
@@ -83,19 +114,25 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
         # The mask goes on the layer, over a black background, so the eraser takes it back to background.
         return {"background": studio.canvas(), "layers": [studio.layer(mask)], "composite": None}
 
-    def mask_of(editor):
-        if editor is None:
-            return studio.mask_from_canvas(None)
-        # The browser sends a composite once painted on; a mask we loaded into the layer comes back without one.
-        if editor.get("composite") is not None:
-            return studio.mask_from_canvas(editor["composite"])
-        return studio.mask_from_canvas(editor.get("background"), editor.get("layers") or ())
+    # The sampling events take their inputs raw (preprocess=False): gradio would decode every image at
+    # whatever size a request claims and round numbers; the studio checks and reads each value itself.
+    def path_of(file):
+        return file["path"] if isinstance(file, dict) else None
 
-    def settings_of(omit, seed, steps, num_images, sampler, strength=1.0) -> Settings:
-        """omit: class names (or ids) the model may invent."""
-        if seed is None:
-            raise gr.Error(f"seed: empty; expected an integer 0..{MAX_SEED}")
-        return Settings(int(seed), int(steps), sampler, studio.omit_ids(omit), int(num_images), float(strength))
+    def mask_of(value):
+        """The editor's raw value -> class ids; its images still undecoded until the studio checks them."""
+        if not value:
+            return studio.mask_from_editor()
+        if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
+            blobs = editor.blob_storage.pop(value["id"], None)
+            if blobs is None:
+                return studio.mask_from_editor()
+            return studio.mask_from_editor(blobs.background, blobs.layers, blobs.composite)
+        layers = [path_of(f) for f in value.get("layers") or ()]
+        return studio.mask_from_editor(path_of(value.get("background")), layers, path_of(value.get("composite")))
+
+    def start_of(image):
+        return studio.start_image(path_of(image)) if path_of(image) else None
 
     def progress_to(progress):
         return lambda step, total: progress((step, total), desc="denoising", unit="steps")
@@ -115,38 +152,37 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
         )
 
     @user_errors
-    def load_mask(path):
-        if path is None:
+    def load_mask(file):
+        if path_of(file) is None:
             return gr.skip()
-        mask, notices = studio.mask_from_file(path)
+        mask, notices = studio.mask_from_file(path_of(file))
         for notice in notices:
             gr.Warning(notice)
         return editor_value(mask)
 
     @gpu
     @user_errors
-    def on_generate(editor, keep, seed, steps, num_images, sampler, image, strength, contours,
+    def on_generate(value, keep, seed, steps, num_images, sampler, image, strength, contours,
                  progress=gr.Progress()):  # noqa: B008
-        unticked = [n for n in names[1:] if n not in (keep or [])]
-        settings = settings_of(unticked, seed, steps, num_images, sampler, strength)
-        start = studio.start_image(image) if image else None
-        return shown(studio.generate(mask_of(editor), settings, start, progress_to(progress)), contours)
+        settings = studio.settings(keep=keep or [], seed=seed, steps=steps, num_images=num_images,
+                                   sampler=sampler, strength=strength)
+        return shown(studio.generate(mask_of(value), settings, start_of(image), progress_to(progress)), contours)
 
     @gpu
     @user_errors
-    def on_sweep(editor, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
-        settings = settings_of([], seed, steps, 1, sampler, strength)
-        start = studio.start_image(image) if image else None
-        return shown(studio.sweep(mask_of(editor), settings, start, progress_to(progress)), contours)
+    def on_sweep(value, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
+        settings = studio.settings(seed=seed, steps=steps, num_images=1, sampler=sampler, strength=strength)
+        return shown(studio.sweep(mask_of(value), settings, start_of(image), progress_to(progress)), contours)
 
     def redraw(run, contours):
         return gallery_of(run, contours) if run is not None else gr.skip()
 
     def api_run(action, mask, omit, seed, steps, num_images, sampler, progress):
-        if mask is None:
-            raise gr.Error("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
-        labels, notices = studio.mask_from_file(mask)
-        run = action(labels, settings_of(omit or [], seed, steps, num_images, sampler), progress=progress_to(progress))
+        if path_of(mask) is None:
+            raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
+        settings = studio.settings(omit=omit, seed=seed, steps=steps, num_images=num_images, sampler=sampler)
+        labels, notices = studio.mask_from_file(path_of(mask))
+        run = action(labels, settings, progress=progress_to(progress))
         run.settings["notices"] = notices + run.notices
         return studio.gallery(run), run.settings, str(run.archive)
 
@@ -201,7 +237,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
                     example = gr.Image(type="filepath", visible=False)
                     gr.Examples(example_paths, inputs=example, label="Example masks (held-out test cases)",
                                 elem_id="mask-examples")
-                    example.change(load_mask, example, editor, api_visibility="private")
+                    example.change(load_mask, example, editor, api_visibility="private", preprocess=False)
                 gr.Markdown(
                     f"**Painting.** Pick a class colour from the brush's palette; black paints background and "
                     f"the eraser takes paint off. The canvas is {side} px: each {studio.canvas_scale} x "
@@ -259,7 +295,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
 
         outputs = [gallery, settings_json, download, run_state]
         private = dict(api_visibility="private")
-        model = dict(concurrency_id="model")
+        model = dict(concurrency_id="model", preprocess=False)
         generate_btn.click(
             on_generate, [editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
             outputs, **private, **model,
@@ -269,7 +305,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
         )
         contours.change(redraw, [run_state, contours], gallery, **private, queue=False)
         reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **private, queue=False)
-        mask_file.upload(load_mask, mask_file, editor, **private)
+        mask_file.upload(load_mask, mask_file, editor, **private, preprocess=False)
         api_generate_btn.click(
             generate, [api_mask, api_omit, seed, steps, num_images, sampler],
             [api_gallery, api_settings, api_archive], api_name="generate", **model,
@@ -280,6 +316,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
         )
     # One sampling job at a time: a second would only halve the speed of both on a small machine.
     demo.queue(default_concurrency_limit=1, max_size=32)
+    refuse_foreign_files(demo)
     return demo
 
 
@@ -320,6 +357,8 @@ def main(argv: list[str] | None = None) -> gr.Blocks:
         demo = build_demo(pipe, args.model)
     except SegdiffError as e:
         parser.exit(2, f"segdiff studio: {e}\n")
+    # SIGTERM closes the server as Ctrl-C does, so the results folder is removed with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     launch(demo, args.host, args.port)
     return demo
 

@@ -31,7 +31,7 @@ import PIL.PngImagePlugin
 import torch
 
 from .data import read_image, read_mask
-from .errors import CheckpointError, ConfigError, DataLayoutError, MaskError, check_range
+from .errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError, check_integer
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 from .quality import faithfulness
@@ -40,7 +40,9 @@ from .segmenter import Segmenter
 # Caps on what one request may ask of a shared server.
 MAX_IMAGES = 8
 MAX_STEPS = 100
-MAX_MASK_SIDE = 2048  # pixels per side of an uploaded mask, checked from the header before decoding
+# Pixels per side of any image a request brings (canvas background, layers and composite, start image, mask
+# file), read from its header before anything decodes it: a small PNG can hold a huge flat image.
+MAX_IMAGE_SIDE = 2048
 MAX_SEED = 2**32 - 1
 CANVAS_SIDE = 512  # the painting canvas is the model size times the integer scale nearest this
 DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files keep the model's size
@@ -62,17 +64,13 @@ class Settings:
 
     def check(self, num_classes: int) -> None:
         """Raise ConfigError (MaskError for `omit`) naming the first setting out of range."""
-        for name, value, low, high in (
-            ("seed", self.seed, 0, MAX_SEED),
-            ("steps", self.steps, 1, MAX_STEPS),
-            ("num_images", self.num_images, 1, MAX_IMAGES),
-        ):
-            if not isinstance(value, int):
-                raise ConfigError(f"{name} {value!r}: expected an integer")
-            check_range(name, value, low, high)
-        if self.sampler not in SCHEDULERS:
+        check_integer("seed", self.seed, 0, MAX_SEED)
+        check_integer("steps", self.steps, 1, MAX_STEPS)
+        check_integer("num_images", self.num_images, 1, MAX_IMAGES)
+        if not isinstance(self.sampler, str) or self.sampler not in SCHEDULERS:
             raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SCHEDULERS)}")
-        if not 0.0 < self.strength <= 1.0:
+        strength = self.strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
         bad = [c for c in self.omit if not 1 <= c < num_classes]
         if bad:
@@ -133,8 +131,26 @@ class Studio:
         ]
         return " · ".join(parts)
 
-    def omit_ids(self, names: Sequence[str | int]) -> tuple[int, ...]:
-        """Class names (or ids) -> sorted class ids; background cannot be omitted."""
+    def settings(self, omit=(), seed=0, steps=DEFAULT_STEPS, num_images=4, sampler=DEFAULT_SCHEDULER,
+                 strength=1.0, keep=None) -> Settings:
+        """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
+
+        omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
+        follow instead (a checklist's ticked names), every other class being omitted.
+        """
+        if keep is not None:
+            kept = self.omit_ids(keep, "keep")
+            omit = [c for c in range(1, self.card.num_classes) if c not in kept]
+        settings = Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength)
+        settings.check(self.card.num_classes)
+        return replace(settings, seed=int(seed), steps=int(steps), num_images=int(num_images))
+
+    def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
+        """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
+        if names is None or isinstance(names, str):
+            names = [] if names is None else [names]
+        if not isinstance(names, (list, tuple)):
+            raise MaskError(f"{what} {names!r}: expected a list of class names from {self.class_names[1:]}")
         ids = []
         for item in names:
             key = str(item).strip()
@@ -144,7 +160,7 @@ class Studio:
                 ids.append(int(key))
             else:
                 raise MaskError(
-                    f"omit: {item!r} is not a class; expected names from {self.class_names[1:]} "
+                    f"{what}: {item!r} is not a class; expected names from {self.class_names[1:]} "
                     f"or ids 1..{self.card.num_classes - 1}"
                 )
         return tuple(sorted(set(ids)))
@@ -192,6 +208,32 @@ class Studio:
         labels = self.palette.to_labels(flat, source="painted mask")
         return _downscale_labels(labels, self.size, self.card.num_classes)
 
+    def read_canvas(self, file: str | os.PathLike | bytes, source: str = "canvas") -> np.ndarray:
+        """One canvas image (a PNG path or its bytes) -> (S, S, 4) uint8 RGBA at the canvas size.
+
+        The size is checked from the header first; the image is decoded once, brought to the canvas
+        size in its own mode (nearest), and only then expanded to RGBA: a request costs what the canvas
+        costs, whatever size it claims.
+        """
+        side = self.size * self.canvas_scale
+        with _open_image(file, source) as im:
+            if im.size != (side, side):
+                im = im.resize((side, side), PIL.Image.NEAREST)
+            return np.asarray(im.convert("RGBA"))
+
+    def mask_from_editor(self, background=None, layers=(), composite=None) -> np.ndarray:
+        """The image editor's files (PNG paths or bytes, None when absent) -> (H, W) int64 class ids.
+
+        The browser sends a composite once painted on; a mask we loaded into the layer comes back
+        without one, as background and layers. Nothing at all is an empty mask.
+        """
+        if composite is not None:
+            return self.mask_from_canvas(self.read_canvas(composite, "canvas composite"))
+        if background is None:
+            return self.mask_from_canvas(None)
+        layers = [self.read_canvas(f, f"canvas layer {i}") for i, f in enumerate(layers) if f is not None]
+        return self.mask_from_canvas(self.read_canvas(background, "canvas background"), layers)
+
     def mask_from_file(self, path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         """An uploaded mask file -> ((H, W) int64 class ids, notices for the user).
 
@@ -200,11 +242,9 @@ class Studio:
         """
         path = Path(path)
         try:
-            side = _largest_side(path)
-            if side > MAX_MASK_SIDE:
-                raise MaskError(f"{path}: {side} px on a side, expected at most {MAX_MASK_SIDE}")
+            _check_side(path, str(path))
             mask = read_mask(path, self.card.num_classes, self.palette)
-        except (MaskError, DataLayoutError) as e:
+        except (MaskError, DataLayoutError, ImageError) as e:
             raise type(e)(str(e).replace(str(path), path.name)) from e
         notices = []
         if mask.shape != (self.size, self.size):
@@ -221,9 +261,10 @@ class Studio:
         """An uploaded image -> (1, C, H, W) float32 in [0, 1] at the model's size, for `strength`."""
         path = Path(path)
         try:
+            _check_side(path, str(path))
             image = read_image(path, self.card.img_channels, self.size)
-        except DataLayoutError as e:
-            raise DataLayoutError(str(e).replace(str(path), path.name)) from e
+        except (DataLayoutError, ImageError) as e:
+            raise type(e)(str(e).replace(str(path), path.name)) from e
         scaled = image / 255.0 if image.dtype == np.uint8 else image  # `.npy` images are [0, 1] already
         return torch.from_numpy(np.asarray(scaled, np.float32))[None]
 
@@ -317,7 +358,8 @@ class Studio:
         return run
 
     def _new_folder(self, kind: str) -> Path:
-        runs = sorted(self.results.iterdir(), key=lambda p: p.stat().st_mtime)
+        # Bounded on disk: the oldest runs go; the example previews the page links to stay.
+        runs = sorted((p for p in self.results.iterdir() if p.name != "previews"), key=lambda p: p.stat().st_mtime)
         for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"{time.strftime('%H%M%S')}-{kind}-", dir=self.results))
@@ -356,19 +398,33 @@ def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.nda
     return counts.argmax(-1).astype(np.int64)
 
 
-def _largest_side(path: Path) -> int:
-    """The larger side of an image or `.npy` file, read from its header only."""
+def _open_image(file: str | os.PathLike | bytes, source: str) -> PIL.Image.Image:
+    """A PNG (or other PIL image) path or bytes, opened lazily after its header passed `_check_side`."""
+    _check_side(file, source)
     try:
-        if path.suffix.lower() == ".npy":
-            with open(path, "rb") as f:
+        return PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
+
+
+def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
+    """Refuse an image or `.npy` larger than MAX_IMAGE_SIDE on a side, from its header alone."""
+    try:
+        if not isinstance(file, bytes) and Path(file).suffix.lower() == ".npy":
+            with open(file, "rb") as f:
                 major, _ = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape, _, _ = read(f)
-            return max(shape, default=0)
-        with PIL.Image.open(path) as im:
-            return max(im.size)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise DataLayoutError(f"{path}: cannot read the mask ({e})") from e
+        else:
+            with PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
+                shape = im.size[::-1]
+    except PIL.Image.DecompressionBombError as e:  # PIL's own cap, far above ours
+        raise ImageError(f"{source}: {e}; expected at most {MAX_IMAGE_SIDE} px on a side") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
+    if max(shape, default=0) > MAX_IMAGE_SIDE:
+        size = " x ".join(str(n) for n in shape)
+        raise ImageError(f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)")
 
 
 def _png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:
