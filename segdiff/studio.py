@@ -415,15 +415,16 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
                 major, _ = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape, _, _ = read(f)
+            sides = shape[::-1]  # width first, as for images
         else:
             with PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
-                shape = im.size[::-1]
+                sides = im.size
     except PIL.Image.DecompressionBombError as e:  # PIL's own cap, far above ours
         raise ImageError(f"{source}: {e}; expected at most {MAX_IMAGE_SIDE} px on a side") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
-    if max(shape, default=0) > MAX_IMAGE_SIDE:
-        size = " x ".join(str(n) for n in shape)
+    if max(sides, default=0) > MAX_IMAGE_SIDE:
+        size = " x ".join(str(n) for n in sides)
         raise ImageError(f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)")
 
 

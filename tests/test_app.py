@@ -147,6 +147,15 @@ def test_a_canvas_past_the_limit_is_refused_from_its_header_and_costs_no_memory(
     assert len(paint(largest)[0]["value"]) == 1  # and the server goes on
 
 
+def test_an_uploaded_mask_past_the_limit_never_reaches_the_canvas(client, mask_png, tmp_path):
+    index = private_endpoint(client, "load_mask")
+    value = client.predict(handle_file(str(mask_png)), fn_index=index)
+    assert len(value["layers"]) == 1  # the mask, painted into the editor's layer
+    PIL.Image.new("L", (MAX_IMAGE_SIDE + 1, 8)).save(tmp_path / "wide.png")
+    with pytest.raises(AppError, match=rf"wide\.png: {MAX_IMAGE_SIDE + 1} x 8 px, expected at most {MAX_IMAGE_SIDE}"):
+        client.predict(handle_file(str(tmp_path / "wide.png")), fn_index=index)
+
+
 @pytest.fixture
 def npy(tmp_path):
     def save(name, array):

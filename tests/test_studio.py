@@ -122,7 +122,7 @@ def test_bad_mask_files_are_refused_by_name(studio, mask, tmp_path):
         studio.mask_from_file(tmp_path / "corrupt.png")
 
     np.save(tmp_path / "huge.npy", np.zeros((1, MAX_IMAGE_SIDE + 1), np.uint8))
-    with pytest.raises(ImageError, match=rf"^huge\.npy: 1 x {MAX_IMAGE_SIDE + 1} px, expected at most {MAX_IMAGE_SIDE}"):
+    with pytest.raises(ImageError, match=rf"^huge\.npy: {MAX_IMAGE_SIDE + 1} x 1 px, expected at most {MAX_IMAGE_SIDE}"):
         studio.mask_from_file(tmp_path / "huge.npy")
 
 
