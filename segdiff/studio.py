@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 import zipfile
@@ -31,7 +33,15 @@ import PIL.PngImagePlugin
 import torch
 
 from .data import read_image, read_mask
-from .errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError, check_integer
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataLayoutError,
+    ImageError,
+    MaskError,
+    SegdiffError,
+    check_integer,
+)
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 from .quality import faithfulness
@@ -49,6 +59,7 @@ DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files
 KEEP_RUNS = 32  # result folders kept on disk; the app serves copies of older ones from its own cache
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,11 +104,11 @@ class Run:
 
 
 class Studio:
-    """An opened model and the actions the studio offers on it."""
+    """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results."""
 
-    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None):
+    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None):
         folder = Path(folder) if folder is not None else None
-        name = (folder.resolve().parent if folder.name == "unet" else folder.resolve()).name if folder else "model"
+        name = name or (model_name(folder) if folder else "model")
         card = pipe.card
         if not card.guided or card.num_classes < 2:
             raise CheckpointError(
@@ -179,6 +190,19 @@ class Studio:
         rgb = self.canvas(mask)
         alpha = np.repeat(np.repeat(mask > 0, self.canvas_scale, axis=0), self.canvas_scale, axis=1)
         return np.concatenate([rgb, (alpha * 255).astype(np.uint8)[..., None]], axis=-1)
+
+    def example_masks(self, folder: str | os.PathLike) -> list[str]:
+        """The mask files in `folder` this model reads, as previews at its size (thumbnails a person can read)."""
+        folder = Path(folder)
+        paths = []
+        for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.npy")):
+            try:
+                mask, _ = self.mask_from_file(path)
+            except SegdiffError as e:
+                log.warning("segdiff studio: skipping example %s", e)
+                continue
+            paths.append(self.write_preview(mask, path.stem))
+        return paths
 
     def write_preview(self, mask: np.ndarray, stem: str) -> str:
         """Write `mask` as a palette-coloured PNG at the model's size (it reads back exactly); its path."""
@@ -382,6 +406,79 @@ class Studio:
             big_mask = np.repeat(np.repeat(mask, s, axis=0), s, axis=1)
             items.append((overlay(big, big_mask, self.palette, style="contour"), caption))
         return items
+
+
+def model_name(folder: str | os.PathLike) -> str:
+    """What the studio calls a model folder: its name (a released NAME/unet/ checkpoint goes by NAME)."""
+    folder = Path(folder).resolve()
+    return (folder.parent if folder.name == "unet" else folder).name
+
+
+class Models:
+    """The studio's models by name. Each opens on first use and stays open: a click costs a dict lookup.
+
+    folders: name -> model folder, in the picker's order; default: the name a request without one gets;
+    examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say.
+    """
+
+    def __init__(self, folders: dict[str, Path], default: str, examples: Path | None = None,
+                 num_classes: dict[str, int] | None = None):
+        if default not in folders:
+            raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
+        self.folders, self.default, self.examples_root = dict(folders), default, examples
+        self.num_classes = num_classes or {}
+        self._open: dict[str, tuple[Studio, list[str]]] = {}
+        self._lock = threading.Lock()  # two first requests for one model load it once
+
+    @classmethod
+    def discover(cls, root: str | os.PathLike, preferred: str, examples: Path | None = None,
+                 model: str | os.PathLike | None = None, num_classes: int | None = None) -> Models:
+        """Every model folder in `root`, sorted, plus `model` (opened by path). The default is `model` when
+        given, else `preferred` when present, else the first folder found."""
+        root = Path(root)
+        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        folders = {p.name: p for p in found}
+        if model is not None:
+            folders[model_name(model)] = Path(model)
+        if not folders:
+            raise CheckpointError(f"{root}: no model folder inside, and no model given by path")
+        default = model_name(model) if model is not None else preferred if preferred in folders else next(iter(folders))
+        return cls(folders, default, examples, {default: num_classes} if num_classes else None)
+
+    @classmethod
+    def of(cls, studio: Studio, examples: Path | None = None) -> Models:
+        """A registry of one model already opened (a benchmark's own precision, a test's tiny model)."""
+        models = cls({studio.name: studio.folder}, studio.name, examples)
+        models._open[studio.name] = (studio, models._examples_of(studio))
+        return models
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.folders)
+
+    def get(self, name: str | None = None) -> Studio:
+        """The studio of model `name` (None or "": the default), opening it on first use."""
+        return self._entry(name)[0]
+
+    def examples(self, name: str | None = None) -> list[str]:
+        """The model's example masks (`<examples>/<name>/*.png|npy`) as previews it reads exactly."""
+        return self._entry(name)[1]
+
+    def _entry(self, name: str | None) -> tuple[Studio, list[str]]:
+        name = self.default if name is None or name == "" else name
+        if not isinstance(name, str) or name not in self.folders:
+            raise CheckpointError(f"model {name!r}: not one of this studio's models {self.names}")
+        if name in self._open:  # the common case takes no lock: a click never waits on another model's load
+            return self._open[name]
+        with self._lock:
+            if name not in self._open:
+                pipe = SegDiffPipeline.from_pretrained(self.folders[name], num_classes=self.num_classes.get(name))
+                studio = Studio(pipe, self.folders[name], name)
+                self._open[name] = (studio, self._examples_of(studio))
+            return self._open[name]
+
+    def _examples_of(self, studio: Studio) -> list[str]:
+        return studio.example_masks(self.examples_root / studio.name) if self.examples_root else []
 
 
 def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:

@@ -6,18 +6,20 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import app
-from segdiff.studio import MAX_IMAGE_SIDE
+from segdiff.masks import Palette
+from segdiff.studio import MAX_IMAGE_SIDE, Models
 
 FAST = dict(steps=3, num_images=2)
 pytestmark = pytest.mark.timeout(600)
@@ -84,6 +86,56 @@ def test_bad_upload_is_an_error_naming_it_and_the_server_keeps_serving(client, m
     assert len(images_of(gallery)) == 2
 
 
+# ---- the model picker ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, size, names", [("tiny-breast", 64, CLASS_NAMES), ("tiny-small", 32, SMALL_CLASS_NAMES)])
+def test_each_model_samples_at_its_size_and_reads_masks_in_its_palette(client, tmp_path, model, size, names):
+    mask = np.zeros((size, size), np.int64)
+    mask[4:-4, 4:-4] = 1
+    mask[size // 2 :, size // 2 :] = len(names) - 1
+    PIL.Image.fromarray(Palette.default(len(names), names).to_rgb(mask)).save(tmp_path / "coloured.png")
+    gallery, settings, archive = generate(client, tmp_path / "coloured.png", model=model, omit=names[1])
+    assert all(image.shape == (size, size) for image in images_of(gallery))
+    assert settings["model"] == model and settings["classes"] == names and settings["omit"] == [names[1]]
+    with zipfile.ZipFile(archive) as z:
+        assert np.array_equal(np.asarray(PIL.Image.open(z.open("mask.png"))), mask)  # the colours read as ids
+
+
+def test_an_unknown_model_is_a_clear_error_and_the_server_goes_on(client, mask_png):
+    with pytest.raises(AppError, match=r"model 'tiny-huge': not one of this studio's models \['tiny-breast', 'tiny-small'\]"):
+        generate(client, mask_png, model="tiny-huge")
+    assert len(images_of(generate(client, mask_png)[0])) == 2  # no model named: the launch default
+
+
+def test_switching_model_brings_its_canvas_palette_classes_and_examples(client):
+    updates = client.predict("tiny-small", fn_index=private_endpoint(client, "switch"))
+    editor, legend, keep, examples = updates[:4]
+    assert editor["brush"]["colors"] == [Palette.default(3).hex(i) for i in range(3)]
+    assert editor["canvas_size"] == [512, 512] and editor["brush"]["default_size"] == 3 * 16
+    assert all(name in legend for name in SMALL_CLASS_NAMES)
+    assert [c[0] for c in keep["choices"]] == SMALL_CLASS_NAMES[1:] and keep["value"] == SMALL_CLASS_NAMES[1:]
+    assert len(examples["samples"]) == 1
+    loaded = client.predict("tiny-small", 0, fn_index=private_endpoint(client, "load_example"))
+    layer = np.asarray(PIL.Image.open(loaded["value"]["layers"][0]))  # the client fetched it: a local path
+    assert layer.shape == (512, 512, 4) and layer[256, 256, 3] == 255  # the 32 px square, 16 x 16 per pixel
+    with pytest.raises(AppError, match=r"example 1: expected a value in 0\.\.0"):
+        client.predict("tiny-small", 1, fn_index=private_endpoint(client, "load_example"))
+
+
+def test_the_default_model_is_the_named_one_else_the_first_found(tmp_path, tiny_model_dir, small_model_dir):
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "b-model").symlink_to(tiny_model_dir)
+    assert Models.discover(root, "psfhs-ultrasound-64").default == "b-model"
+    (root / "a-model").symlink_to(small_model_dir)
+    assert Models.discover(root, "psfhs-ultrasound-64").default == "a-model"
+    assert Models.discover(root, "b-model").default == "b-model"
+    by_path = Models.discover(root, "b-model", model=small_model_dir)
+    assert by_path.default == "tiny-small" and by_path.names == ["a-model", "b-model", "tiny-small"]
+    assert app.DEFAULT_MODEL == "psfhs-ultrasound-64"
+
+
 def test_wrong_size_mask_is_resized_with_a_notice(client, tmp_path, mask):
     PIL.Image.fromarray(np.kron(mask, np.ones((3, 3), np.int64)).astype(np.uint8)).save(tmp_path / "big.png")
     gallery, settings, _ = generate(client, tmp_path / "big.png", num_images=1)
@@ -128,7 +180,8 @@ def test_a_canvas_past_the_limit_is_refused_from_its_header_and_costs_no_memory(
 
     def paint(path):
         editor = {"background": None, "layers": [], "composite": handle_file(str(path))}
-        return client.predict(editor, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False, fn_index=index)
+        return client.predict("tiny-breast", editor, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+                              fn_index=index)
 
     def canvas(name, side, mode="RGBA"):  # flat images: a few KB of PNG, however many pixels
         PIL.Image.new(mode, (side, side), (230, 25, 75, 255) if mode == "RGBA" else 0).save(tmp_path / name)
@@ -149,11 +202,11 @@ def test_a_canvas_past_the_limit_is_refused_from_its_header_and_costs_no_memory(
 
 def test_an_uploaded_mask_past_the_limit_never_reaches_the_canvas(client, mask_png, tmp_path):
     index = private_endpoint(client, "load_mask")
-    value = client.predict(handle_file(str(mask_png)), fn_index=index)
-    assert len(value["layers"]) == 1  # the mask, painted into the editor's layer
+    value = client.predict("tiny-breast", handle_file(str(mask_png)), fn_index=index)
+    assert len(value["value"]["layers"]) == 1  # the mask, painted into the editor's layer
     PIL.Image.new("L", (MAX_IMAGE_SIDE + 1, 8)).save(tmp_path / "wide.png")
     with pytest.raises(AppError, match=rf"wide\.png: {MAX_IMAGE_SIDE + 1} x 8 px, expected at most {MAX_IMAGE_SIDE}"):
-        client.predict(handle_file(str(tmp_path / "wide.png")), fn_index=index)
+        client.predict("tiny-breast", handle_file(str(tmp_path / "wide.png")), fn_index=index)
 
 
 @pytest.fixture
@@ -197,7 +250,7 @@ def test_refusals_name_the_value_in_one_log_line_without_a_traceback(client, mas
 def test_a_path_on_the_server_is_refused_in_words(studio_url, caplog):
     url = f"{studio_url.rstrip('/')}/gradio_api/call/generate"
     server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}
-    event = httpx.post(url, json={"data": [server_file, [], 1, 1, 1, "dpm++"]}).json()["event_id"]
+    event = httpx.post(url, json={"data": [server_file, [], 1, 1, 1, "dpm++", "tiny-breast"]}).json()["event_id"]
     reply = httpx.get(f"{url}/{event}", timeout=120).text
     assert "event: error" in reply and "only files uploaded to this server are accepted" in reply
     assert any("refused generate: only files uploaded" in r.getMessage() for r in caplog.records)

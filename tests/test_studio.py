@@ -10,9 +10,9 @@ import torch
 
 import segdiff.studio
 from segdiff import SegDiffPipeline
-from segdiff.errors import ConfigError, DataLayoutError, ImageError, MaskError
+from segdiff.errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.segmenter import Segmenter, SegmenterConfig
-from segdiff.studio import MAX_IMAGE_SIDE, Settings, Studio, settings_of
+from segdiff.studio import MAX_IMAGE_SIDE, Models, Settings, Studio, settings_of
 
 FAST = dict(steps=3, num_images=2)
 
@@ -260,3 +260,19 @@ def test_dice_per_image_when_the_card_names_a_segmenter(tiny_model_dir, tmp_path
     dice = run.settings["dice_kept"]
     assert len(dice) == 2 and all(0 <= d <= 1 for d in dice)
     assert [c.split(" · ")[1] for c in run.captions] == [f"Dice {d:.2f}" for d in dice]
+
+
+def test_models_open_once_on_first_use_and_stay_open(tiny_model_dir, small_model_dir, monkeypatch):
+    opened = []
+    from_pretrained = SegDiffPipeline.from_pretrained
+    monkeypatch.setattr(SegDiffPipeline, "from_pretrained", lambda f, **kw: opened.append(f) or from_pretrained(f, **kw))
+    models = Models({"breast": tiny_model_dir, "small": small_model_dir}, "breast")
+    assert opened == []
+    first = models.get()
+    assert models.get("breast") is first and models.get("") is first and first.name == "breast"
+    assert models.get("small").size == 32 and models.get("small") is models.get("small")
+    assert opened == [tiny_model_dir, small_model_dir]
+    with pytest.raises(CheckpointError, match=r"^model 'large': not one of this studio's models \['breast', 'small'\]"):
+        models.get("large")
+    with pytest.raises(CheckpointError, match=r"^model \['small'\]: not one of"):
+        models.get(["small"])
