@@ -2,22 +2,28 @@
 
     python app.py [--model PATH] [--num_classes K] [--host 127.0.0.1] [--port 7860]
 
-UI only: every action is one call into `segdiff.studio`. The model loads once, in `main`.
+UI only: every action is one call into `segdiff.studio`. The picker offers every bundled model (and the one
+given by --model); each loads once, on first use, and stays loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import random
-import sys
+import signal
 from pathlib import Path
 
 import gradio as gr
+import pydantic
+from gradio.context import LocalContext
+from gradio.exceptions import InvalidPathError
 
-from segdiff import SegdiffError, SegDiffPipeline
+from segdiff import ConfigError, SegdiffError
+from segdiff.errors import check_integer
 from segdiff.pipeline import DEFAULT_STEPS
-from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Run, Settings, Studio
+from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Models, Run, Studio
 
 try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
     import spaces
@@ -30,8 +36,10 @@ except ImportError:
 
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE / "assets" / "models" / "phantom-breast-64"
-EXAMPLES = HERE / "assets" / "examples"
+MODELS = HERE / "assets" / "models"  # the picker offers every folder in here
+EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's example masks
+# The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
+DEFAULT_MODEL = "psfhs-ultrasound-64"
 MAX_UPLOAD = "5mb"
 SAMPLERS = [
     ("DPM++ 2M (fast)", "dpm++"),
@@ -51,6 +59,15 @@ CSS = """
 """
 
 
+log = logging.getLogger("segdiff.studio")
+
+
+def refusal(message: str, action: str) -> gr.Error:
+    """A user's mistake: one line in the server log, the message on the page; tracebacks are for our faults."""
+    log.warning("segdiff studio refused %s: %s", action, message)
+    return gr.Error(message, print_exception=False)
+
+
 def user_errors(fn):
     """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on."""
 
@@ -59,9 +76,27 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SegdiffError, ValueError) as e:
-            raise gr.Error(str(e)) from e
+            raise refusal(str(e), fn.__name__) from e
 
     return wrapper
+
+
+def refuse_foreign_files(demo: gr.Blocks) -> None:
+    """Say in words why gradio refuses a request's file before any handler runs (else: `{"error": null}`)."""
+    preprocess = demo.preprocess_data
+
+    @functools.wraps(preprocess)
+    async def checked(block_fn, *args, **kwargs):
+        try:
+            return await preprocess(block_fn, *args, **kwargs)
+        except InvalidPathError as e:  # a path on the server that no upload created
+            raise refusal("only files uploaded to this server are accepted, not paths on it; "
+                          "upload the file first (gradio_client: handle_file(path))", block_fn.name) from e
+        except pydantic.ValidationError as e:
+            raise refusal("a file input holds something else; expected an uploaded file "
+                          "(gradio_client: handle_file(path))", block_fn.name) from e
+
+    demo.preprocess_data = checked
 
 
 def legend_html(studio: Studio) -> str:
@@ -72,37 +107,73 @@ def legend_html(studio: Studio) -> str:
     return f'<div class="legend">{items}</div>'
 
 
-def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Blocks:
-    """The studio's page for an opened model; `folder` names it and locates its segmenter."""
-    studio = Studio(pipe, folder)
-    names = studio.class_names
-    side = studio.size * studio.canvas_scale
-    blank = {"background": studio.canvas(), "layers": [], "composite": None}
+def tips(studio: Studio) -> str:
+    side, scale = studio.size * studio.canvas_scale, studio.canvas_scale
+    return (
+        f"**Painting.** Pick a class colour from the brush's palette; black paints background and the eraser "
+        f"takes paint off. The canvas is {side} px: each {scale} x {scale} block becomes one of the model's "
+        f"{studio.size} x {studio.size} pixels, the class covering most of it.\n\n"
+        "**Omitting** a class hands its pixels to the model, which may draw that tissue anywhere or nowhere. "
+        "**Ablation sweep** renders one noise with all classes kept, then each one omitted in turn. Every PNG "
+        "carries its seed, steps, sampler, omitted classes and model in its metadata."
+    )
 
-    def editor_value(mask):
-        # The mask goes on the layer, over a black background, so the eraser takes it back to background.
-        return {"background": studio.canvas(), "layers": [studio.layer(mask)], "composite": None}
 
-    def mask_of(editor):
-        if editor is None:
-            return studio.mask_from_canvas(None)
-        # The browser sends a composite once painted on; a mask we loaded into the layer comes back without one.
-        if editor.get("composite") is not None:
-            return studio.mask_from_canvas(editor["composite"])
-        return studio.mask_from_canvas(editor.get("background"), editor.get("layers") or ())
+def editor_of(studio: Studio, mask=None) -> dict:
+    """What the mask editor shows for a model: its canvas size, brush palette, and `mask` (None: blank).
 
-    def settings_of(omit, seed, steps, num_images, sampler, strength=1.0) -> Settings:
-        """omit: class names (or ids) the model may invent."""
-        if seed is None:
-            raise gr.Error(f"seed: empty; expected an integer 0..{MAX_SEED}")
-        return Settings(int(seed), int(steps), sampler, studio.omit_ids(omit), int(num_images), float(strength))
+    A mask goes on the layer, over a black background, so the eraser takes it back to background.
+    """
+    side, scale = studio.size * studio.canvas_scale, studio.canvas_scale
+    layers = [] if mask is None else [studio.layer(mask)]
+    return dict(
+        value={"background": studio.canvas(), "layers": layers, "composite": None},
+        canvas_size=(side, side),
+        brush=gr.Brush(
+            colors=[studio.palette.hex(i) for i in range(len(studio.class_names))],
+            default_color=studio.palette.hex(1),
+            color_mode="fixed",
+            default_size=3 * scale,
+        ),
+        eraser=gr.Eraser(default_size=3 * scale),
+        height=side + 60,
+    )
+
+
+def build_demo(models: Models) -> gr.Blocks:
+    """The studio's page over a registry of models; the picker switches between them."""
+    first = models.get()
+
+    # The sampling events take their inputs raw (preprocess=False): gradio would decode every image at
+    # whatever size a request claims and round numbers; the studio checks and reads each value itself.
+    def path_of(file):
+        return file["path"] if isinstance(file, dict) else None
+
+    def mask_of(studio: Studio, value):
+        """The editor's raw value -> class ids; its images still undecoded until the studio checks them."""
+        if not value:
+            return studio.mask_from_editor()
+        if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
+            # ... this session's editor: once the picker has updated it, the session holds its own copy.
+            session = LocalContext.blocks_config.get(None)
+            holder = session.blocks.get(editor._id, editor) if session else editor
+            blobs = holder.blob_storage.pop(value["id"], None)
+            if blobs is None:
+                return studio.mask_from_editor()
+            return studio.mask_from_editor(blobs.background, blobs.layers, blobs.composite)
+        layers = [path_of(f) for f in value.get("layers") or ()]
+        return studio.mask_from_editor(path_of(value.get("background")), layers, path_of(value.get("composite")))
+
+    def start_of(studio: Studio, image):
+        return studio.start_image(path_of(image)) if path_of(image) else None
 
     def progress_to(progress):
         return lambda step, total: progress((step, total), desc="denoising", unit="steps")
 
     def gallery_of(run: Run, contours: bool):
         # Up to 4 results as a 2 x 2 grid of large images; more as rows of 4.
-        return gr.Gallery(studio.gallery(run, contours), columns=2 if len(run.images) <= 4 else 4)
+        items = models.get(run.settings["model"]).gallery(run, contours)
+        return gr.Gallery(items, columns=2 if len(run.images) <= 4 else 4)
 
     def shown(run: Run, contours: bool):
         for notice in run.notices:
@@ -115,105 +186,120 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
         )
 
     @user_errors
-    def load_mask(path):
-        if path is None:
-            return gr.skip()
+    def switch(name):
+        studio = models.get(name)
+        names, examples = studio.class_names, models.examples(name)
+        return (
+            gr.ImageEditor(**editor_of(studio)),
+            legend_html(studio),
+            gr.CheckboxGroup(names[1:], value=names[1:]),
+            gr.Dataset(samples=[[p] for p in examples], visible=bool(examples)),
+            studio.summary(),
+            tips(studio),
+            gr.Image(value=None, image_mode="L" if studio.card.img_channels == 1 else "RGB"),
+            gr.Gallery(value=None),
+            None,
+            gr.DownloadButton(visible=False),
+            None,
+        )
+
+    def loaded(studio: Studio, path):
         mask, notices = studio.mask_from_file(path)
         for notice in notices:
             gr.Warning(notice)
-        return editor_value(mask)
+        return gr.ImageEditor(**editor_of(studio, mask))
+
+    @user_errors
+    def load_mask(name, file):
+        return loaded(models.get(name), path_of(file)) if path_of(file) else gr.skip()
+
+    @user_errors
+    def load_example(name, index):
+        examples = models.examples(name)
+        index = check_integer("example", index, 0, len(examples) - 1)
+        return loaded(models.get(name), examples[index])
 
     @gpu
     @user_errors
-    def on_generate(editor, keep, seed, steps, num_images, sampler, image, strength, contours,
-                 progress=gr.Progress()):  # noqa: B008
-        unticked = [n for n in names[1:] if n not in (keep or [])]
-        settings = settings_of(unticked, seed, steps, num_images, sampler, strength)
-        start = studio.start_image(image) if image else None
-        return shown(studio.generate(mask_of(editor), settings, start, progress_to(progress)), contours)
+    def on_generate(name, value, keep, seed, steps, num_images, sampler, image, strength, contours,
+                    progress=gr.Progress()):  # noqa: B008
+        studio = models.get(name)
+        settings = studio.settings(keep=keep or [], seed=seed, steps=steps, num_images=num_images,
+                                   sampler=sampler, strength=strength)
+        run = studio.generate(mask_of(studio, value), settings, start_of(studio, image), progress_to(progress))
+        return shown(run, contours)
 
     @gpu
     @user_errors
-    def on_sweep(editor, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
-        settings = settings_of([], seed, steps, 1, sampler, strength)
-        start = studio.start_image(image) if image else None
-        return shown(studio.sweep(mask_of(editor), settings, start, progress_to(progress)), contours)
+    def on_sweep(name, value, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
+        studio = models.get(name)
+        settings = studio.settings(seed=seed, steps=steps, num_images=1, sampler=sampler, strength=strength)
+        run = studio.sweep(mask_of(studio, value), settings, start_of(studio, image), progress_to(progress))
+        return shown(run, contours)
 
     def redraw(run, contours):
         return gallery_of(run, contours) if run is not None else gr.skip()
 
-    def api_run(action, mask, omit, seed, steps, num_images, sampler, progress):
-        if mask is None:
-            raise gr.Error("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
-        labels, notices = studio.mask_from_file(mask)
-        run = action(labels, settings_of(omit or [], seed, steps, num_images, sampler), progress=progress_to(progress))
+    def api_run(kind, model, mask, omit, seed, steps, num_images, sampler, progress):
+        studio = models.get(model)
+        if path_of(mask) is None:
+            raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
+        settings = studio.settings(omit=omit, seed=seed, steps=steps, num_images=num_images, sampler=sampler)
+        labels, notices = studio.mask_from_file(path_of(mask))
+        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress))
         run.settings["notices"] = notices + run.notices
         return studio.gallery(run), run.settings, str(run.archive)
 
     @gpu
     @user_errors
-    def generate(mask, omit, seed, steps, num_images, sampler, progress=gr.Progress()):  # noqa: B008
-        return api_run(studio.generate, mask, omit, seed, steps, num_images, sampler, progress)
+    def generate(mask, omit, seed, steps, num_images, sampler, model, progress=gr.Progress()):  # noqa: B008
+        return api_run("generate", model, mask, omit, seed, steps, num_images, sampler, progress)
 
     @gpu
     @user_errors
-    def sweep(mask, seed, steps, sampler, progress=gr.Progress()):  # noqa: B008
-        return api_run(studio.sweep, mask, [], seed, steps, 1, sampler, progress)
+    def sweep(mask, seed, steps, sampler, model, progress=gr.Progress()):  # noqa: B008
+        return api_run("sweep", model, mask, [], seed, steps, 1, sampler, progress)
 
     with gr.Blocks(title="segdiff studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
             "# segdiff studio\n"
             "Paint an anatomy mask, choose which classes the model must follow and which it may invent, "
-            f"and sample images that follow it pixel for pixel.\n\n<span class='model-line'>{studio.summary()}</span>"
+            "and sample images that follow it pixel for pixel."
         )
+        with gr.Row(equal_height=False):
+            picker = gr.Dropdown(models.names, value=models.default, label="Model", scale=1, min_width=200,
+                                 visible=len(models.names) > 1, elem_id="model-picker")
+            model_line = gr.Markdown(first.summary(), elem_classes="model-line")
         run_state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=380):
                 editor = gr.ImageEditor(
-                    value=blank,
                     label="Mask",
                     type="numpy",
                     image_mode="RGBA",
                     format="png",
-                    canvas_size=(side, side),
                     fixed_canvas=True,
                     sources=[],
                     transforms=[],
                     layers=False,
-                    brush=gr.Brush(
-                        colors=[studio.palette.hex(i) for i in range(len(names))],
-                        default_color=studio.palette.hex(1),
-                        color_mode="fixed",
-                        default_size=3 * studio.canvas_scale,
-                    ),
-                    eraser=gr.Eraser(default_size=3 * studio.canvas_scale),
-                    height=side + 60,
                     elem_id="mask-editor",
+                    **editor_of(first),
                 )
-                gr.HTML(legend_html(studio))
+                legend = gr.HTML(legend_html(first))
                 mask_file = gr.File(
                     label="Upload a mask (PNG of class ids or colours, .npy)",
                     file_types=[".png", ".npy"],
                     height=120,
                 )
-                example_paths = example_masks(studio)
-                if example_paths:
-                    example = gr.Image(type="filepath", visible=False)
-                    gr.Examples(example_paths, inputs=example, label="Example masks (held-out test cases)",
-                                elem_id="mask-examples")
-                    example.change(load_mask, example, editor, api_visibility="private")
-                gr.Markdown(
-                    f"**Painting.** Pick a class colour from the brush's palette; black paints background and "
-                    f"the eraser takes paint off. The canvas is {side} px: each {studio.canvas_scale} x "
-                    f"{studio.canvas_scale} block becomes one of the model's {studio.size} x {studio.size} "
-                    "pixels, the class covering most of it.\n\n"
-                    "**Omitting** a class hands its pixels to the model, which may draw that tissue anywhere "
-                    "or nowhere. **Ablation sweep** renders one noise with all classes kept, then each one "
-                    "omitted in turn. Every PNG carries its seed, steps, sampler, omitted classes and model "
-                    "in its metadata.",
-                    elem_classes="tips",
+                first_examples = models.examples()
+                examples = gr.Dataset(
+                    components=["image"], samples=[[p] for p in first_examples], type="index",
+                    label="Example masks (held-out test cases)", elem_id="mask-examples",
+                    samples_per_page=12, visible=bool(first_examples),
                 )
+                painting_tips = gr.Markdown(tips(first), elem_classes="tips")
             with gr.Column(scale=6, min_width=380):
+                names = first.class_names
                 keep = gr.CheckboxGroup(
                     names[1:], value=names[1:], label="Keep",
                     info="Ticked classes are followed exactly; unticked ones are omitted, and the model may invent them.",
@@ -228,7 +314,7 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
                 with gr.Accordion("Start from a real image (anatomical similarity)", open=False):
                     start_image = gr.Image(
                         type="filepath", label="Real image", sources=["upload"], height=180,
-                        image_mode="L" if pipe.card.img_channels == 1 else "RGB",
+                        image_mode="L" if first.card.img_channels == 1 else "RGB",
                     )
                     strength = gr.Slider(
                         0.05, 1.0, value=0.6, step=0.05, label="Strength",
@@ -248,9 +334,10 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
                 with gr.Accordion("Settings of these results", open=False):
                     settings_json = gr.JSON(label="Settings", show_label=False)
 
-        # API-only inputs and outputs: a mask file instead of a canvas, class names to omit.
+        # API-only inputs and outputs: a mask file instead of a canvas, class names to omit; the model is
+        # the picker's value, so a request that names none gets the launch default.
         api_mask = gr.File(label="mask", visible=False)
-        api_omit = gr.Dropdown(names[1:], multiselect=True, value=[], label="omit", visible=False)
+        api_omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
         api_gallery = gr.Gallery(label="images", visible=False, format="png")
         api_settings = gr.JSON(label="settings", visible=False)
         api_archive = gr.File(label="archive", visible=False)
@@ -259,41 +346,36 @@ def build_demo(pipe: SegDiffPipeline, folder: str | Path | None = None) -> gr.Bl
 
         outputs = [gallery, settings_json, download, run_state]
         private = dict(api_visibility="private")
-        model = dict(concurrency_id="model")
+        raw = dict(preprocess=False)
+        model = dict(concurrency_id="model", **raw)
+        picker.change(
+            switch, picker,
+            [editor, legend, keep, examples, model_line, painting_tips, start_image, *outputs], **private, **raw,
+        )
         generate_btn.click(
-            on_generate, [editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
+            on_generate, [picker, editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
             outputs, **private, **model,
         )
         sweep_btn.click(
-            on_sweep, [editor, seed, steps, sampler, start_image, strength, contours], outputs, **private, **model,
+            on_sweep, [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
+            **private, **model,
         )
         contours.change(redraw, [run_state, contours], gallery, **private, queue=False)
         reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **private, queue=False)
-        mask_file.upload(load_mask, mask_file, editor, **private)
+        mask_file.upload(load_mask, [picker, mask_file], editor, **private, **raw)
+        examples.click(load_example, [picker, examples], editor, **private, **raw)
         api_generate_btn.click(
-            generate, [api_mask, api_omit, seed, steps, num_images, sampler],
+            generate, [api_mask, api_omit, seed, steps, num_images, sampler, picker],
             [api_gallery, api_settings, api_archive], api_name="generate", **model,
         )
         api_sweep_btn.click(
-            sweep, [api_mask, seed, steps, sampler], [api_gallery, api_settings, api_archive],
+            sweep, [api_mask, seed, steps, sampler, picker], [api_gallery, api_settings, api_archive],
             api_name="sweep", **model,
         )
     # One sampling job at a time: a second would only halve the speed of both on a small machine.
     demo.queue(default_concurrency_limit=1, max_size=32)
+    refuse_foreign_files(demo)
     return demo
-
-
-def example_masks(studio: Studio) -> list[str]:
-    """The bundled example masks this model can use, coloured at its size (thumbnails a person can read)."""
-    paths = []
-    for path in sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.npy")):
-        try:
-            mask, _ = studio.mask_from_file(path)
-        except SegdiffError as e:
-            print(f"segdiff studio: skipping example {e}", file=sys.stderr)
-            continue
-        paths.append(studio.write_preview(mask, path.stem))
-    return paths
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
@@ -305,22 +387,28 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **
 
 def main(argv: list[str] | None = None) -> gr.Blocks:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help="a model folder SegDiffPipeline opens (default: the bundled phantom-breast-64)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"a model folder SegDiffPipeline opens, offered beside the bundled ones and opened "
+                             f"first (default: the bundled {DEFAULT_MODEL}, or the first bundled model)")
     parser.add_argument("--num_classes", type=int, default=None,
                         help="classes including background, for original checkpoints whose folder cannot say")
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
     args = parser.parse_args(argv)
-    if not args.model.is_dir():
+    if args.model is not None and not args.model.is_dir():
         parser.exit(2, f"segdiff studio: no model folder at {args.model}; pass --model PATH to a segdiff model "
                        "folder, an original run folder or a released NAME/unet/ checkpoint\n")
     try:
-        pipe = SegDiffPipeline.from_pretrained(args.model, num_classes=args.num_classes)
-        demo = build_demo(pipe, args.model)
+        models = Models.discover(MODELS, DEFAULT_MODEL, EXAMPLES, args.model, args.num_classes)
+        demo = build_demo(models)
     except SegdiffError as e:
         parser.exit(2, f"segdiff studio: {e}\n")
-    launch(demo, args.host, args.port)
+    # SIGTERM closes the server as Ctrl-C does, so the results folders are removed with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        launch(demo, args.host, args.port)
+    except KeyboardInterrupt:  # before launch() settled into waiting: gradio's own handler is not there yet
+        demo.close()
     return demo
 
 

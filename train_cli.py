@@ -9,6 +9,7 @@ on many GPUs or nodes. This file parses flags; `segdiff.training` and `segdiff.e
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import get_args
@@ -357,6 +358,8 @@ def run(args: argparse.Namespace, command: str) -> None:
         args.eval_mask_removal,
         args.eval_blank_mask,
     )
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)")
     if args.mode == "train":
         print(f"model saved to {train(train_config(args, output_dir, command))}")
     elif args.mode == "eval":

@@ -32,6 +32,7 @@ import app  # noqa: E402
 from segdiff import SegDiffPipeline  # noqa: E402
 from segdiff.models import ModelCard, build_unet  # noqa: E402
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS  # noqa: E402
+from segdiff.studio import Models, Studio  # noqa: E402
 
 NUM_IMAGES = 4
 
@@ -44,9 +45,9 @@ def stand_in_model(folder: Path, preset: str) -> Path:
     return folder
 
 
-def mask_file(folder: Path, size: int) -> Path:
-    """A bundled example mask when one exists, else nested squares of classes 1..3."""
-    examples = sorted(app.EXAMPLES.glob("*.png"))
+def mask_file(model: str, folder: Path, size: int) -> Path:
+    """A bundled example mask of `model` when one exists, else nested squares of classes 1..3 in `folder`."""
+    examples = sorted((app.EXAMPLES / model).glob("*.png"))
     if examples:
         return examples[0]
     mask = np.zeros((size, size), np.uint8)
@@ -76,7 +77,7 @@ def click_to_gallery(url: str, mask: Path, repeats: int, **settings) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=app.DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=None, help="default: the studio's default model")
     parser.add_argument("--preset", default="small", help="stand-in architecture when --model is absent")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -86,15 +87,18 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
+        if model is None:
+            bundled = Models.discover(app.MODELS, app.DEFAULT_MODEL)
+            model = bundled.folders[bundled.default]
         if not model.is_dir():
             print(f"{model} is absent: timing random weights of the {args.preset!r} preset instead")
             model = stand_in_model(Path(tmp) / f"random-{args.preset}", args.preset)
         fast = SegDiffPipeline.from_pretrained(model)
         original = SegDiffPipeline.from_pretrained(model, precision="fp32", channels_last=False)
-        demos = [app.build_demo(fast, model), app.build_demo(original, model)]
+        demos = [app.build_demo(Models.of(Studio(pipe, model))) for pipe in (fast, original)]
         for demo in demos:
             app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
-        mask = mask_file(Path(tmp), fast.card.img_size)
+        mask = mask_file(model.name, Path(tmp), fast.card.img_size)
         try:
             default = click_to_gallery(
                 demos[0].local_url, mask, args.repeats, steps=DEFAULT_STEPS, sampler=DEFAULT_SCHEDULER

@@ -1,8 +1,9 @@
-"""Take README's screenshots from the real studio: `python app.py` on the bundled model, in headless Chromium.
+"""Take README's screenshots from the real studio: `python app.py` on its default model, in headless Chromium.
 
     python docs/screenshots.py          # writes docs/studio.png and docs/sweep.png
 
-Loads the first example mask, generates four images at the default settings, then runs the ablation sweep.
+Loads the model's first example mask (assets/examples/<model>/), generates four images at the default
+settings, then runs the ablation sweep.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
             page.screenshot(path=str(ROOT / "docs" / "studio.png"), full_page=True)
 
             page.get_by_role("button", name="Ablation sweep").click()
-            page.get_by_text("without vessels").first.wait_for()
+            page.get_by_text("without ").first.wait_for()  # the sweep's captions: "without <class>"
             page.wait_for_timeout(800)
             page.locator("#results").screenshot(path=str(ROOT / "docs" / "sweep.png"))
             browser.close()

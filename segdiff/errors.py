@@ -1,5 +1,7 @@
 """Error families. Every message names the file or value at fault and what was expected."""
 
+import numbers
+
 
 class SegdiffError(Exception):
     """Base of every error segdiff raises for bad input; callers show its message as-is."""
@@ -33,3 +35,17 @@ def check_range(name: str, value, low, high) -> None:
 
 class VolumeError(DataLayoutError):
     """A NIfTI volume cannot be read, paired with its labels, or mapped to the classes asked for."""
+
+
+def check_integer(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in low..high, or ConfigError naming it: a request's raw JSON may hold anything.
+
+    Whole floats (3.0, as JSON numbers may arrive) pass; 2.9, True, "7", None and NaN do not: rounding
+    them would run something other than what was asked.
+    """
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        shown = "empty" if value is None else repr(value)
+        raise ConfigError(f"{name} {shown}: expected an integer in {low}..{high}")
+    check_range(name, int(value), low, high)
+    return int(value)

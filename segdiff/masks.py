@@ -99,11 +99,16 @@ class Palette:
         """
         rgb = np.asarray(rgb)
         opaque = rgb[..., 3] >= alpha_threshold if rgb.shape[-1] == 4 else np.ones(rgb.shape[:2], bool)
-        pixels = rgb[..., :3].astype(np.int32)
-        colors = np.asarray(self.colors, dtype=np.int32)
-        dist2 = ((pixels[..., None, :] - colors) ** 2).sum(-1)  # (H, W, K)
-        labels = dist2.argmin(-1)
-        far = (dist2.min(-1) > 48**2) & opaque
+        channels = [rgb[..., c].astype(np.int32) for c in range(3)]
+        # One class at a time, so memory per pixel stays the same for 4 classes or 40.
+        nearest = np.full(rgb.shape[:2], np.iinfo(np.int32).max, np.int32)
+        labels = np.zeros(rgb.shape[:2], np.int64)
+        for k, color in enumerate(self.colors):
+            dist2 = sum((channel - value) ** 2 for channel, value in zip(channels, color, strict=True))
+            closer = dist2 < nearest
+            labels[closer] = k
+            np.minimum(nearest, dist2, out=nearest)
+        far = (nearest > 48**2) & opaque
         if opaque.any() and far.sum() > 0.25 * opaque.sum():
             raise MaskError(
                 f"{source}: {far.sum() / opaque.sum():.0%} of its pixels are far from every class colour; "
@@ -116,9 +121,15 @@ def labels_from_array(array: np.ndarray, palette: Palette, source: str = "mask")
     """A decoded mask image -> (H, W) int64 class ids.
 
     Integer images (greyscale, or RGB whose channels agree) hold class ids directly, as the original
-    code reads them; coloured images are snapped to `palette`. Values are not range-checked here.
+    code reads them; coloured images are snapped to `palette`. Values are not range-checked here, but
+    anything that is not a whole real number (strings, records, complex, NaN, infinity, fractions) and
+    empty arrays are refused by name, never cast into some class id.
     """
     array = np.asarray(array)
+    if array.dtype.kind not in "biuf":  # strings, objects, records, complex: no class ids in there
+        raise MaskError(f"{source}: dtype {array.dtype}, expected integer class ids")
+    if array.size == 0:
+        raise MaskError(f"{source}: shape {tuple(array.shape)} holds no pixels, expected a 2-D label map (H, W)")
     if array.ndim == 3 and array.shape[-1] in (1, 2):  # grey, grey + alpha
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -129,11 +140,17 @@ def labels_from_array(array: np.ndarray, palette: Palette, source: str = "mask")
             return palette.to_labels(array, source=source)
     if array.ndim != 2:
         raise MaskError(f"{source}: shape {tuple(array.shape)}, expected a 2-D label map (H, W)")
-    integral = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)
-    if not integral and not np.array_equal(array, np.round(array)):
-            raise MaskError(
-                f"{source}: dtype {array.dtype} with fractional values, expected integer class ids"
-            )
+    if array.dtype.kind == "f":
+        for bad, what in ((np.isnan(array), "NaN (not a number)"), (np.isinf(array), "infinite values")):
+            if bad.any():
+                raise MaskError(f"{source}: {what} at {bad.sum()} pixel(s), expected integer class ids")
+        if not np.array_equal(array, np.round(array)):
+            fraction = array[array != np.round(array)].flat[0]
+            raise MaskError(f"{source}: fractional value {fraction:g}, expected integer class ids")
+    if array.dtype.kind in "fu":  # values past int64 would wrap into some other number when cast
+        extreme = max(array.max(), array.min(), key=abs)
+        if abs(extreme) > 2**62:
+            raise MaskError(f"{source}: pixel value {extreme}, expected integer class ids")
     return array.astype(np.int64)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 import zipfile
@@ -31,7 +33,15 @@ import PIL.PngImagePlugin
 import torch
 
 from .data import read_image, read_mask
-from .errors import CheckpointError, ConfigError, DataLayoutError, MaskError, check_range
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataLayoutError,
+    ImageError,
+    MaskError,
+    SegdiffError,
+    check_integer,
+)
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 from .quality import faithfulness
@@ -40,13 +50,16 @@ from .segmenter import Segmenter
 # Caps on what one request may ask of a shared server.
 MAX_IMAGES = 8
 MAX_STEPS = 100
-MAX_MASK_SIDE = 2048  # pixels per side of an uploaded mask, checked from the header before decoding
+# Pixels per side of any image a request brings (canvas background, layers and composite, start image, mask
+# file), read from its header before anything decodes it: a small PNG can hold a huge flat image.
+MAX_IMAGE_SIDE = 2048
 MAX_SEED = 2**32 - 1
 CANVAS_SIDE = 512  # the painting canvas is the model size times the integer scale nearest this
 DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files keep the model's size
 KEEP_RUNS = 32  # result folders kept on disk; the app serves copies of older ones from its own cache
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,17 +75,13 @@ class Settings:
 
     def check(self, num_classes: int) -> None:
         """Raise ConfigError (MaskError for `omit`) naming the first setting out of range."""
-        for name, value, low, high in (
-            ("seed", self.seed, 0, MAX_SEED),
-            ("steps", self.steps, 1, MAX_STEPS),
-            ("num_images", self.num_images, 1, MAX_IMAGES),
-        ):
-            if not isinstance(value, int):
-                raise ConfigError(f"{name} {value!r}: expected an integer")
-            check_range(name, value, low, high)
-        if self.sampler not in SCHEDULERS:
+        check_integer("seed", self.seed, 0, MAX_SEED)
+        check_integer("steps", self.steps, 1, MAX_STEPS)
+        check_integer("num_images", self.num_images, 1, MAX_IMAGES)
+        if not isinstance(self.sampler, str) or self.sampler not in SCHEDULERS:
             raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SCHEDULERS)}")
-        if not 0.0 < self.strength <= 1.0:
+        strength = self.strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
         bad = [c for c in self.omit if not 1 <= c < num_classes]
         if bad:
@@ -95,11 +104,11 @@ class Run:
 
 
 class Studio:
-    """An opened model and the actions the studio offers on it."""
+    """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results."""
 
-    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None):
+    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None):
         folder = Path(folder) if folder is not None else None
-        name = (folder.resolve().parent if folder.name == "unet" else folder.resolve()).name if folder else "model"
+        name = name or (model_name(folder) if folder else "model")
         card = pipe.card
         if not card.guided or card.num_classes < 2:
             raise CheckpointError(
@@ -133,8 +142,26 @@ class Studio:
         ]
         return " · ".join(parts)
 
-    def omit_ids(self, names: Sequence[str | int]) -> tuple[int, ...]:
-        """Class names (or ids) -> sorted class ids; background cannot be omitted."""
+    def settings(self, omit=(), seed=0, steps=DEFAULT_STEPS, num_images=4, sampler=DEFAULT_SCHEDULER,
+                 strength=1.0, keep=None) -> Settings:
+        """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
+
+        omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
+        follow instead (a checklist's ticked names), every other class being omitted.
+        """
+        if keep is not None:
+            kept = self.omit_ids(keep, "keep")
+            omit = [c for c in range(1, self.card.num_classes) if c not in kept]
+        settings = Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength)
+        settings.check(self.card.num_classes)
+        return replace(settings, seed=int(seed), steps=int(steps), num_images=int(num_images))
+
+    def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
+        """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
+        if names is None or isinstance(names, str):
+            names = [] if names is None else [names]
+        if not isinstance(names, (list, tuple)):
+            raise MaskError(f"{what} {names!r}: expected a list of class names from {self.class_names[1:]}")
         ids = []
         for item in names:
             key = str(item).strip()
@@ -144,7 +171,7 @@ class Studio:
                 ids.append(int(key))
             else:
                 raise MaskError(
-                    f"omit: {item!r} is not a class; expected names from {self.class_names[1:]} "
+                    f"{what}: {item!r} is not a class; expected names from {self.class_names[1:]} "
                     f"or ids 1..{self.card.num_classes - 1}"
                 )
         return tuple(sorted(set(ids)))
@@ -163,6 +190,19 @@ class Studio:
         rgb = self.canvas(mask)
         alpha = np.repeat(np.repeat(mask > 0, self.canvas_scale, axis=0), self.canvas_scale, axis=1)
         return np.concatenate([rgb, (alpha * 255).astype(np.uint8)[..., None]], axis=-1)
+
+    def example_masks(self, folder: str | os.PathLike) -> list[str]:
+        """The mask files in `folder` this model reads, as previews at its size (thumbnails a person can read)."""
+        folder = Path(folder)
+        paths = []
+        for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.npy")):
+            try:
+                mask, _ = self.mask_from_file(path)
+            except SegdiffError as e:
+                log.warning("segdiff studio: skipping example %s", e)
+                continue
+            paths.append(self.write_preview(mask, path.stem))
+        return paths
 
     def write_preview(self, mask: np.ndarray, stem: str) -> str:
         """Write `mask` as a palette-coloured PNG at the model's size (it reads back exactly); its path."""
@@ -192,6 +232,32 @@ class Studio:
         labels = self.palette.to_labels(flat, source="painted mask")
         return _downscale_labels(labels, self.size, self.card.num_classes)
 
+    def read_canvas(self, file: str | os.PathLike | bytes, source: str = "canvas") -> np.ndarray:
+        """One canvas image (a PNG path or its bytes) -> (S, S, 4) uint8 RGBA at the canvas size.
+
+        The size is checked from the header first; the image is decoded once, brought to the canvas
+        size in its own mode (nearest), and only then expanded to RGBA: a request costs what the canvas
+        costs, whatever size it claims.
+        """
+        side = self.size * self.canvas_scale
+        with _open_image(file, source) as im:
+            if im.size != (side, side):
+                im = im.resize((side, side), PIL.Image.NEAREST)
+            return np.asarray(im.convert("RGBA"))
+
+    def mask_from_editor(self, background=None, layers=(), composite=None) -> np.ndarray:
+        """The image editor's files (PNG paths or bytes, None when absent) -> (H, W) int64 class ids.
+
+        The browser sends a composite once painted on; a mask we loaded into the layer comes back
+        without one, as background and layers. Nothing at all is an empty mask.
+        """
+        if composite is not None:
+            return self.mask_from_canvas(self.read_canvas(composite, "canvas composite"))
+        if background is None:
+            return self.mask_from_canvas(None)
+        layers = [self.read_canvas(f, f"canvas layer {i}") for i, f in enumerate(layers) if f is not None]
+        return self.mask_from_canvas(self.read_canvas(background, "canvas background"), layers)
+
     def mask_from_file(self, path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         """An uploaded mask file -> ((H, W) int64 class ids, notices for the user).
 
@@ -200,11 +266,9 @@ class Studio:
         """
         path = Path(path)
         try:
-            side = _largest_side(path)
-            if side > MAX_MASK_SIDE:
-                raise MaskError(f"{path}: {side} px on a side, expected at most {MAX_MASK_SIDE}")
+            _check_side(path, str(path))
             mask = read_mask(path, self.card.num_classes, self.palette)
-        except (MaskError, DataLayoutError) as e:
+        except (MaskError, DataLayoutError, ImageError) as e:
             raise type(e)(str(e).replace(str(path), path.name)) from e
         notices = []
         if mask.shape != (self.size, self.size):
@@ -221,9 +285,10 @@ class Studio:
         """An uploaded image -> (1, C, H, W) float32 in [0, 1] at the model's size, for `strength`."""
         path = Path(path)
         try:
+            _check_side(path, str(path))
             image = read_image(path, self.card.img_channels, self.size)
-        except DataLayoutError as e:
-            raise DataLayoutError(str(e).replace(str(path), path.name)) from e
+        except (DataLayoutError, ImageError) as e:
+            raise type(e)(str(e).replace(str(path), path.name)) from e
         scaled = image / 255.0 if image.dtype == np.uint8 else image  # `.npy` images are [0, 1] already
         return torch.from_numpy(np.asarray(scaled, np.float32))[None]
 
@@ -317,7 +382,8 @@ class Studio:
         return run
 
     def _new_folder(self, kind: str) -> Path:
-        runs = sorted(self.results.iterdir(), key=lambda p: p.stat().st_mtime)
+        # Bounded on disk: the oldest runs go; the example previews the page links to stay.
+        runs = sorted((p for p in self.results.iterdir() if p.name != "previews"), key=lambda p: p.stat().st_mtime)
         for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"{time.strftime('%H%M%S')}-{kind}-", dir=self.results))
@@ -342,6 +408,79 @@ class Studio:
         return items
 
 
+def model_name(folder: str | os.PathLike) -> str:
+    """What the studio calls a model folder: its name (a released NAME/unet/ checkpoint goes by NAME)."""
+    folder = Path(folder).resolve()
+    return (folder.parent if folder.name == "unet" else folder).name
+
+
+class Models:
+    """The studio's models by name. Each opens on first use and stays open: a click costs a dict lookup.
+
+    folders: name -> model folder, in the picker's order; default: the name a request without one gets;
+    examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say.
+    """
+
+    def __init__(self, folders: dict[str, Path], default: str, examples: Path | None = None,
+                 num_classes: dict[str, int] | None = None):
+        if default not in folders:
+            raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
+        self.folders, self.default, self.examples_root = dict(folders), default, examples
+        self.num_classes = num_classes or {}
+        self._open: dict[str, tuple[Studio, list[str]]] = {}
+        self._lock = threading.Lock()  # two first requests for one model load it once
+
+    @classmethod
+    def discover(cls, root: str | os.PathLike, preferred: str, examples: Path | None = None,
+                 model: str | os.PathLike | None = None, num_classes: int | None = None) -> Models:
+        """Every model folder in `root`, sorted, plus `model` (opened by path). The default is `model` when
+        given, else `preferred` when present, else the first folder found."""
+        root = Path(root)
+        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        folders = {p.name: p for p in found}
+        if model is not None:
+            folders[model_name(model)] = Path(model)
+        if not folders:
+            raise CheckpointError(f"{root}: no model folder inside, and no model given by path")
+        default = model_name(model) if model is not None else preferred if preferred in folders else next(iter(folders))
+        return cls(folders, default, examples, {default: num_classes} if num_classes else None)
+
+    @classmethod
+    def of(cls, studio: Studio, examples: Path | None = None) -> Models:
+        """A registry of one model already opened (a benchmark's own precision, a test's tiny model)."""
+        models = cls({studio.name: studio.folder}, studio.name, examples)
+        models._open[studio.name] = (studio, models._examples_of(studio))
+        return models
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.folders)
+
+    def get(self, name: str | None = None) -> Studio:
+        """The studio of model `name` (None or "": the default), opening it on first use."""
+        return self._entry(name)[0]
+
+    def examples(self, name: str | None = None) -> list[str]:
+        """The model's example masks (`<examples>/<name>/*.png|npy`) as previews it reads exactly."""
+        return self._entry(name)[1]
+
+    def _entry(self, name: str | None) -> tuple[Studio, list[str]]:
+        name = self.default if name is None or name == "" else name
+        if not isinstance(name, str) or name not in self.folders:
+            raise CheckpointError(f"model {name!r}: not one of this studio's models {self.names}")
+        if name in self._open:  # the common case takes no lock: a click never waits on another model's load
+            return self._open[name]
+        with self._lock:
+            if name not in self._open:
+                pipe = SegDiffPipeline.from_pretrained(self.folders[name], num_classes=self.num_classes.get(name))
+                studio = Studio(pipe, self.folders[name], name)
+                self._open[name] = (studio, self._examples_of(studio))
+            return self._open[name]
+
+    def _examples_of(self, studio: Studio) -> list[str]:
+        return studio.example_masks(self.examples_root / studio.name) if self.examples_root else []
+
+
 def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     """(S, S) class ids -> (size, size) by the most frequent class of each block; nearest otherwise."""
     h, w = labels.shape
@@ -356,19 +495,34 @@ def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.nda
     return counts.argmax(-1).astype(np.int64)
 
 
-def _largest_side(path: Path) -> int:
-    """The larger side of an image or `.npy` file, read from its header only."""
+def _open_image(file: str | os.PathLike | bytes, source: str) -> PIL.Image.Image:
+    """A PNG (or other PIL image) path or bytes, opened lazily after its header passed `_check_side`."""
+    _check_side(file, source)
     try:
-        if path.suffix.lower() == ".npy":
-            with open(path, "rb") as f:
+        return PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
+
+
+def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
+    """Refuse an image or `.npy` larger than MAX_IMAGE_SIDE on a side, from its header alone."""
+    try:
+        if not isinstance(file, bytes) and Path(file).suffix.lower() == ".npy":
+            with open(file, "rb") as f:
                 major, _ = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape, _, _ = read(f)
-            return max(shape, default=0)
-        with PIL.Image.open(path) as im:
-            return max(im.size)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise DataLayoutError(f"{path}: cannot read the mask ({e})") from e
+            sides = shape[::-1]  # width first, as for images
+        else:
+            with PIL.Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
+                sides = im.size
+    except PIL.Image.DecompressionBombError as e:  # PIL's own cap, far above ours
+        raise ImageError(f"{source}: {e}; expected at most {MAX_IMAGE_SIDE} px on a side") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
+    if max(sides, default=0) > MAX_IMAGE_SIDE:
+        size = " x ".join(str(n) for n in sides)
+        raise ImageError(f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)")
 
 
 def _png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:

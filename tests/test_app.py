@@ -1,12 +1,25 @@
 """The studio's named API endpoints through gradio_client, against the app launched in this process."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import app
+from segdiff.masks import Palette
+from segdiff.studio import MAX_IMAGE_SIDE, Models
 
 FAST = dict(steps=3, num_images=2)
 pytestmark = pytest.mark.timeout(600)
@@ -73,6 +86,56 @@ def test_bad_upload_is_an_error_naming_it_and_the_server_keeps_serving(client, m
     assert len(images_of(gallery)) == 2
 
 
+# ---- the model picker ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, size, names", [("tiny-breast", 64, CLASS_NAMES), ("tiny-small", 32, SMALL_CLASS_NAMES)])
+def test_each_model_samples_at_its_size_and_reads_masks_in_its_palette(client, tmp_path, model, size, names):
+    mask = np.zeros((size, size), np.int64)
+    mask[4:-4, 4:-4] = 1
+    mask[size // 2 :, size // 2 :] = len(names) - 1
+    PIL.Image.fromarray(Palette.default(len(names), names).to_rgb(mask)).save(tmp_path / "coloured.png")
+    gallery, settings, archive = generate(client, tmp_path / "coloured.png", model=model, omit=names[1])
+    assert all(image.shape == (size, size) for image in images_of(gallery))
+    assert settings["model"] == model and settings["classes"] == names and settings["omit"] == [names[1]]
+    with zipfile.ZipFile(archive) as z:
+        assert np.array_equal(np.asarray(PIL.Image.open(z.open("mask.png"))), mask)  # the colours read as ids
+
+
+def test_an_unknown_model_is_a_clear_error_and_the_server_goes_on(client, mask_png):
+    with pytest.raises(AppError, match=r"model 'tiny-huge': not one of this studio's models \['tiny-breast', 'tiny-small'\]"):
+        generate(client, mask_png, model="tiny-huge")
+    assert len(images_of(generate(client, mask_png)[0])) == 2  # no model named: the launch default
+
+
+def test_switching_model_brings_its_canvas_palette_classes_and_examples(client):
+    updates = client.predict("tiny-small", fn_index=private_endpoint(client, "switch"))
+    editor, legend, keep, examples = updates[:4]
+    assert editor["brush"]["colors"] == [Palette.default(3).hex(i) for i in range(3)]
+    assert editor["canvas_size"] == [512, 512] and editor["brush"]["default_size"] == 3 * 16
+    assert all(name in legend for name in SMALL_CLASS_NAMES)
+    assert [c[0] for c in keep["choices"]] == SMALL_CLASS_NAMES[1:] and keep["value"] == SMALL_CLASS_NAMES[1:]
+    assert len(examples["samples"]) == 1
+    loaded = client.predict("tiny-small", 0, fn_index=private_endpoint(client, "load_example"))
+    layer = np.asarray(PIL.Image.open(loaded["value"]["layers"][0]))  # the client fetched it: a local path
+    assert layer.shape == (512, 512, 4) and layer[256, 256, 3] == 255  # the 32 px square, 16 x 16 per pixel
+    with pytest.raises(AppError, match=r"example 1: expected a value in 0\.\.0"):
+        client.predict("tiny-small", 1, fn_index=private_endpoint(client, "load_example"))
+
+
+def test_the_default_model_is_the_named_one_else_the_first_found(tmp_path, tiny_model_dir, small_model_dir):
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "b-model").symlink_to(tiny_model_dir)
+    assert Models.discover(root, "psfhs-ultrasound-64").default == "b-model"
+    (root / "a-model").symlink_to(small_model_dir)
+    assert Models.discover(root, "psfhs-ultrasound-64").default == "a-model"
+    assert Models.discover(root, "b-model").default == "b-model"
+    by_path = Models.discover(root, "b-model", model=small_model_dir)
+    assert by_path.default == "tiny-small" and by_path.names == ["a-model", "b-model", "tiny-small"]
+    assert app.DEFAULT_MODEL == "psfhs-ultrasound-64"
+
+
 def test_wrong_size_mask_is_resized_with_a_notice(client, tmp_path, mask):
     PIL.Image.fromarray(np.kron(mask, np.ones((3, 3), np.int64)).astype(np.uint8)).save(tmp_path / "big.png")
     gallery, settings, _ = generate(client, tmp_path / "big.png", num_images=1)
@@ -85,3 +148,139 @@ def test_missing_model_fails_at_start_with_a_clear_message(tmp_path, capsys):
         app.main(["--model", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "no model folder at" in capsys.readouterr().err
+
+
+# ---- hostile and careless requests -------------------------------------------------------------------
+
+
+def private_endpoint(client, name):
+    """The queue serves the page's private events to any client; gradio_client merely hides them."""
+    index = next(d["id"] for d in client.config["dependencies"] if d["api_name"] == name)
+    client.endpoints[index].is_valid = True
+    return index
+
+
+def memory(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, which runs the server too, in bytes."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
+def peak_growth(call) -> int:
+    """How far the peak resident memory rises above the present one while `call` runs."""
+    before = memory("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    call()
+    return memory("VmHWM") - before
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
+def test_a_canvas_past_the_limit_is_refused_from_its_header_and_costs_no_memory(client, tmp_path):
+    index = private_endpoint(client, "on_generate")
+
+    def paint(path):
+        editor = {"background": None, "layers": [], "composite": handle_file(str(path))}
+        return client.predict("tiny-breast", editor, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+                              fn_index=index)
+
+    def canvas(name, side, mode="RGBA"):  # flat images: a few KB of PNG, however many pixels
+        PIL.Image.new(mode, (side, side), (230, 25, 75, 255) if mode == "RGBA" else 0).save(tmp_path / name)
+        return tmp_path / name
+
+    paint(canvas("warm-up.png", 512))
+    largest, huge = canvas("largest.png", MAX_IMAGE_SIDE), canvas("huge.png", 8000, mode="1")
+    decoded = MAX_IMAGE_SIDE**2 * 4  # the largest accepted canvas, decoded once as RGBA uint8: 16 MiB
+    assert peak_growth(lambda: paint(largest)) < 4 * decoded  # it was 30 times that (115 bytes per pixel)
+
+    def refused():
+        with pytest.raises(AppError, match=rf"canvas composite: 8000 x 8000 px, expected at most {MAX_IMAGE_SIDE}"):
+            paint(huge)
+
+    assert peak_growth(refused) < decoded  # it was +7.4 GB
+    assert len(paint(largest)[0]["value"]) == 1  # and the server goes on
+
+
+def test_an_uploaded_mask_past_the_limit_never_reaches_the_canvas(client, mask_png, tmp_path):
+    index = private_endpoint(client, "load_mask")
+    value = client.predict("tiny-breast", handle_file(str(mask_png)), fn_index=index)
+    assert len(value["value"]["layers"]) == 1  # the mask, painted into the editor's layer
+    PIL.Image.new("L", (MAX_IMAGE_SIDE + 1, 8)).save(tmp_path / "wide.png")
+    with pytest.raises(AppError, match=rf"wide\.png: {MAX_IMAGE_SIDE + 1} x 8 px, expected at most {MAX_IMAGE_SIDE}"):
+        client.predict("tiny-breast", handle_file(str(tmp_path / "wide.png")), fn_index=index)
+
+
+@pytest.fixture
+def npy(tmp_path):
+    def save(name, array):
+        np.save(tmp_path / name, array)
+        return tmp_path / name
+
+    return save
+
+
+def test_refusals_name_the_value_in_one_log_line_without_a_traceback(client, mask_png, npy, capfd, caplog):
+    cases = [
+        (dict(seed="abc"), r"seed 'abc': expected an integer in 0\.\.4294967295"),
+        (dict(seed=1.5), r"seed 1\.5: expected an integer"),
+        (dict(steps="x"), r"steps 'x': expected an integer in 1\.\.100"),
+        (dict(steps=None), r"steps empty: expected an integer"),
+        (dict(steps=2.9), r"steps 2\.9: expected an integer"),
+        (dict(num_images=None), r"num_images empty: expected an integer"),
+        (dict(num_images=2.9), r"num_images 2\.9: expected an integer"),
+        (dict(mask=npy("words.npy", np.array([["a", "b"]]))), r"words\.npy: dtype <U1, expected integer class ids"),
+        (dict(mask=npy("record.npy", np.zeros((8, 8), [("id", "i8")]))), r"record\.npy: dtype \[\('id'"),
+        (dict(mask=npy("wave.npy", np.ones((8, 8), complex))), r"wave\.npy: dtype complex128"),
+        (dict(mask=npy("empty.npy", np.zeros((0, 0)))), r"empty\.npy: shape \(0, 0\) holds no pixels"),
+        (dict(mask=npy("inf.npy", np.full((8, 8), np.inf))), r"inf\.npy: infinite values at 64 pixel\(s\)"),
+        (dict(mask=npy("nan.npy", np.full((8, 8), np.nan))), r"nan\.npy: NaN \(not a number\)"),
+    ]
+    capfd.readouterr()
+    caplog.clear()
+    for settings, message in cases:
+        mask = settings.pop("mask", mask_png)
+        with pytest.raises(AppError, match=message):
+            generate(client, mask, **settings)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segdiff.studio"]
+    assert len(lines) == len(cases) and all(line.startswith("segdiff studio refused generate: ") for line in lines)
+    assert "Traceback" not in capfd.readouterr().err
+    gallery, settings, _ = generate(client, mask_png, omit="vessels")  # one class named alone
+    assert settings["omit"] == ["vessels"] and len(gallery) == 2
+
+
+def test_a_path_on_the_server_is_refused_in_words(studio_url, caplog):
+    url = f"{studio_url.rstrip('/')}/gradio_api/call/generate"
+    server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}
+    event = httpx.post(url, json={"data": [server_file, [], 1, 1, 1, "dpm++", "tiny-breast"]}).json()["event_id"]
+    reply = httpx.get(f"{url}/{event}", timeout=120).text
+    assert "event: error" in reply and "only files uploaded to this server are accepted" in reply
+    assert any("refused generate: only files uploaded" in r.getMessage() for r in caplog.records)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_removes_the_results_folder_with_the_server(tiny_model_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, app.__file__, "--model", str(tiny_model_dir), "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        results = list(tmp_path.glob("segdiff-studio-*"))
+        assert len(results) == 1 and server.poll() is None, server.stderr.read() if server.poll() else ""
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert not results[0].exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -1,4 +1,4 @@
-"""The studio in headless Debian Chromium: paint two classes, untick one, generate, find the images."""
+"""The studio in headless Debian Chromium: paint two classes, untick one, generate, find the images; then\nswitch to the second model and paint on its canvas."""
 
 import json
 import zipfile
@@ -26,8 +26,15 @@ pytestmark = [
 ]
 
 
-@pytest.mark.timeout(900)
-def test_paint_two_classes_untick_one_generate(studio_url, tmp_path):
+def read_archive(archive, folder):
+    with zipfile.ZipFile(archive) as z:
+        settings = json.loads(z.read("settings.json"))
+        z.extract("mask.png", folder)
+    return settings, np.asarray(PIL.Image.open(folder / "mask.png"))
+
+
+@pytest.mark.timeout(1200)
+def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again(studio_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -37,48 +44,74 @@ def test_paint_two_classes_untick_one_generate(studio_url, tmp_path):
         page.set_default_timeout(WAIT_MS)
         page.goto(studio_url)
         editor = page.locator("#mask-editor")
-        canvas = editor.locator("canvas").first
-        canvas.wait_for()
-        box = canvas.bounding_box()
-        # The image sits centred in the canvas element, shown at about 95% of its 512 px.
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+        def centre():
+            canvas = editor.locator("canvas").first
+            canvas.wait_for()
+            box = canvas.bounding_box()
+            # The image sits centred in the canvas element, shown at about 95% of its 512 px.
+            return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+        def swatches():
+            editor.locator("button[aria-label='Color']").click()
+            return editor.locator("menu.swatch button.color")
 
         def pick(rgb):
-            editor.locator("button[aria-label='Color']").click()
-            editor.locator(f"menu.swatch button.color[style*='rgb({rgb})']").click()
+            swatches().and_(editor.locator(f"[style*='rgb({rgb})']")).click()
             editor.locator("button[aria-label='Brush']").click()  # closes the swatch menu over the canvas
 
+        def brush_has(count):  # the editor takes its new brush a moment after the rest of the page
+            for _ in range(120):
+                found = swatches().count()
+                editor.locator("button[aria-label='Brush']").click()
+                if found == count:
+                    return True
+                page.wait_for_timeout(500)
+            return False
+
         def stroke(x0, y0, x1, y1):
+            cx, cy = centre()
             page.mouse.move(cx + x0, cy + y0)
             page.mouse.down()
             page.mouse.move(cx + x1, cy + y1, steps=4)  # each move redraws the canvas: slow on a busy CPU
             page.mouse.up()
+
+        def generate_and_download(name, count=4):
+            page.get_by_role("button", name="Generate", exact=True).click()
+            images = page.locator("#results img")
+            images.nth(count - 1).wait_for()  # four images at the default settings
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+            assert images.count() == count
+            assert all(images.nth(i).evaluate("img => img.naturalWidth") > 0 for i in range(count))
+            with page.expect_download() as download_info:
+                page.get_by_role("button", name="Download PNGs, mask and settings").click()
+            download_info.value.save_as(tmp_path / f"{name}.zip")
+            return read_archive(tmp_path / f"{name}.zip", tmp_path / name)
 
         pick("230, 25, 75")  # breast
         for dy in (-60, -30, 0, 30, 60):
             stroke(-140, dy, 140, dy)
         pick("60, 180, 75")  # vessels
         stroke(-110, -90, 110, 90)
-
         page.get_by_label("vessels", exact=True).uncheck()
-        page.get_by_role("button", name="Generate", exact=True).click()
-        images = page.locator("#results img")
-        images.nth(3).wait_for()  # four images at the default settings
-        page.wait_for_timeout(500)
-        page.screenshot(path=str(ARTIFACTS / "browser-studio.png"), full_page=True)
-        assert images.count() == 4
-        assert all(images.nth(i).evaluate("img => img.naturalWidth") > 0 for i in range(4))
+        settings, mask = generate_and_download("studio")
+        assert set(np.unique(mask)) == {0, 1, 2}  # both painted colours arrived as their classes
+        assert (mask == 2).sum() > 20 and (mask == 1).sum() > (mask == 2).sum()
+        assert settings["omit"] == ["vessels"] and len(settings["seeds"]) == 4 and settings["model"] == "tiny-breast"
 
-        with page.expect_download() as download_info:
-            page.get_by_role("button", name="Download PNGs, mask and settings").click()
-        archive = tmp_path / "results.zip"
-        download_info.value.save_as(archive)
+        # The 32 px, 3-class model on a fresh page: its legend, classes and brush palette replace the first
+        # model's. (Switching after painting leaves the brush menu unusable in gradio 6.31's editor: not tested.)
+        page.goto(studio_url)
+        editor.locator("canvas").first.wait_for()
+        page.locator("#model-picker input").click()
+        page.get_by_role("option", name="tiny-small").click()
+        page.get_by_label("fetal head", exact=True).wait_for()
+        assert brush_has(3)
+        pick("60, 180, 75")  # fetal head
+        for dy in (-40, 0, 40):
+            stroke(-100, dy, 100, dy)
+        settings, mask = generate_and_download("switched")
         browser.close()
-
-    with zipfile.ZipFile(archive) as z:
-        settings = json.loads(z.read("settings.json"))
-        z.extract("mask.png", tmp_path)
-    mask = np.asarray(PIL.Image.open(tmp_path / "mask.png"))
-    assert set(np.unique(mask)) == {0, 1, 2}  # both painted colours arrived as their classes
-    assert (mask == 2).sum() > 20 and (mask == 1).sum() > (mask == 2).sum()
-    assert settings["omit"] == ["vessels"] and len(settings["seeds"]) == 4
+    assert settings["model"] == "tiny-small" and settings["omit"] == []
+    assert mask.shape == (32, 32) and set(np.unique(mask)) == {0, 2} and (mask == 2).sum() > 20

@@ -266,6 +266,7 @@ BAD = [
     (["GUIDED"], unmatched, "train_001.png"),
     (["GUIDED"], too_many_classes, "train_002.png: pixel value 7, expected class ids 0..2"),
     (["--mode", "eval", "GUIDED", "--output_dir", "no-model"], None, "no-model: no such model folder"),
+    (["GUIDED", "--output_dir", "data/img/train/train_000.png"], None, "train_000.png: a file, not a folder"),
 ]
 
 

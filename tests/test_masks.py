@@ -68,6 +68,36 @@ def test_integer_images_hold_ids_directly(palette):
         labels_from_array(np.zeros((2, 3, 4, 5), np.uint8), palette)
 
 
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.array([["1", "2"], ["0", "1"]]), r"dtype <U1, expected integer class ids"),
+        (np.zeros((4, 4), [("id", np.int64), ("w", np.float32)]), r"dtype \[\('id', '<i8'\), .*expected integer"),
+        (np.zeros((0, 0)), r"shape \(0, 0\) holds no pixels"),
+        (np.ones((4, 4), np.complex64) * (1 + 2j), r"dtype complex64, expected integer class ids"),
+        (np.where(np.eye(4), np.inf, 1.0), r"infinite values at 4 pixel\(s\)"),
+        (np.where(np.eye(4), np.nan, 1.0), r"NaN \(not a number\) at 4 pixel\(s\)"),
+        (np.where(np.eye(4), 2.5, 1.0), r"fractional value 2\.5"),
+        (np.full((4, 4), 1e30), r"pixel value 1e\+30, expected integer class ids"),
+    ],
+    ids=["strings", "records", "empty", "complex", "infinity", "nan", "fraction", "beyond int64"],
+)
+def test_arrays_that_hold_no_class_ids_are_refused_by_what_they_hold(palette, array, message):
+    with pytest.raises(MaskError, match=rf"^scan\.npy: {message}"):
+        labels_from_array(array, palette, source="scan.npy")
+
+
+def test_whole_floats_are_class_ids(palette):
+    assert np.array_equal(labels_from_array(stripes().astype(np.float32), palette), stripes())
+
+
+def test_snapping_to_many_colours_picks_the_nearest(palette):
+    many = Palette.default(40)
+    mask = np.arange(40).repeat(3).reshape(10, 12) % 40
+    noisy = many.to_rgb(mask).astype(np.int32) + np.random.default_rng(1).integers(-6, 7, (10, 12, 3))
+    assert np.array_equal(many.to_labels(noisy.clip(0, 255).astype(np.uint8)), mask)
+
+
 def test_check_mask_names_value_and_source():
     mask = stripes()
     check_mask(mask, 4)

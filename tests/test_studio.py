@@ -8,13 +8,13 @@ import PIL.Image
 import pytest
 import torch
 
+import segdiff.studio
 from segdiff import SegDiffPipeline
-from segdiff.errors import DataLayoutError, MaskError
+from segdiff.errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.segmenter import Segmenter, SegmenterConfig
-from segdiff.studio import MAX_MASK_SIDE, Settings, Studio, settings_of
+from segdiff.studio import MAX_IMAGE_SIDE, Models, Settings, Studio, settings_of
 
 FAST = dict(steps=3, num_images=2)
-
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,33 @@ def test_mask_loaded_into_a_layer_reads_back_from_background_and_layers(studio, 
     expected = mask.copy()
     expected[:1] = 3
     assert np.array_equal(studio.mask_from_canvas(opaque(studio.canvas()), [layer, stroke]), expected)
+
+
+def flat_png(path, side):
+    """A PNG of side x side px that costs little to make: 1 bit per pixel, all zero, a few KB on disk."""
+    PIL.Image.new("1", (side, side)).save(path)
+    return path
+
+
+def test_canvas_files_are_checked_from_their_header_and_read_at_canvas_size(studio, mask, tmp_path):
+    side = 64 * studio.canvas_scale
+    big = PIL.Image.fromarray(opaque(studio.canvas(mask))).resize((2 * side, 2 * side), PIL.Image.NEAREST)
+    big.save(tmp_path / "big.png")
+    assert studio.read_canvas(tmp_path / "big.png").shape == (side, side, 4)
+    assert np.array_equal(studio.mask_from_editor(composite=tmp_path / "big.png"), mask)
+    png = (tmp_path / "big.png").read_bytes()  # the browser's paint arrives as PNG bytes
+    assert np.array_equal(studio.mask_from_editor(background=png, layers=[None]), mask)
+
+    huge = flat_png(tmp_path / "huge.png", MAX_IMAGE_SIDE + 1)
+    size = f"{MAX_IMAGE_SIDE + 1} x {MAX_IMAGE_SIDE + 1} px"
+    with pytest.raises(ImageError, match=rf"^canvas composite: {size}, expected at most {MAX_IMAGE_SIDE} px"):
+        studio.mask_from_editor(composite=huge)
+    with pytest.raises(ImageError, match=rf"^canvas layer 0: {size}"):
+        studio.mask_from_editor(background=png, layers=[huge.read_bytes()])
+    with pytest.raises(ImageError, match=rf"^huge\.png: {size}"):
+        studio.start_image(huge)
+    with pytest.raises(ImageError, match=rf"^huge\.png: {size}"):
+        studio.mask_from_file(huge)
 
 
 def test_never_painted_canvas_is_an_empty_mask(studio):
@@ -94,8 +121,8 @@ def test_bad_mask_files_are_refused_by_name(studio, mask, tmp_path):
     with pytest.raises(DataLayoutError, match=r"^corrupt\.png: cannot read"):
         studio.mask_from_file(tmp_path / "corrupt.png")
 
-    np.save(tmp_path / "huge.npy", np.zeros((1, MAX_MASK_SIDE + 1), np.uint8))
-    with pytest.raises(MaskError, match=rf"^huge\.npy: {MAX_MASK_SIDE + 1} px on a side"):
+    np.save(tmp_path / "huge.npy", np.zeros((1, MAX_IMAGE_SIDE + 1), np.uint8))
+    with pytest.raises(ImageError, match=rf"^huge\.npy: {MAX_IMAGE_SIDE + 1} x 1 px, expected at most {MAX_IMAGE_SIDE}"):
         studio.mask_from_file(tmp_path / "huge.npy")
 
 
@@ -179,8 +206,48 @@ def test_settings_out_of_range_are_refused_by_value(studio, mask, settings, matc
 
 def test_omit_names_and_ids(studio):
     assert studio.omit_ids(["vessels", "1"]) == (1, 2)
+    assert studio.omit_ids("vessels") == (2,)  # one name alone, not its letters
     with pytest.raises(MaskError, match="'background' is not a class"):
         studio.omit_ids(["background"])
+    with pytest.raises(MaskError, match=r"omit \{'vessels': 1\}: expected a list of class names"):
+        studio.omit_ids({"vessels": 1})
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (dict(seed="abc"), r"^seed 'abc': expected an integer in 0\.\.4294967295"),
+        (dict(seed=1.5), r"^seed 1\.5: expected an integer"),
+        (dict(seed=True), r"^seed True: expected an integer"),
+        (dict(steps="x"), r"^steps 'x': expected an integer in 1\.\.100"),
+        (dict(steps=None), r"^steps empty: expected an integer in 1\.\.100"),
+        (dict(steps=2.9), r"^steps 2\.9: expected an integer"),
+        (dict(num_images=None), r"^num_images empty: expected an integer in 1\.\.8"),
+        (dict(num_images=2.9), r"^num_images 2\.9: expected an integer"),
+        (dict(strength="x"), r"^strength 'x': expected a value in \(0, 1\]"),
+        (dict(strength=float("nan")), r"^strength nan"),
+        (dict(sampler=["ddim"]), r"^sampler \['ddim'\]: expected one of"),
+        (dict(keep="fat"), r"^keep: 'fat' is not a class"),
+    ],
+)
+def test_raw_request_values_are_refused_by_name_never_rounded(studio, raw, match):
+    with pytest.raises(ConfigError if "keep" not in raw else MaskError, match=match):
+        studio.settings(**raw)
+
+
+def test_raw_request_values_that_mean_one_thing_are_taken(studio):
+    settings = studio.settings(seed=7.0, steps=3, num_images=2.0, keep=["breast"], strength=1)
+    assert (settings.seed, settings.steps, settings.num_images, settings.omit) == (7, 3, 2, (2, 3))
+    assert isinstance(settings.seed, int) and isinstance(settings.num_images, int)
+
+
+def test_result_folders_are_bounded_and_the_previews_stay(studio, mask, monkeypatch):
+    monkeypatch.setattr(segdiff.studio, "KEEP_RUNS", 2)
+    preview = studio.write_preview(mask, "example")
+    runs = [studio.generate(mask, Settings(seed=s, steps=1, num_images=1)) for s in range(4)]
+    left = {p for p in studio.results.iterdir() if p.name != "previews"}
+    assert left == {runs[2].folder, runs[3].folder}
+    assert np.array_equal(np.asarray(PIL.Image.open(preview)), studio.palette.to_rgb(mask))
 
 
 def test_dice_per_image_when_the_card_names_a_segmenter(tiny_model_dir, tmp_path, mask):
@@ -193,3 +260,19 @@ def test_dice_per_image_when_the_card_names_a_segmenter(tiny_model_dir, tmp_path
     dice = run.settings["dice_kept"]
     assert len(dice) == 2 and all(0 <= d <= 1 for d in dice)
     assert [c.split(" · ")[1] for c in run.captions] == [f"Dice {d:.2f}" for d in dice]
+
+
+def test_models_open_once_on_first_use_and_stay_open(tiny_model_dir, small_model_dir, monkeypatch):
+    opened = []
+    from_pretrained = SegDiffPipeline.from_pretrained
+    monkeypatch.setattr(SegDiffPipeline, "from_pretrained", lambda f, **kw: opened.append(f) or from_pretrained(f, **kw))
+    models = Models({"breast": tiny_model_dir, "small": small_model_dir}, "breast")
+    assert opened == []
+    first = models.get()
+    assert models.get("breast") is first and models.get("") is first and first.name == "breast"
+    assert models.get("small").size == 32 and models.get("small") is models.get("small")
+    assert opened == [tiny_model_dir, small_model_dir]
+    with pytest.raises(CheckpointError, match=r"^model 'large': not one of this studio's models \['breast', 'small'\]"):
+        models.get("large")
+    with pytest.raises(CheckpointError, match=r"^model \['small'\]: not one of"):
+        models.get(["small"])
