@@ -140,6 +140,8 @@ class Studio:
             f"{card.num_classes} classes",
             f"runs on {self.pipe.device.type.upper()}",
         ]
+        if card.dataset:  # the credit the training data's licence asks for, wherever the model is shown
+            parts.append(f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})")
         return " · ".join(parts)
 
     def settings(self, omit=(), seed=0, steps=DEFAULT_STEPS, num_images=4, sampler=DEFAULT_SCHEDULER,

@@ -276,3 +276,10 @@ def test_models_open_once_on_first_use_and_stay_open(tiny_model_dir, small_model
         models.get("large")
     with pytest.raises(CheckpointError, match=r"^model \['small'\]: not one of"):
         models.get(["small"])
+
+
+def test_the_header_credits_the_training_data_when_the_card_names_it(tiny_model_dir):
+    pipe = SegDiffPipeline.from_pretrained(tiny_model_dir)
+    assert "trained on" not in Studio(pipe, tiny_model_dir).summary()
+    pipe.card.dataset = {"name": "PSFHS ultrasound", "license": "CC BY 4.0"}
+    assert Studio(pipe, tiny_model_dir).summary().endswith("trained on PSFHS ultrasound (CC BY 4.0)")
