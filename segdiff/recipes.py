@@ -95,10 +95,14 @@ class Recipe:
             return F.mse_loss(prediction.float(), target.float())  # the original's loss, to the bit
         snr = compute_snr(scheduler, timesteps)  # (B,)
         capped = torch.clamp(snr, max=self.snr_gamma)
-        # min(SNR, gamma) is the weight on the x0 error; the same weight on each target's error:
-        weight = {"epsilon": capped / snr, "v_prediction": capped / (snr + 1), "sample": capped}[
-            self.prediction_type
-        ]
+        # min(SNR, gamma) is the weight on the x0 error; the same weight on each target's error (only the
+        # chosen one is computed: with zero terminal SNR, capped / snr would be 0 / 0 there).
+        if self.prediction_type == "epsilon":
+            weight = capped / snr
+        elif self.prediction_type == "v_prediction":
+            weight = capped / (snr + 1)
+        else:
+            weight = capped
         per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_example * weight).mean()
 
