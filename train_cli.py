@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="loader processes; 0 suffices as images are decoded once, up front",
     )
+    add(
+        "--compile",
+        action="store_true",
+        help="train: torch.compile the UNet; the first steps compile (about 1.5 minutes for the paper network), "
+        "then each step runs 1.55x faster on an H200 at 256 px; checkpoints and saved models stay plain",
+    )
     add("--seed", type=int, default=0, help="seeds training, the progress grids and every sample's noise")
     add(
         "--save_image_epochs",
@@ -311,6 +317,7 @@ def train_config(args: argparse.Namespace, output_dir: str, command: str) -> Tra
         sampler=args.sampler,
         num_inference_steps=args.num_inference_steps,
         dataloader_num_workers=args.dataloader_num_workers,
+        compile=args.compile,
         command=command,
         extra_card={"data": data} if data else {},
     )

@@ -137,15 +137,16 @@ def main(argv=None):
             torch.cuda.synchronize()
 
     seconds = {name: [] for name in rows}
-    for run in rows.values():  # warm-up, compilation included
-        run()
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for name, run in rows.items():
+            if r == 0:
+                run()  # warm-up, compilation included
             sync()
             start = time.perf_counter()
             run()
             sync()
             seconds[name].append(time.perf_counter() - start)
+            print(f"  round {r + 1}/{args.rounds}: {name}: {args.batch / seconds[name][-1]:.2f} images/s", flush=True)
     rates = {name: args.batch / statistics.median(s) for name, s in seconds.items()}
     base = next(iter(rates.values()))
     for name, rate in rates.items():

@@ -89,11 +89,20 @@ def test_help_documents_every_original_and_new_flag():
            "--mixed_precision", "--ema", "--checkpointing_steps", "--checkpoints_total_limit", "--resume", "--seed",
            "--sampler", "--num_inference_steps", "--class_names", "--dataloader_num_workers",
            "--gradient_accumulation_steps", "--max_train_steps", "--eval_ablated_masks", "--recipe",
-           "--prediction_type", "--loss_weighting", "--snr_gamma", "--beta_schedule", "--zero_terminal_snr"]  # fmt: skip
+           "--prediction_type", "--loss_weighting", "--snr_gamma", "--beta_schedule", "--zero_terminal_snr",
+           "--compile"]  # fmt: skip
     for flag in original + new:
         assert f"{flag} " in text or f"{flag}\n" in text, flag
     for action in train_cli.build_parser()._actions:
         assert action.help, action.dest
+
+
+def test_speed_flags_reach_the_training_config(tmp_path):
+    flags = ["--img_dir", str(tmp_path), "--mixed_precision", "bf16", "--dataloader_num_workers", "2"]
+    plain = train_cli.train_config(train_cli.build_parser().parse_args(flags), str(tmp_path), "cmd")
+    compiled = train_cli.train_config(train_cli.build_parser().parse_args([*flags, "--compile"]), str(tmp_path), "cmd")
+    assert (plain.compile, compiled.compile) == (False, True)
+    assert (compiled.mixed_precision, compiled.dataloader_num_workers) == ("bf16", 2)
 
 
 def test_defaults_are_the_originals():
