@@ -28,6 +28,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from train_speed import LAYOUTS, layouts
+
 from segdiff import SegDiffPipeline
 from segdiff.masks import encode
 from segdiff.models import ModelCard, build_unet
@@ -84,6 +86,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    parser.add_argument(
+        "--compile_layout",
+        type=layouts,
+        default=LAYOUTS,
+        help="memory layouts of the torch.compile rows: contiguous, channels_last or both (comma-separated)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -129,8 +137,9 @@ def main(argv=None):
     rows["+ channels_last"] = ours(channels_last, "auto")
     if default_unet is channels_last:
         default = "+ channels_last"
-    if args.compile:
-        rows["defaults + torch.compile"] = ours(torch.compile(copy.deepcopy(default_unet)), "auto")
+    for layout in args.compile_layout if args.compile else ():  # compiled GroupNorms may take channels-last
+        unet = channels_last if layout == "channels_last" else contiguous
+        rows[f"defaults + torch.compile ({layout})"] = ours(torch.compile(copy.deepcopy(unet)), "auto")
 
     def sync():
         if device.type == "cuda":

@@ -54,6 +54,15 @@ PEAK_TFLOPS = {
     "RTX 3090": (71.0, 35.6),
 }
 TARGET_RATIO = 3.0  # issue 13: paper preset, 256 px, batch 16, on an H100 or H200
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def layouts(text: str) -> tuple[str, ...]:
+    """`--compile_layout`'s value: memory layouts, comma-separated."""
+    chosen = tuple(text.split(","))
+    if not chosen or set(chosen) - set(LAYOUTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected contiguous, channels_last or both, comma-separated")
+    return chosen
 
 
 class FilesEveryStep(torch.utils.data.Dataset):
@@ -200,6 +209,12 @@ def main(argv=None):
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile (slow first steps)"
     )
+    parser.add_argument(
+        "--compile_layout",
+        type=layouts,
+        default=LAYOUTS,
+        help="memory layouts of the torch.compile rows: contiguous, channels_last or both (comma-separated)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument(
@@ -238,8 +253,11 @@ def main(argv=None):
             f"+ loss logged every {args.log_every} steps": logged,
             "+ channels_last": logged | {"channels_last": True},
         }
-        if args.compile:
-            rows["+ torch.compile (contiguous)"] = logged | {"compile": True}
+        # The H200 profile (benchmarks/train_profile.py) of the compiled contiguous step: 28% of its GPU time
+        # went to cuDNN turning NCHW activations into NHWC and back around every bf16 convolution.
+        for layout in args.compile_layout if args.compile else ():
+            channels_last = {"channels_last": layout == "channels_last"}
+            rows[f"+ torch.compile ({layout})"] = logged | {"compile": True} | channels_last
         precisions = {
             name: "fp32" if opts is None else opts["mixed_precision"] for name, opts in rows.items()
         }

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
         down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
     ),
-    "base": dict(  # about 14 M: for 128-256 px on one GPU
+    "base": dict(  # about 26 M: for 128-256 px on one GPU
         layers_per_block=2,
         block_out_channels=(64, 64, 128, 256, 256),
         down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D", "DownBlock2D"),
