@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import SegDiffPipeline
+from segdiff.checkpoints import CHECKPOINT
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from segdiff.quality import load_test_set, measure_quality
 from segdiff.segmenter import Segmenter
-from segdiff.training import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.5, 0.8, 0.9)

@@ -6,11 +6,8 @@ cosine schedule after a linear warm-up, gradients clipped at 1.0, as the origina
 the loss weighting, the noise schedule, the learning rate and the EMA come from a `Recipe`
 (`segdiff.recipes`): `original` is the original code's, `fast` the measured default.
 
-Checkpoints hold the full state (model, EMA, optimizer, LR schedule, RNG, step) and are written to a
-temporary folder, then renamed, so a run killed at any moment resumes from the last complete one (or the
-one before, when the newest is damaged). Each `checkpoint-<step>` is also a model folder that
-`SegDiffPipeline.from_pretrained` opens (EMA weights when EMA is on); the EMA state lives there as
-safetensors, so resuming loads no pickled weights.
+A run killed at any moment resumes from its last complete checkpoint (`segdiff.checkpoints`), or the one
+before when the newest is damaged.
 
 Exact resumes: each epoch's order of examples is a function of (seed, epoch) alone, and no RNG draw depends
 on where a run started, so a run resumed mid-epoch trains on exactly the batches, noise and timesteps of an
@@ -23,38 +20,37 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import os
 import platform
-import re
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from pickle import UnpicklingError  # the exception only: nothing here unpickles
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from .checkpoints import (
+    TrainerState,
+    check_same_model,
+    check_same_schedule,
+    clean_interrupted,
+    latest_checkpoint,
+    resume,
+    save_checkpoint,
+)
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from .evaluation import ORIGINAL_SAMPLERS, announce, launched_processes, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
-from .models import CARD_FILE, PRESETS, ModelCard, build_unet
-from .pipeline import SCHEDULERS, SegDiffPipeline, clean_interrupted_saves
+from .models import PRESETS, ModelCard, build_unet
+from .pipeline import SCHEDULERS, SegDiffPipeline
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
 
 
 def run_name(
@@ -202,16 +198,6 @@ class TrainConfig:
         )
 
 
-@dataclass
-class TrainerState:
-    """Where a run stands; written beside each checkpoint as trainer_state.json."""
-
-    step: int = 0
-    ema_step: int = 0
-    seconds: float = 0.0  # training time over all resumes
-    processes: int = 1  # the LR schedule and the data shards count in processes: resume with as many
-
-
 class EpochOrder(torch.utils.data.Sampler):
     """A shuffled order of `n` examples that is a function of (seed, epoch) alone; set `epoch` before each pass.
 
@@ -300,11 +286,9 @@ def train(config: TrainConfig) -> Path:
         ema.to(accelerator.device)
     latest = None
     if resuming:
-        latest, state = _resume(accelerator, out, unet, ema, card)
+        latest, state = resume(accelerator, out, unet, ema, card)
     if accelerator.is_main_process:
-        for stale in out.glob(".tmp-checkpoint-*"):  # from a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        clean_interrupted_saves(out)
+        clean_interrupted(out)
         accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items() if _scalar(v)})
     if latest is not None:
         accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
@@ -462,50 +446,14 @@ def _card(config: TrainConfig) -> ModelCard:
     )
 
 
-def _check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
-    """Refuse a folder holding a model of another shape, classes or encoding than this run trains."""
-    saved = folder / "unet" / "config.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text())
-        for key in ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block"):
-            if key in old and list(np.atleast_1d(old[key])) != list(np.atleast_1d(unet.config[key])):
-                raise CheckpointError(
-                    f"{folder}: holds a model with {key}={old[key]}, this run builds {unet.config[key]}; "
-                    "choose another --output_dir or remove the old model"
-                )
-    if (folder / CARD_FILE).is_file():
-        old_card = ModelCard.load(folder)
-        if (old_card.num_classes, old_card.encoding) != (card.num_classes, card.encoding):
-            raise CheckpointError(
-                f"{folder}: holds a model for {old_card.num_classes} classes ({old_card.encoding} encoding), "
-                f"this run trains {card.num_classes} ({card.encoding}); choose another --output_dir"
-            )
-
-
-def _check_same_schedule(folder: Path, noise_scheduler) -> None:
-    """Refuse to continue a model trained to another target or noise schedule than this run's recipe."""
-    saved = folder / "scheduler" / "scheduler_config.json"
-    if not saved.is_file():
-        return
-    old, new = json.loads(saved.read_text()), noise_scheduler.config
-    defaults = {"prediction_type": "epsilon", "beta_schedule": "linear", "rescale_betas_zero_snr": False}
-    for key, default in defaults.items():
-        if old.get(key, default) != new[key]:
-            raise ConfigError(
-                f"{folder}: its model was trained with {key}={old.get(key, default)}, this run's recipe "
-                f"uses {new[key]}; continue it with the same recipe (runs from before recipes existed, and "
-                "the original code's: --recipe original), or choose another --output_dir"
-            )
-
-
 def _initial_unet(config: TrainConfig, card: ModelCard, noise_scheduler, out: Path) -> UNet2DModel:
     """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
     unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
-    _check_same_model(out, unet, card)
+    check_same_model(out, unet, card)
     if config.resume or config.resume_epoch is not None:
         for folder in (out, latest_checkpoint(out)):
             if folder is not None:
-                _check_same_schedule(folder, noise_scheduler)
+                check_same_schedule(folder, noise_scheduler)
     if not config.resume and (old := latest_checkpoint(out)) is not None:
         raise ConfigError(
             f"{out}: holds {old.name} from an earlier run; pass --resume to continue it, or choose another "
@@ -546,137 +494,6 @@ def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
     pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete `checkpoint-<step>` folder; half-written ones are still `.tmp-checkpoint-*`."""
-    found = [
-        (int(m[1]), p)
-        for p in Path(out).glob("checkpoint-*")
-        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
-    ]
-    return max(found)[1] if found else None
-
-
-def prune_checkpoints(out: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Remove all but the `keep` newest complete checkpoints (None keeps all). -> the removed folders."""
-    found = sorted(
-        (int(m[1]), p)
-        for p in Path(out).glob("checkpoint-*")
-        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
-    )
-    removed = [p for _, p in found[:-keep]] if keep else []
-    for old in removed:
-        shutil.rmtree(old, ignore_errors=True)
-    return removed
-
-
-def save_checkpoint(
-    accelerator: Accelerator, out: Path, state: TrainerState, keep: int | None, pipeline
-) -> Path:
-    """Write the full state and a model folder to `.tmp-checkpoint-<step>`, rename it in, then prune.
-
-    `pipeline` (main process only) builds the model as it is saved: its unet/ holds the EMA weights when
-    EMA is on, which is also where resuming reads the EMA state from.
-    """
-    # Every process writes into this folder (its RNG state), so the path follows from the step alone and
-    # the folder exists before any process writes.
-    final, tmp = out / f"checkpoint-{state.step}", out / f".tmp-checkpoint-{state.step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return final
-    pipe = pipeline()
-    pipe.card.training.update(steps=state.step, seconds=round(state.seconds, 1))
-    pipe.save_pretrained(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    prune_checkpoints(out, keep)
-    return final
-
-
-def _resume(
-    accelerator: Accelerator, out: Path, unet, ema: EMAModel | None, card: ModelCard
-) -> tuple[Path, TrainerState]:
-    """Restore the newest checkpoint that loads on every process, newest first. -> (its folder, state).
-
-    A damaged one (a truncated or garbled file) is named and skipped for the one before it; processes
-    agree on each verdict, so all of them resume from the same step.
-    """
-    found = sorted(
-        ((int(m[1]), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()),
-        reverse=True,
-    )
-    damaged = []
-    for _, folder in found:
-        try:
-            state = _load_checkpoint(accelerator, folder, unet, ema, card)
-        except _Damaged as e:
-            state, reason = None, str(e)
-        loaded = torch.tensor([state is not None], device=accelerator.device)
-        if accelerator.gather(loaded).all():
-            for reason in damaged:
-                accelerator.print(f"warning: {reason}; resumed from {folder.name} instead")
-            return folder, state
-        damaged.append(reason if state is None else f"{folder}: damaged on another process")
-    raise CheckpointError(
-        f"--resume: no checkpoint in {out} can be loaded ({'; '.join(damaged)}); remove the damaged "
-        "checkpoint folders to start over"
-    )
-
-
-class _Damaged(CheckpointError):
-    """A checkpoint whose files cannot be read; an older one may still be."""
-
-
-# What reading a truncated or garbled checkpoint raises, from json, safetensors, torch and accelerate.
-_UNREADABLE = (
-    OSError,
-    ValueError,
-    KeyError,
-    TypeError,
-    RuntimeError,
-    EOFError,
-    SafetensorError,
-    UnpicklingError,
-)
-
-
-def _load_checkpoint(
-    accelerator: Accelerator, folder: Path, unet, ema: EMAModel | None, card: ModelCard
-) -> TrainerState:
-    """Restore what `save_checkpoint` wrote, after `accelerator.prepare`. Raises `_Damaged` for unreadable
-    files, CheckpointError for a model of another shape.
-
-    accelerate reads the model from safetensors and the optimizer, LR schedule and RNG states with
-    weights-only unpickling; the EMA weights come from the checkpoint's unet/ (safetensors).
-    """
-    try:
-        state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
-        if state.processes != accelerator.num_processes:
-            raise CheckpointError(
-                f"{folder}: written by {state.processes} process(es), resumed by {accelerator.num_processes}; "
-                f"launch {state.processes} to continue it (the LR schedule counts steps x processes)"
-            )
-        _check_same_model(folder, accelerator.unwrap_model(unet), card)
-        accelerator.load_state(str(folder))
-        if ema is not None:
-            ema_unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
-            ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_unet.parameters()]
-            ema.optimization_step = state.ema_step
-    except CheckpointError:
-        raise
-    except _UNREADABLE as e:
-        raise _Damaged(f"{folder}: damaged checkpoint, cannot resume from it ({e})") from e
-    return state
 
 
 class _CsvLog:

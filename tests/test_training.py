@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
-from segdiff.training import TrainConfig, latest_checkpoint, prune_checkpoints, run_name, train
+from segdiff.checkpoints import latest_checkpoint, prune_checkpoints
+from segdiff.training import TrainConfig, run_name, train
 
 SPLITS = ("train", "val", "test")
 
