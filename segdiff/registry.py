@@ -18,8 +18,13 @@ class Models:
     examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say.
     """
 
-    def __init__(self, folders: dict[str, Path], default: str, examples: Path | None = None,
-                 num_classes: dict[str, int] | None = None):
+    def __init__(
+        self,
+        folders: dict[str, Path],
+        default: str,
+        examples: Path | None = None,
+        num_classes: dict[str, int] | None = None,
+    ):
         if default not in folders:
             raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
         self.folders, self.default, self.examples_root = dict(folders), default, examples
@@ -28,18 +33,34 @@ class Models:
         self._lock = threading.Lock()  # two first requests for one model load it once
 
     @classmethod
-    def discover(cls, root: str | os.PathLike, preferred: str, examples: Path | None = None,
-                 model: str | os.PathLike | None = None, num_classes: int | None = None) -> Models:
+    def discover(
+        cls,
+        root: str | os.PathLike,
+        preferred: str,
+        examples: Path | None = None,
+        model: str | os.PathLike | None = None,
+        num_classes: int | None = None,
+    ) -> Models:
         """Every model folder in `root`, sorted, plus `model` (opened by path). The default is `model` when
         given, else `preferred` when present, else the first folder found."""
         root = Path(root)
-        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        found = (
+            sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if root.is_dir()
+            else []
+        )
         folders = {p.name: p for p in found}
         if model is not None:
             folders[model_name(model)] = Path(model)
         if not folders:
             raise CheckpointError(f"{root}: no model folder inside, and no model given by path")
-        default = model_name(model) if model is not None else preferred if preferred in folders else next(iter(folders))
+        default = (
+            model_name(model)
+            if model is not None
+            else preferred
+            if preferred in folders
+            else next(iter(folders))
+        )
         return cls(folders, default, examples, {default: num_classes} if num_classes else None)
 
     @classmethod
@@ -69,11 +90,12 @@ class Models:
             return self._open[name]
         with self._lock:
             if name not in self._open:
-                pipe = SegDiffPipeline.from_pretrained(self.folders[name], num_classes=self.num_classes.get(name))
+                pipe = SegDiffPipeline.from_pretrained(
+                    self.folders[name], num_classes=self.num_classes.get(name)
+                )
                 studio = Studio(pipe, self.folders[name], name)
                 self._open[name] = (studio, self._examples_of(studio))
             return self._open[name]
 
     def _examples_of(self, studio: Studio) -> list[str]:
         return studio.example_masks(self.examples_root / studio.name) if self.examples_root else []
-

@@ -86,7 +86,9 @@ class Settings:
 class Studio:
     """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results."""
 
-    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None):
+    def __init__(
+        self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None
+    ):
         folder = Path(folder) if folder is not None else None
         name = name or (model_name(folder) if folder else "model")
         card = pipe.card
@@ -121,11 +123,21 @@ class Studio:
             f"runs on {self.pipe.device.type.upper()}",
         ]
         if card.dataset:  # the credit the training data's licence asks for, wherever the model is shown
-            parts.append(f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})")
+            parts.append(
+                f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})"
+            )
         return " · ".join(parts)
 
-    def settings(self, omit=(), seed=0, steps=DEFAULT_STEPS, num_images=4, sampler=DEFAULT_SCHEDULER,
-                 strength=1.0, keep=None) -> Settings:
+    def settings(
+        self,
+        omit=(),
+        seed=0,
+        steps=DEFAULT_STEPS,
+        num_images=4,
+        sampler=DEFAULT_SCHEDULER,
+        strength=1.0,
+        keep=None,
+    ) -> Settings:
         """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
 
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
@@ -309,7 +321,10 @@ class Studio:
         images = self._sample(masks, [settings.seed] * len(variants), settings, image, progress)
         captions = ["all classes kept", *(f"without {self.class_names[c]}" for c in present)]
         record = self._record(
-            "sweep", settings, image, seeds=[settings.seed],
+            "sweep",
+            settings,
+            image,
+            seeds=[settings.seed],
             variants=[[self.class_names[c] for c in v] for v in variants],
         )
         run = self._finish("sweep", images, masks, captions, record, mask)
@@ -355,7 +370,9 @@ class Studio:
         run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind))
         if self.segmenter is not None:
             # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
-            dice = faithfulness(self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes))
+            dice = faithfulness(
+                self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes)
+            )
             record["dice_kept"] = [None if math.isnan(d) else round(d, 4) for d in dice]
             run.captions = [
                 c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)
@@ -418,7 +435,9 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
         if not isinstance(file, bytes) and Path(file).suffix.lower() == ".npy":
             with open(file, "rb") as f:
                 major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                read = (
+                    np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                )
                 shape, _, _ = read(f)
             sides = shape[::-1]  # width first, as for images
         else:
@@ -430,7 +449,9 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
         raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
     if max(sides, default=0) > MAX_IMAGE_SIDE:
         size = " x ".join(str(n) for n in sides)
-        raise ImageError(f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)")
+        raise ImageError(
+            f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)"
+        )
 
 
 def load_segmenter(studio: Studio) -> Segmenter | None:
