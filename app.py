@@ -3,7 +3,7 @@
     python app.py [--model PATH] [--num_classes K] [--host 127.0.0.1] [--port 7860]
 
 UI only: every action is one call into `segdiff.studio`. The picker offers every bundled model (and the one
-given by --model); each loads once, on first use, and stays loaded.
+given by --model); each loads once, on first use, and stays loaded (`segdiff.registry`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from gradio.exceptions import InvalidPathError
 from segdiff import ConfigError, SegdiffError
 from segdiff.errors import check_integer
 from segdiff.pipeline import DEFAULT_STEPS
-from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Models, Run, Studio
+from segdiff.registry import Models
+from segdiff.runs import Run
+from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Studio
 
 try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
     import spaces

@@ -32,7 +32,8 @@ import app  # noqa: E402
 from segdiff import SegDiffPipeline  # noqa: E402
 from segdiff.models import ModelCard, build_unet  # noqa: E402
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS  # noqa: E402
-from segdiff.studio import Models, Studio  # noqa: E402
+from segdiff.registry import Models  # noqa: E402
+from segdiff.studio import Studio  # noqa: E402
 
 NUM_IMAGES = 4
 

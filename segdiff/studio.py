@@ -13,23 +13,18 @@ frequent class: a stroke counts where it covers most of a model pixel, and no bl
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-import threading
-import time
 import weakref
-import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.PngImagePlugin
 import torch
 
 from .data import read_image, read_mask
@@ -45,6 +40,7 @@ from .errors import (
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 from .quality import faithfulness
+from .runs import Run, new_run_folder, png_bytes, write_run
 from .segmenter import Segmenter
 
 # Caps on what one request may ask of a shared server.
@@ -56,7 +52,6 @@ MAX_IMAGE_SIDE = 2048
 MAX_SEED = 2**32 - 1
 CANVAS_SIDE = 512  # the painting canvas is the model size times the integer scale nearest this
 DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files keep the model's size
-KEEP_RUNS = 32  # result folders kept on disk; the app serves copies of older ones from its own cache
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -88,25 +83,12 @@ class Settings:
             raise MaskError(f"omit={list(self.omit)}: {bad[0]} is not a class id 1..{num_classes - 1}")
 
 
-@dataclass
-class Run:
-    """One click's results: images (H, W, C) uint8, the mask each was drawn from, captions, files."""
-
-    kind: str  # "generate" | "sweep"
-    images: list[np.ndarray]
-    masks: list[np.ndarray]  # (H, W) class ids as the model saw them, omitted classes already removed
-    captions: list[str]
-    settings: dict  # the run's settings, as written to settings.json
-    folder: Path
-    files: list[Path] = field(default_factory=list)  # one PNG per image, settings in its text chunk
-    archive: Path | None = None  # zip of the image PNGs, the mask and settings.json
-    notices: list[str] = field(default_factory=list)
-
-
 class Studio:
     """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results."""
 
-    def __init__(self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None):
+    def __init__(
+        self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None
+    ):
         folder = Path(folder) if folder is not None else None
         name = name or (model_name(folder) if folder else "model")
         card = pipe.card
@@ -141,11 +123,21 @@ class Studio:
             f"runs on {self.pipe.device.type.upper()}",
         ]
         if card.dataset:  # the credit the training data's licence asks for, wherever the model is shown
-            parts.append(f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})")
+            parts.append(
+                f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})"
+            )
         return " · ".join(parts)
 
-    def settings(self, omit=(), seed=0, steps=DEFAULT_STEPS, num_images=4, sampler=DEFAULT_SCHEDULER,
-                 strength=1.0, keep=None) -> Settings:
+    def settings(
+        self,
+        omit=(),
+        seed=0,
+        steps=DEFAULT_STEPS,
+        num_images=4,
+        sampler=DEFAULT_SCHEDULER,
+        strength=1.0,
+        keep=None,
+    ) -> Settings:
         """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
 
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
@@ -211,7 +203,7 @@ class Studio:
         folder = self.results / "previews"
         folder.mkdir(exist_ok=True)
         path = folder / f"{stem}.png"
-        path.write_bytes(_png_bytes(self.palette.to_rgb(mask)))
+        path.write_bytes(png_bytes(self.palette.to_rgb(mask)))
         return str(path)
 
     def mask_from_canvas(self, image: np.ndarray | None, layers: Sequence[np.ndarray] = ()) -> np.ndarray:
@@ -329,7 +321,10 @@ class Studio:
         images = self._sample(masks, [settings.seed] * len(variants), settings, image, progress)
         captions = ["all classes kept", *(f"without {self.class_names[c]}" for c in present)]
         record = self._record(
-            "sweep", settings, image, seeds=[settings.seed],
+            "sweep",
+            settings,
+            image,
+            seeds=[settings.seed],
             variants=[[self.class_names[c] for c in v] for v in variants],
         )
         run = self._finish("sweep", images, masks, captions, record, mask)
@@ -372,23 +367,18 @@ class Studio:
         }
 
     def _finish(self, kind, images, masks, captions, record, mask) -> Run:
-        run = Run(kind, images, masks, captions, record, self._new_folder(kind))
+        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind))
         if self.segmenter is not None:
             # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
-            dice = faithfulness(self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes))
+            dice = faithfulness(
+                self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes)
+            )
             record["dice_kept"] = [None if math.isnan(d) else round(d, 4) for d in dice]
             run.captions = [
                 c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)
             ]
-        _write(run, mask)
+        write_run(run, mask)
         return run
-
-    def _new_folder(self, kind: str) -> Path:
-        # Bounded on disk: the oldest runs go; the example previews the page links to stay.
-        runs = sorted((p for p in self.results.iterdir() if p.name != "previews"), key=lambda p: p.stat().st_mtime)
-        for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix=f"{time.strftime('%H%M%S')}-{kind}-", dir=self.results))
 
     # ---- results out --------------------------------------------------------------------------------
 
@@ -414,73 +404,6 @@ def model_name(folder: str | os.PathLike) -> str:
     """What the studio calls a model folder: its name (a released NAME/unet/ checkpoint goes by NAME)."""
     folder = Path(folder).resolve()
     return (folder.parent if folder.name == "unet" else folder).name
-
-
-class Models:
-    """The studio's models by name. Each opens on first use and stays open: a click costs a dict lookup.
-
-    folders: name -> model folder, in the picker's order; default: the name a request without one gets;
-    examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say.
-    """
-
-    def __init__(self, folders: dict[str, Path], default: str, examples: Path | None = None,
-                 num_classes: dict[str, int] | None = None):
-        if default not in folders:
-            raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
-        self.folders, self.default, self.examples_root = dict(folders), default, examples
-        self.num_classes = num_classes or {}
-        self._open: dict[str, tuple[Studio, list[str]]] = {}
-        self._lock = threading.Lock()  # two first requests for one model load it once
-
-    @classmethod
-    def discover(cls, root: str | os.PathLike, preferred: str, examples: Path | None = None,
-                 model: str | os.PathLike | None = None, num_classes: int | None = None) -> Models:
-        """Every model folder in `root`, sorted, plus `model` (opened by path). The default is `model` when
-        given, else `preferred` when present, else the first folder found."""
-        root = Path(root)
-        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-        folders = {p.name: p for p in found}
-        if model is not None:
-            folders[model_name(model)] = Path(model)
-        if not folders:
-            raise CheckpointError(f"{root}: no model folder inside, and no model given by path")
-        default = model_name(model) if model is not None else preferred if preferred in folders else next(iter(folders))
-        return cls(folders, default, examples, {default: num_classes} if num_classes else None)
-
-    @classmethod
-    def of(cls, studio: Studio, examples: Path | None = None) -> Models:
-        """A registry of one model already opened (a benchmark's own precision, a test's tiny model)."""
-        models = cls({studio.name: studio.folder}, studio.name, examples)
-        models._open[studio.name] = (studio, models._examples_of(studio))
-        return models
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.folders)
-
-    def get(self, name: str | None = None) -> Studio:
-        """The studio of model `name` (None or "": the default), opening it on first use."""
-        return self._entry(name)[0]
-
-    def examples(self, name: str | None = None) -> list[str]:
-        """The model's example masks (`<examples>/<name>/*.png|npy`) as previews it reads exactly."""
-        return self._entry(name)[1]
-
-    def _entry(self, name: str | None) -> tuple[Studio, list[str]]:
-        name = self.default if name is None or name == "" else name
-        if not isinstance(name, str) or name not in self.folders:
-            raise CheckpointError(f"model {name!r}: not one of this studio's models {self.names}")
-        if name in self._open:  # the common case takes no lock: a click never waits on another model's load
-            return self._open[name]
-        with self._lock:
-            if name not in self._open:
-                pipe = SegDiffPipeline.from_pretrained(self.folders[name], num_classes=self.num_classes.get(name))
-                studio = Studio(pipe, self.folders[name], name)
-                self._open[name] = (studio, self._examples_of(studio))
-            return self._open[name]
-
-    def _examples_of(self, studio: Studio) -> list[str]:
-        return studio.example_masks(self.examples_root / studio.name) if self.examples_root else []
 
 
 def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
@@ -512,7 +435,9 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
         if not isinstance(file, bytes) and Path(file).suffix.lower() == ".npy":
             with open(file, "rb") as f:
                 major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                read = (
+                    np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                )
                 shape, _, _ = read(f)
             sides = shape[::-1]  # width first, as for images
         else:
@@ -524,41 +449,9 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
         raise DataLayoutError(f"{source}: cannot read the file ({e})") from e
     if max(sides, default=0) > MAX_IMAGE_SIDE:
         size = " x ".join(str(n) for n in sides)
-        raise ImageError(f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)")
-
-
-def _png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:
-    info = PIL.PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).save(
-        buffer, format="PNG", pnginfo=info
-    )
-    return buffer.getvalue()
-
-
-def _write(run: Run, mask: np.ndarray) -> None:
-    """Write image PNGs (each with its settings as PNG text), the mask, settings.json and one zip."""
-    settings = run.settings
-    contents: dict[str, bytes] = {}
-    for k, (image, caption) in enumerate(zip(run.images, run.captions, strict=True)):
-        own = {**settings, "image": k, "caption": caption}
-        if run.kind == "generate":
-            own["seed"] = settings["seeds"][k]
-        else:
-            own["omit"] = settings["variants"][k]
-        name = f"{run.kind}_{k:02d}_seed{own['seed']}.png"
-        contents[name] = _png_bytes(image, {"segdiff": json.dumps(own), "Software": "segdiff studio"})
-        run.files.append(run.folder / name)
-    contents["mask.png"] = _png_bytes(mask.astype(np.uint8))  # class ids, as the original code reads masks
-    contents["settings.json"] = json.dumps(settings, indent=2).encode()
-    for name, data in contents.items():
-        (run.folder / name).write_bytes(data)
-    run.archive = run.folder / f"segdiff_{run.kind}_seed{settings['seed']}.zip"
-    with zipfile.ZipFile(run.archive, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in contents.items():
-            archive.writestr(name, data)
+        raise ImageError(
+            f"{source}: {size} px, expected at most {MAX_IMAGE_SIDE} px on a side (MAX_IMAGE_SIDE)"
+        )
 
 
 def load_segmenter(studio: Studio) -> Segmenter | None:
@@ -566,13 +459,3 @@ def load_segmenter(studio: Studio) -> Segmenter | None:
     if studio.card.segmenter is None or studio.folder is None:
         return None
     return Segmenter.from_pretrained(studio.folder / studio.card.segmenter, device=studio.pipe.device)
-
-
-def settings_of(path: str | os.PathLike) -> dict:
-    """The settings stored in a result PNG's text chunk (for scripts that reproduce a result)."""
-    with PIL.Image.open(path) as im:
-        text = im.info.get("segdiff")
-    if text is None:
-        raise DataLayoutError(f"{path}: no segdiff settings in this PNG's metadata")
-    return json.loads(text)
-

@@ -63,7 +63,7 @@ def studio_url(tiny_model_dir, small_model_dir, tmp_path_factory):
     Each model has one example mask in `<examples>/<name>/`; the 64 px model is the default.
     """
     import app
-    from segdiff.studio import Models
+    from segdiff.registry import Models
 
     examples = tmp_path_factory.mktemp("examples")
     for folder, size in ((tiny_model_dir, 64), (small_model_dir, 32)):

@@ -19,7 +19,8 @@ from gradio_client.exceptions import AppError
 
 import app
 from segdiff.masks import Palette
-from segdiff.studio import MAX_IMAGE_SIDE, Models
+from segdiff.registry import Models
+from segdiff.studio import MAX_IMAGE_SIDE
 
 FAST = dict(steps=3, num_images=2)
 pytestmark = pytest.mark.timeout(600)
