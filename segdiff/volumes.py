@@ -1,8 +1,10 @@
-"""NIfTI volumes in and out: image and label volumes become slices in the original layout, and a label
-volume becomes a synthetic scan drawn slice by slice.
+"""NIfTI volumes in and out: volumes to slices in the original layout, label volumes to synthetic scans.
 
     python -m segdiff.volumes convert OUT_DIR --images IMG --labels LAB [--classes ...] [--window ...]
     python -m segdiff.volumes synthesize MODEL LABELS.nii.gz OUT.nii.gz [--seed S] [--steps N]
+
+This module converts and holds the command line; `segdiff.synthesis` draws the volumes, cutting and mapping
+them with the functions here.
 
 Orientation. Volumes are turned to RAS+ (nibabel's closest canonical orientation: the first array axis runs
 to the patient's right, the second anteriorly, the third superiorly) and cut along one axis; each slice is
@@ -32,15 +34,13 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
-import torch
 from nibabel.filebasedimages import ImageFileError
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
 from .data import SPLITS
 from .errors import SegdiffError, VolumeError
 from .evaluation import write_png
-from .pipeline import DEFAULT_STEPS, SegDiffPipeline
+from .pipeline import DEFAULT_STEPS
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS+ array axis each slice is cut across
 WINDOWS = {  # (level, width) in HU, the usual radiology presets
@@ -52,8 +52,7 @@ WINDOWS = {  # (level, width) in HU, the usual radiology presets
 }
 PERCENTILES = (0.5, 99.5)  # robust to a few hot voxels, which would otherwise squeeze MR tissue to black
 MAX_CLASSES = 256  # background included, as masks are 8-bit PNGs
-_NOISE_SPAN = 8  # slices between independent noise anchors: neighbours' noise correlates at cos(pi/16) = 0.98
-_SUFFIXES = (".nii.gz", ".nii")
+SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
@@ -102,11 +101,11 @@ class Conversion:
 
 
 def _stem(path: Path) -> str:
-    return next(path.name[: -len(s)] for s in _SUFFIXES if path.name.endswith(s))
+    return next(path.name[: -len(s)] for s in SUFFIXES if path.name.endswith(s))
 
 
 def _volume_files(folder: Path) -> dict[str, Path]:
-    found = (p for p in sorted(folder.iterdir()) if p.name.endswith(_SUFFIXES) and p.is_file())
+    found = (p for p in sorted(folder.iterdir()) if p.name.endswith(SUFFIXES) and p.is_file())
     return {_stem(p): p for p in found if not p.name.startswith(".")}  # macOS leaves ._CASE.nii.gz files
 
 
@@ -115,7 +114,7 @@ def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[t
     (`imagesTr/CASE_0000.nii.gz` with `labelsTr/CASE.nii.gz`)."""
     images, labels = Path(images), Path(labels)
     if images.is_file() and labels.is_file():
-        return [(_stem(images) if images.name.endswith(_SUFFIXES) else images.stem, images, labels)]
+        return [(_stem(images) if images.name.endswith(SUFFIXES) else images.stem, images, labels)]
     for path in (images, labels):
         if not path.is_dir():
             raise VolumeError(f"{path}: no such folder (expected two folders of .nii/.nii.gz, or two files)")
@@ -148,7 +147,8 @@ def read_volume(path: Path) -> nib.Nifti1Image:
     return image
 
 
-def _data(image: nib.Nifti1Image, path: Path, labels: bool = False) -> np.ndarray:
+def voxels(image: nib.Nifti1Image, path: Path, labels: bool = False) -> np.ndarray:
+    """The voxel array as float32, or as int64 label ids >= 0 when `labels`; errors name `path`."""
     try:
         data = np.asarray(image.dataobj)
     except (OSError, EOFError, ValueError, zlib.error) as e:
@@ -388,7 +388,7 @@ def convert(
     try:
         for case, image_path, label_path in tqdm(pairs, desc="convert", unit="volume", disable=not progress):
             image, label = _grid(case, image_path, label_path)
-            volume, mask = _data(image, image_path), map_labels(_data(label, label_path, labels=True), kept)
+            volume, mask = voxels(image, image_path), map_labels(voxels(label, label_path, labels=True), kept)
             value_range, spacing = intensity_range(volume, window), slice_spacing(image, along)
             written = 0
             for index in range(volume.shape[along]):
@@ -423,113 +423,6 @@ def convert(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
-
-
-# ---- synthesize -----------------------------------------------------------------------------------------
-
-
-def recorded_conversion(pipe: SegDiffPipeline, data: str | os.PathLike | None, model: str) -> Conversion:
-    """The conversion settings stored in the model card (by train_cli.py), else in `data`/classes.json."""
-    if data is not None:
-        path = Path(data) / "classes.json"
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise VolumeError(f"{path}: cannot read the conversion settings ({e})") from e
-        source = str(path)
-    else:
-        info, source = pipe.card.training.get("data", {}), f"{model} (model card)"
-    if "conversion" not in info:
-        raise VolumeError(f"{source}: no conversion settings; train on a folder that `segdiff.volumes "
-                          "convert` wrote, or pass --data OUT_DIR of that conversion")
-    return Conversion.from_json(info["conversion"], source)
-
-
-def slice_noise(count: int, shape: tuple[int, ...], seed: int, independent: bool) -> torch.Tensor:
-    """(count, *shape) unit Gaussian noise, one per slice. Shared: slice k blends the anchors drawn every
-    `_NOISE_SPAN` slices as cos(a) A_m + sin(a) A_m+1, still unit Gaussian, changing smoothly along the axis."""
-    generator = torch.Generator().manual_seed(seed)
-    if independent:
-        return torch.randn((count, *shape), generator=generator)
-    anchors = torch.randn((count // _NOISE_SPAN + 2, *shape), generator=generator)
-    k = torch.arange(count)
-    angle = ((k % _NOISE_SPAN).float() / _NOISE_SPAN * (torch.pi / 2)).view(-1, *(1,) * len(shape))
-    return anchors[k // _NOISE_SPAN] * angle.cos() + anchors[k // _NOISE_SPAN + 1] * angle.sin()
-
-
-def synthesize(
-    model: str | os.PathLike,
-    labels: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    classes: str | None = None,
-    names_file: str | os.PathLike | None = None,
-    data: str | os.PathLike | None = None,
-    seed: int = 0,
-    steps: int = DEFAULT_STEPS,
-    batch_size: int = 8,
-    independent_noise: bool = False,
-    progress: bool = False,
-) -> dict:
-    """Draw a volume over a label volume and write it as NIfTI with the labels' affine and header.
-
-    Slices holding a kept class are drawn by the model; the others get the value of pixel 0 (the window's
-    minimum). Returns {"path", "shape", "drawn", "slices", "intensity_range"}.
-    """
-    out = Path(out)
-    if not out.name.endswith(_SUFFIXES):
-        raise VolumeError(f"{out}: expected a .nii or .nii.gz file name")
-    if batch_size < 1 or steps < 1:
-        raise VolumeError(f"--batch_size {batch_size}, --steps {steps}: expected both >= 1")
-    if out.resolve() == Path(labels).resolve():
-        raise VolumeError(f"{out}: the label volume itself; expected a new file name for the synthetic volume")
-    pipe = SegDiffPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    conversion = recorded_conversion(pipe, data, str(model))
-    kept = parse_classes(classes, label_names(labels, names_file)) if classes else conversion.classes
-    if len(kept) + 1 != pipe.card.num_classes or pipe.card.img_channels != 1:
-        raise VolumeError(
-            f"{model}: a model of {pipe.card.num_classes} classes and {pipe.card.img_channels} image channels; "
-            f"expected {len(kept) + 1} classes ({', '.join(c.name for c in kept)} and background) and 1 channel"
-        )
-    original = read_volume(Path(labels))
-    label_image = nib.as_closest_canonical(original)
-    mask = map_labels(_data(label_image, Path(labels), labels=True), kept)
-    axis, size = AXES[conversion.axis], pipe.card.img_size
-    spacing, (low, high) = slice_spacing(label_image, axis), conversion.intensity_range
-    drawn = [k for k in range(mask.shape[axis]) if np.take(mask, k, axis=axis).any()]
-    noise = slice_noise(mask.shape[axis], (pipe.card.img_channels, size, size), seed, independent_noise)
-
-    result = np.full(mask.shape, low, np.float32)
-    bar = tqdm(total=len(drawn), desc="synthesize", unit="slice", disable=not progress)
-    for start in range(0, len(drawn), batch_size):
-        batch = drawn[start : start + batch_size]
-        masks = np.stack([fit(to_slice(mask, axis, k), spacing, size, nearest=True) for k in batch])
-        images = pipe(masks, num_inference_steps=steps, latents=noise[batch], output_type="np").images
-        for k, image in zip(batch, images, strict=True):
-            shape = to_slice(mask, axis, k).shape
-            values = low + unfit(image[..., 0], shape, spacing) * (high - low)  # pixels [0, 1] -> intensities
-            index = [slice(None)] * 3
-            index[axis] = k
-            result[tuple(index)] = from_slice(values)
-        bar.update(len(batch))
-    bar.close()
-
-    # Back from RAS+ to the label file's own axes, so its affine and header describe the result.
-    back = ornt_transform(axcodes2ornt("RAS"), io_orientation(original.affine))
-    volume = apply_orientation(result, back).astype(np.float32)
-    header = original.header.copy()
-    header.set_data_dtype(np.float32)
-    written = type(original)(volume, original.affine, header)
-    written.header.set_slope_inter(1.0, 0.0)
-    written.header["cal_min"], written.header["cal_max"] = low, high  # the display window, for viewers
-    suffix = next(s for s in _SUFFIXES if out.name.endswith(s))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suffix}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(written, tmp)
-    os.replace(tmp, out)
-    return {"path": str(out), "shape": volume.shape, "drawn": len(drawn), "slices": mask.shape[axis],
-            "intensity_range": (low, high), "window": conversion.window}
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -584,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
             counts = ", ".join(f"{s} {record['slices'][s]} slices ({len(record['cases'][s])} case(s))" for s in SPLITS)
             print(f"wrote {counts} to {args.out_dir}; classes: {', '.join(record['class_names'])}")
         else:
+            # Imported here, not at the top: synthesis imports this module.
+            from .synthesis import synthesize
+
             info = synthesize(args.model, args.labels, args.out, classes=args.classes,
                               names_file=args.label_names, data=args.data, seed=args.seed, steps=args.steps,
                               batch_size=args.batch_size, independent_noise=args.independent_noise,
