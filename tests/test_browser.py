@@ -52,19 +52,25 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             # The image sits centred in the canvas element, shown at about 95% of its 512 px.
             return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
-        def swatches():
-            editor.locator("button[aria-label='Color']").click()
+        def swatches():  # the brush's colour menu, opened if it is closed
+            if not editor.locator("menu.swatch").is_visible():
+                editor.locator("button[aria-label='Color']").click()
+                editor.locator("menu.swatch button.color").first.wait_for()
             return editor.locator("menu.swatch button.color")
+
+        def close_swatches():
+            if editor.locator("menu.swatch").is_visible():
+                editor.locator("button[aria-label='Brush']").click()  # the menu lies over the canvas
 
         def pick(rgb):
             swatches().and_(editor.locator(f"[style*='rgb({rgb})']")).click()
-            editor.locator("button[aria-label='Brush']").click()  # closes the swatch menu over the canvas
+            close_swatches()
 
-        def brush_has(count):  # the editor takes its new brush a moment after the rest of the page
+        def palette_shown(count, rgb):  # the editor takes its new brush a moment after the rest of the page
             for _ in range(120):
-                found = swatches().count()
-                editor.locator("button[aria-label='Brush']").click()
-                if found == count:
+                colours = swatches().evaluate_all("buttons => buttons.map(b => b.style.backgroundColor)")
+                close_swatches()
+                if len(colours) == count and f"rgb({rgb})" in colours:
                     return True
                 page.wait_for_timeout(500)
             return False
@@ -100,15 +106,12 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
         assert (mask == 2).sum() > 20 and (mask == 1).sum() > (mask == 2).sum()
         assert settings["omit"] == ["vessels"] and len(settings["seeds"]) == 4 and settings["model"] == "tiny-breast"
 
-        # The 32 px, 3-class model on a fresh page: its legend, classes and brush palette replace the first
-        # model's. (Switching after painting sometimes leaves gradio 6.31's editor showing swatches that do not
-        # take the new palette's colours: a clean-clone CI run timed out picking one. Not tested here.)
-        page.goto(studio_url)
-        editor.locator("canvas").first.wait_for()
+        # Switching to the 32 px, 3-class model on the painted page: its legend, classes, blank canvas and
+        # brush palette replace the first model's, and its brush paints its own classes.
         page.locator("#model-picker input").click()
         page.get_by_role("option", name="tiny-small").click()
         page.get_by_label("fetal head", exact=True).wait_for()
-        assert brush_has(3)
+        assert palette_shown(3, "60, 180, 75")
         pick("60, 180, 75")  # fetal head
         for dy in (-40, 0, 40):
             stroke(-100, dy, 100, dy)
