@@ -28,14 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segdiff.models import build_unet
 
 # Kernel kinds by name, first match wins (cuDNN, cuBLAS/CUTLASS and Triton kernel names; CPU op names).
+# Inductor's fused kernels first (their names list every op fused, copies included), then layout changes:
+# cuDNN names its NCHW <-> NHWC conversions `cudnn::...nchwToNhwcKernel`.
 KINDS = [
+    ("fused (Triton)", r"^triton_"),
+    ("copy / layout", r"nchwtonhwc|nhwctonchw|copy|transpose|permute|\bcat\b"),
     ("convolution", r"conv|cudnn|implicit_gemm|wgrad|dgrad|fprop|xmma"),
     ("matrix product", r"gemm|cublas|cutlass|matmul|sm90_|\bb?mm\b|addmm|linear"),
     ("attention", r"flash|fmha|attention|sdpa"),
     ("normalisation", r"norm|welford|batch_norm"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("fused (Triton)", r"^triton_"),
-    ("copy / layout", r"copy|transpose|nchw|nhwc|permute|cat"),
 ]
 
 
