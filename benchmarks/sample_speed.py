@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from train_speed import LAYOUTS, layouts
+from train_speed import add_compile_flags
 
 from segdiff import SegDiffPipeline
 from segdiff.masks import encode
@@ -85,13 +85,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (median counts)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
-    parser.add_argument(
-        "--compile_layout",
-        type=layouts,
-        default=LAYOUTS,
-        help="memory layouts of the torch.compile rows: contiguous, channels_last or both (comma-separated)",
-    )
+    add_compile_flags(parser)
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 

@@ -65,6 +65,17 @@ def layouts(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def add_compile_flags(parser: argparse.ArgumentParser) -> None:
+    """`--compile` and `--compile_layout`, shared with sample_speed.py."""
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to warm up)")
+    parser.add_argument(
+        "--compile_layout",
+        type=layouts,
+        default=LAYOUTS,
+        help="memory layouts of the torch.compile rows: contiguous, channels_last or both (comma-separated)",
+    )
+
+
 class FilesEveryStep(torch.utils.data.Dataset):
     """The original's data path: each item decodes its image and mask files and resizes them."""
 
@@ -206,15 +217,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the rows")
     parser.add_argument("--log_every", type=int, default=2, help="the 'loss logged every N steps' row")
-    parser.add_argument(
-        "--compile", action="store_true", help="also measure torch.compile (slow first steps)"
-    )
-    parser.add_argument(
-        "--compile_layout",
-        type=layouts,
-        default=LAYOUTS,
-        help="memory layouts of the torch.compile rows: contiguous, channels_last or both (comma-separated)",
-    )
+    add_compile_flags(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument(
