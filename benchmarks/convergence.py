@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import SegDiffPipeline
-from segdiff.checkpoints import CHECKPOINT
+from segdiff.checkpoints import CHECKPOINT, checkpoints, latest_checkpoint
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from segdiff.quality import load_test_set, measure_quality
 from segdiff.segmenter import Segmenter
@@ -93,7 +93,7 @@ def score_checkpoints(args, name: str, run: Path, segmenter, masks, images) -> d
     """Mean Dice of each checkpoint's samples; cached in RUN/convergence.json."""
     cache_file = run / "convergence.json"
     cache = {int(k): v for k, v in json.loads(cache_file.read_text()).items()} if cache_file.is_file() else {}
-    for folder in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+    for folder in checkpoints(run):
         step = int(CHECKPOINT.match(folder.name)[1])
         if step in cache or step % args.every:
             continue
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     segmenter = Segmenter.from_pretrained(args.segmenter)
     curves, ceiling = {}, math.nan
     for name in recipes:
-        some = next(iter(sorted((runs / name).glob("checkpoint-*"))), None)
+        some = latest_checkpoint(runs / name)
         if some is None:
             continue
         card = SegDiffPipeline.from_pretrained(some, device="cpu").card
