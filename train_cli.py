@@ -149,9 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--preset",
-        default="paper",
         choices=sorted(PRESETS),
-        help="UNet size; paper is the original 114 M-parameter network",
+        help="UNet size (default: paper, the original 114 M-parameter network; with --upscale_from: upscaler)",
+    )
+    add(
+        "--upscale_from",
+        metavar="BASE_MODEL_DIR",
+        help="train the second stage of a cascade: an upscaler that draws --img_size images from the base "
+        "model in BASE_MODEL_DIR (a smaller size, same classes) and the full-size mask. It trains on random "
+        "crops (--crop_size) at about the cost of the base's training; the run folder then holds the whole "
+        "cascade (the base in base/), which every mode and the studio open as one model",
+    )
+    add(
+        "--crop_size",
+        type=int,
+        help="with --upscale_from: the training crops' size (default: --img_size / 2)",
     )
     add(
         "--mask_encoding",
@@ -177,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         "to follow the masks in a fraction of the steps; original: the original code's (epsilon, uniform "
         "MSE, linear betas, 1e-4 after 500 warm-up steps, no EMA). The flags below override single parts",
     )
-    add("--prediction_type", choices=get_args(Prediction), help="what the UNet predicts (default: the recipe's)")
+    add(
+        "--prediction_type",
+        choices=get_args(Prediction),
+        help="what the UNet predicts (default: the recipe's)",
+    )
     add(
         "--loss_weighting",
         choices=get_args(Weighting),
@@ -195,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="rescale the betas so the last timestep is pure noise (Lin et al., 2024); needs v_prediction or sample",
     )
     add("--learning_rate", type=float, help="AdamW peak learning rate (default: the recipe's, by --preset)")
-    add("--lr_warmup_steps", type=int, help="linear warm-up steps before the cosine decay (default: the recipe's)")
+    add(
+        "--lr_warmup_steps",
+        type=int,
+        help="linear warm-up steps before the cosine decay (default: the recipe's)",
+    )
     add(
         "--mixed_precision",
         choices=("no", "fp16", "bf16"),
@@ -318,6 +338,8 @@ def train_config(args: argparse.Namespace, output_dir: str, command: str) -> Tra
         num_inference_steps=args.num_inference_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         compile=args.compile,
+        upscale_from=args.upscale_from,
+        crop_size=args.crop_size,
         command=command,
         extra_card={"data": data} if data else {},
     )
@@ -366,7 +388,9 @@ def run(args: argparse.Namespace, command: str) -> None:
         args.eval_blank_mask,
     )
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)")
+        raise ConfigError(
+            f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)"
+        )
     if args.mode == "train":
         print(f"model saved to {train(train_config(args, output_dir, command))}")
     elif args.mode == "eval":

@@ -1,4 +1,11 @@
-"""UNet presets and the model card that travels with every segdiff model folder."""
+"""UNet presets, how a UNet is called, and the model card that travels with every segdiff model folder.
+
+A model is one stage or a cascade of two (Ho et al., 2021, *Cascaded Diffusion Models*; Saharia et al., 2022,
+SR3): a base model draws the anatomy at low resolution, and an upscaler, conditioned on the mask and on the
+base's image enlarged to full size, draws the fine detail. The upscaler's UNet has no attention, so it trains
+on crops and runs on whole images, and it works on pixel-unshuffled inputs (Shi et al., 2016), so its first
+convolutions run at half the image size.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from .errors import CheckpointError
@@ -36,6 +45,14 @@ PRESETS: dict[str, dict] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ),
+    "upscaler": dict(  # about 0.5 M: a cascade's second stage; no attention, so any image size runs
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        add_attention=False,
+        norm_num_groups=8,
+    ),
     "tiny": dict(  # tests only
         layers_per_block=1,
         block_out_channels=(16, 32),
@@ -46,16 +63,89 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_unet(preset: str, img_size: int, img_channels: int, cond_channels: int) -> UNet2DModel:
-    """A fresh UNet taking `img_channels + cond_channels` inputs and predicting `img_channels` of noise."""
+@dataclass(frozen=True)
+class Upscaling:
+    """How a cascade's upscaler reads its base model's images; recorded in the upscaler's card."""
+
+    base: str = "base"  # the sub-folder holding the base model
+    low_res_size: int = 64  # the base's img_size
+    unshuffle: int = 2  # the UNet runs at img_size / unshuffle, on unshuffle^2 x the channels
+    # Noise-conditioning augmentation (Ho et al., 2021): training noises the enlarged low-resolution image to
+    # a level drawn from 0..max_noise_level, which the UNet is told, so that at sampling time, told
+    # `noise_level`, it treats the base's image as a noisy hint, not as detail to copy, errors included.
+    max_noise_level: int = 250
+    noise_level: int = 100
+    steps: int = 4  # the upscaler's sampling steps at the model's default settings
+
+    def __post_init__(self):
+        if self.unshuffle < 1 or self.low_res_size < 1:
+            raise CheckpointError(f"upscaling {self}: expected a positive low_res_size and unshuffle")
+        if not 0 <= self.noise_level <= self.max_noise_level < 1000:
+            raise CheckpointError(f"upscaling {self}: expected 0 <= noise_level <= max_noise_level < 1000")
+
+
+def build_unet(
+    preset: str, img_size: int, img_channels: int, cond_channels: int, upscaling: Upscaling | None = None
+) -> UNet2DModel:
+    """A fresh UNet taking `img_channels + cond_channels` inputs and predicting `img_channels` of noise.
+
+    An upscaler's UNet takes them pixel-unshuffled and is also told the noise level of its low-resolution
+    input (diffusers' timestep class embedding).
+    """
     if preset not in PRESETS:
         raise CheckpointError(f"unknown preset {preset!r}, expected one of {sorted(PRESETS)}")
+    r = upscaling.unshuffle if upscaling else 1
+    if img_size % r:
+        raise CheckpointError(f"img_size {img_size}: an upscaler unshuffling by {r} needs a multiple of {r}")
     return UNet2DModel(
-        sample_size=img_size,
-        in_channels=img_channels + cond_channels,
-        out_channels=img_channels,
+        sample_size=img_size // r,
+        in_channels=(img_channels + cond_channels) * r * r,
+        out_channels=img_channels * r * r,
+        class_embed_type="timestep" if upscaling else None,
         **PRESETS[preset],
     )
+
+
+def denoise(
+    unet: UNet2DModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    upscaling: Upscaling | None = None,
+    noise_level: torch.Tensor | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The UNet's prediction for noisy images `x` (B, C, H, W) at timestep `t`, given `cond` (B, C_cond, H, W)
+    (the encoded mask, after the enlarged low-resolution image for upscalers) -> (B, C, H, W)."""
+    model_input = torch.cat([x, cond], dim=1)  # (B, C + C_cond, H, W)
+    r = upscaling.unshuffle if upscaling else 1
+    if r > 1:
+        model_input = F.pixel_unshuffle(model_input, r)  # (B, (C + C_cond) r^2, H / r, W / r)
+    if channels_last:
+        model_input = model_input.contiguous(memory_format=torch.channels_last)
+    prediction = unet(model_input, t, class_labels=noise_level).sample
+    return F.pixel_shuffle(prediction, r) if r > 1 else prediction
+
+
+def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) images -> (B, C, size, size) by area averaging: the base model's view of them."""
+    return F.interpolate(images, size=(size, size), mode="area")
+
+
+def shrink_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W) class ids -> (B, size, size) by nearest neighbour at pixel centres, as masks load."""
+    if masks.shape[-1] == size:
+        return masks
+    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()
+
+
+def low_res_condition(
+    low: torch.Tensor, size: int, scheduler, level: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """A low-resolution image (B, C, h, w) in [-1, 1] -> the upscaler's input: enlarged to `size` (bicubic)
+    and noised to `level` (B,) of the training schedule."""
+    enlarged = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return scheduler.add_noise(enlarged, noise, level)
 
 
 @dataclass
@@ -78,6 +168,7 @@ class ModelCard:
     dataset: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)  # measured Dice and realism, from segdiff.evaluation
     segmenter: str | None = None  # sub-folder holding the Dice segmenter, when the model has one
+    upscale: dict = field(default_factory=dict)  # an upscaler's `Upscaling`; {} for one-stage models
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -87,14 +178,27 @@ class ModelCard:
             self.class_names, self.colors = list(palette.names), [list(c) for c in palette.colors]
         if self.num_classes and not self.colors:
             self.colors = [list(c) for c in Palette.default(self.num_classes).colors]
+        if self.upscale:
+            try:
+                self.upscaling  # noqa: B018 - refuses a damaged record now, not mid-sampling
+            except TypeError as e:
+                raise CheckpointError(
+                    f"model card: upscale {self.upscale} is not an upscaler record ({e})"
+                ) from e
 
     @property
     def guided(self) -> bool:
         return self.encoding != "none"
 
     @property
+    def upscaling(self) -> Upscaling | None:
+        return Upscaling(**self.upscale) if self.upscale else None
+
+    @property
     def cond_channels(self) -> int:
-        return encoding_channels(self.encoding, self.num_classes)
+        """Input channels beside the noisy image: the encoded mask, and an upscaler's low-resolution image."""
+        low_res = self.img_channels if self.upscale else 0
+        return low_res + encoding_channels(self.encoding, self.num_classes)
 
     @property
     def palette(self) -> Palette:
@@ -102,7 +206,9 @@ class ModelCard:
 
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
-        tmp = folder / f".{CARD_FILE}.{os.getpid()}.tmp"  # open() keeps the umask's permissions; mkstemp's are 0600
+        tmp = (
+            folder / f".{CARD_FILE}.{os.getpid()}.tmp"
+        )  # open() keeps the umask's permissions; mkstemp's are 0600
         tmp.write_text(json.dumps(asdict(self), indent=2))
         os.replace(tmp, folder / CARD_FILE)
 

@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import CheckpointError, MaskError
 from .masks import check_mask, encode, omit_classes
-from .models import CARD_FILE, ModelCard
+from .models import CARD_FILE, ModelCard, denoise, low_res_condition, shrink, shrink_masks
 
 # Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
@@ -120,11 +120,14 @@ class SegDiffPipeline(DiffusionPipeline):
         unet: a `UNet2DModel` whose input is the noisy image followed by the encoded mask channels.
         scheduler: the noise schedule the model was trained with; samplers are built from its config.
         card: the model card (classes, colours, encoding, size); `ModelCard` defaults when omitted.
+        base: a cascade's first stage, when this pipeline's UNet is its upscaler (`card.upscale` says how).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler, card: ModelCard | None = None):
+    def __init__(
+        self, unet: UNet2DModel, scheduler, card: ModelCard | None = None, base: SegDiffPipeline | None = None
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.card = card or ModelCard(
@@ -133,13 +136,24 @@ class SegDiffPipeline(DiffusionPipeline):
             img_size=unet.config.sample_size,
             encoding="none",
         )
-        expected = self.card.img_channels + self.card.cond_channels
+        upscaling = self.card.upscaling
+        r = upscaling.unshuffle if upscaling else 1
+        expected = (self.card.img_channels + self.card.cond_channels) * r * r
         if unet.config.in_channels != expected:
             raise CheckpointError(
                 f"the UNet takes {unet.config.in_channels} input channels, but the card's {self.card.img_channels} "
-                f"image channels + {self.card.cond_channels} mask channels ({self.card.encoding} encoding, "
-                f"{self.card.num_classes} classes) make {expected}"
+                f"image channels + {self.card.cond_channels} condition channels ({self.card.encoding} encoding, "
+                f"{self.card.num_classes} classes{', a low-resolution image' if upscaling else ''}"
+                f"{f', unshuffled by {r}' if r > 1 else ''}) make {expected}"
             )
+        if (upscaling is None) != (base is None):
+            raise CheckpointError(
+                "an upscaler needs its base model and only an upscaler takes one: "
+                f"card.upscale={self.card.upscale}, base={'given' if base else 'none'}"
+            )
+        if base is not None:
+            check_stages(base.card, self.card)
+        self.base = base
         self.precision: Precision = "fp32"
 
     # ---- opening and saving -------------------------------------------------------------------------
@@ -161,8 +175,18 @@ class SegDiffPipeline(DiffusionPipeline):
         channels-last memory set as `set_speed` does.
         """
         card, unet_dir, scheduler = _inspect_folder(Path(path), num_classes)
+        base = None
+        if card.upscaling is not None:
+            base_dir = Path(path) / card.upscaling.base
+            if not base_dir.is_dir():
+                raise CheckpointError(
+                    f"{path}: a cascade's upscaler whose base model {card.upscaling.base}/ is missing"
+                )
+            base = cls.from_pretrained(
+                base_dir, device=device, precision=precision, channels_last=channels_last
+            )
         unet = _load_unet(unet_dir).eval()
-        pipe = cls(unet=unet, scheduler=scheduler, card=card)
+        pipe = cls(unet=unet, scheduler=scheduler, card=card, base=base)
         pipe.to(torch.device(device) if device else default_device())
         return pipe.set_speed(precision=precision, channels_last=channels_last)
 
@@ -177,6 +201,8 @@ class SegDiffPipeline(DiffusionPipeline):
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
         try:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
+            if self.base is not None:
+                self.base.save_pretrained(staging / self.card.upscaling.base)
             self.card.save(staging)
             for item in sorted(staging.iterdir(), key=lambda p: p.name == CARD_FILE):  # card last
                 swap_in(item, target / item.name)
@@ -197,6 +223,8 @@ class SegDiffPipeline(DiffusionPipeline):
         """
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
+        if self.base is not None:
+            self.base.set_speed(precision, channels_last, compile)
         self.precision = precision
         if channels_last is None:
             channels_last = self.device.type == "cpu"
@@ -204,6 +232,16 @@ class SegDiffPipeline(DiffusionPipeline):
         if compile:
             self.unet = torch.compile(self.unet)
         return self
+
+    def to(self, *args, **kwargs):
+        if self.base is not None:
+            self.base.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def set_progress_bar_config(self, **kwargs):
+        if self.base is not None:
+            self.base.set_progress_bar_config(**kwargs)
+        super().set_progress_bar_config(**kwargs)
 
     def _autocast(self, device: torch.device):
         """One context for every step: `self.device` walks all modules, 10% of a CPU step (demo model)."""
@@ -271,6 +309,7 @@ class SegDiffPipeline(DiffusionPipeline):
         strength: float = 1.0,
         callback: Callable[[int, int], None] | None = None,
         return_dict: bool = True,
+        upscale_steps: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
@@ -278,26 +317,30 @@ class SegDiffPipeline(DiffusionPipeline):
             masks: (H, W) or (B, H, W) int class ids (numpy, torch, PIL "L", or a list of them), H = W =
                 `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
             omit: class ids treated as unknown: set to background, so the model may invent them.
-            num_inference_steps: denoising steps (>= 1).
+            num_inference_steps: denoising steps (>= 1); for a cascade, its base model's.
             scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm".
             eta: DDIM noise (0 = deterministic); ignored by other samplers.
             generator: torch generator(s) for the initial noise and stochastic samplers.
-            latents: (B, C, H, W) initial noise; drawn from `generator` when None.
+            latents: (B, C, H, W) initial noise, drawn from `generator` when None; for a cascade, its base
+                model's, at the base's size.
             output_type: "pil" (list of images), "np" (B, H, W, C) float in [0, 1], or "pt" (B, C, H, W).
             batch_size: number of images for unconditional models, or copies of a single mask.
             image: (B|1, C, H, W) float in [0, 1]: start from this image noised to `strength` instead of
                 pure noise (SDEdit), so the result keeps its look to a chosen degree.
             strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
-            callback: called as `callback(step, total)` after every step.
+            callback: called as `callback(step, total)` after every step (of both stages of a cascade).
+            upscale_steps: a cascade's upscaler steps; None for the number its card records.
         """
         card = self.card
-        if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
-            raise ValueError(f"num_inference_steps={num_inference_steps!r}, expected an integer >= 1")
+        for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
+            if steps is not None and not (isinstance(steps, int) and steps >= 1):
+                raise ValueError(f"{name}={steps!r}, expected an integer >= 1")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength={strength}, expected a value in (0, 1]")
-        sampler = self.make_scheduler(scheduler)
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
         if card.guided:
             if masks is None:
                 raise MaskError("this model is segmentation-guided: pass masks")
@@ -308,34 +351,56 @@ class SegDiffPipeline(DiffusionPipeline):
             masks = torch.zeros(batch_size, card.img_size, card.img_size, dtype=torch.long)
         device = self._execution_device  # once: the lookup walks every module, ~3 ms on a CPU
         cond = encode(masks, card.encoding, card.num_classes).to(device)  # (B, C_mask, H, W)
-
         shape = (batch_size, card.img_channels, card.img_size, card.img_size)
+        if image is not None:
+            image = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape)
+
+        noise_level = None
+        if self.base is not None:
+            upscaling = card.upscaling
+            base_request, num_inference_steps = num_inference_steps, upscale_steps or upscaling.steps
+
+            def run(n: int) -> int:  # the steps SDEdit runs of n
+                return n if image is None else max(1, round(n * strength))
+
+            base_steps, total_steps = run(base_request), run(base_request) + run(num_inference_steps)
+            outer = callback
+            low = self.base(
+                shrink_masks(masks, upscaling.low_res_size) if card.guided else None,
+                num_inference_steps=base_request,
+                scheduler=scheduler,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                output_type="pt",
+                batch_size=batch_size,
+                image=None if image is None else shrink(image, upscaling.low_res_size),
+                strength=strength,
+                callback=outer and (lambda i, _: outer(i, total_steps)),
+            ).images  # (B, C, h, w) in [0, 1]
+            noise_level = torch.full((batch_size,), upscaling.noise_level, device=device)
+            aug = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            low = low_res_condition(low * 2 - 1, card.img_size, self.scheduler, noise_level, aug)
+            cond = torch.cat([low, cond], dim=1)  # (B, C_img + C_mask, H, W)
+            latents = None
+            callback = outer and (lambda i, _: outer(base_steps + i, total_steps))
+
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
-        x = latents.to(device, torch.float32)
-
-        sampler.set_timesteps(num_inference_steps, device=device)
-        timesteps = sampler.timesteps
-        if image is not None:
-            start = num_inference_steps - max(1, round(num_inference_steps * strength))
-            timesteps = timesteps[start * sampler.order :]
-            if hasattr(sampler, "set_begin_index"):
-                sampler.set_begin_index(start * sampler.order)
-            x0 = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape) * 2 - 1
-            x = sampler.add_noise(x0, x, timesteps[:1])
-        step_kwargs = {"eta": eta, "generator": generator}
-        step_kwargs = {k: v for k, v in step_kwargs.items() if k in _STEP_ARGUMENTS[scheduler]}
-        autocast = self._autocast(device)
-
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = torch.cat([x, cond], dim=1)  # (B, C_img + C_mask, H, W)
-            with autocast:
-                noise = self.unet(model_input, t).sample
-            x = sampler.step(noise.float(), t, x, **step_kwargs).prev_sample
-            if callback is not None:
-                callback(i + 1, len(timesteps))
+        x = self._denoise(
+            latents.to(device, torch.float32),
+            cond,
+            noise_level,
+            num_inference_steps,
+            scheduler,
+            eta,
+            generator,
+            image,
+            strength,
+            callback,
+        )
 
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -347,6 +412,53 @@ class SegDiffPipeline(DiffusionPipeline):
                     )
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _denoise(
+        self, x, cond, noise_level, num_inference_steps, scheduler, eta, generator, image, strength, callback
+    ) -> torch.Tensor:
+        """The sampling loop: noise `x` (B, C, H, W) -> images in [-1, 1], concatenating `cond` at every step
+        and stepping the scheduler on the image channels only. With `image`, SDEdit from `strength`."""
+        sampler = self.make_scheduler(scheduler)
+        sampler.set_timesteps(num_inference_steps, device=x.device)
+        timesteps = sampler.timesteps
+        if image is not None:
+            start = num_inference_steps - max(1, round(num_inference_steps * strength))
+            timesteps = timesteps[start * sampler.order :]
+            if hasattr(sampler, "set_begin_index"):
+                sampler.set_begin_index(start * sampler.order)
+            x = sampler.add_noise(image * 2 - 1, x, timesteps[:1])
+        step_kwargs = {"eta": eta, "generator": generator}
+        step_kwargs = {k: v for k, v in step_kwargs.items() if k in _STEP_ARGUMENTS[scheduler]}
+        upscaling = self.card.upscaling
+        autocast = self._autocast(x.device)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            with autocast:
+                prediction = denoise(self.unet, x, t, cond, upscaling, noise_level)
+            x = sampler.step(prediction.float(), t, x, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+        return x
+
+
+def check_stages(base: ModelCard, upscaler: ModelCard) -> None:
+    """Refuse a cascade whose base model draws other classes, channels or sizes than its upscaler reads."""
+    ups = upscaler.upscaling
+    pairs = (
+        ("img_size", base.img_size, ups.low_res_size),
+        ("num_classes", base.num_classes, upscaler.num_classes),
+        ("img_channels", base.img_channels, upscaler.img_channels),
+        ("encoding", base.encoding, upscaler.encoding),
+    )
+    for name, got, expected in pairs:
+        if got != expected:
+            raise CheckpointError(
+                f"cascade: the base model in {ups.base}/ has {name}={got}, but its upscaler expects {expected}"
+            )
+    if upscaler.img_size % ups.low_res_size:
+        raise CheckpointError(
+            f"cascade: the upscaler's img_size {upscaler.img_size} is not a multiple of its base's "
+            f"{ups.low_res_size}"
+        )
 
 
 def _inspect_folder(path: Path, num_classes: int | None):

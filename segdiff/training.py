@@ -48,7 +48,7 @@ from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from .evaluation import ORIGINAL_SAMPLERS, announce, launched_processes, sample_grid, sampler_for, write_png
 from .masks import Encoding, Palette, ablate, encode
-from .models import PRESETS, ModelCard, build_unet
+from .models import PRESETS, ModelCard, Upscaling, build_unet, denoise, low_res_condition, shrink
 from .pipeline import SCHEDULERS, SegDiffPipeline
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
@@ -85,7 +85,7 @@ class TrainConfig:
     class_names: tuple[str, ...] = ()
     img_size: int = 256
     img_channels: int = 1
-    preset: str = "paper"
+    preset: str | None = None  # None: "paper", the original network; "upscaler" for an upscaler
     encoding: Encoding = "onehot"  # "original" trains models the original code can also open
     model_type: str = "DDPM"  # the stored noise scheduler's class, as the original named its runs
     train_batch_size: int = 32
@@ -120,10 +120,18 @@ class TrainConfig:
     # GPU speed candidates measured by benchmarks/train_speed.py (off: no gain on a 2-core CPU).
     compile: bool = False  # torch.compile the UNet (inductor): slow first steps, then faster ones
     log_every: int = 1  # log the loss (mean since the last row) every N steps: each log waits for the GPU
+    # A cascade's second stage: the base model folder it upscales, and the size of the random crops it trains
+    # on (None: half of img_size). Its UNet has no attention, so crops train it for whole images.
+    upscale_from: str | None = None
+    crop_size: int | None = None
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.preset is None:
+            object.__setattr__(self, "preset", "upscaler" if self.upscale_from else "paper")
+        if self.upscale_from and self.crop_size is None:
+            object.__setattr__(self, "crop_size", self.img_size // 2)
         if not self.img_dir:
             raise ConfigError("training needs --img_dir IMG_DIR (holding IMG_DIR/train/ and IMG_DIR/val/)")
         if not self.output_dir:
@@ -153,12 +161,19 @@ class TrainConfig:
                 raise ConfigError(f"{flag} {value}: expected one of {sorted(a for a in allowed if a)}")
         check_range("--num_img_channels", self.img_channels, 1, 64)
         check_range("--img_size", self.img_size, 8, 4096)
-        factor = 2 ** (len(PRESETS[self.preset]["block_out_channels"]) - 1)
-        if self.img_size % factor:
-            raise ConfigError(
-                f"--img_size {self.img_size}: the {self.preset} preset halves the image "
-                f"{factor.bit_length() - 1} times, so the size must be a multiple of {factor}"
-            )
+        halvings = len(PRESETS[self.preset]["block_out_channels"]) - 1
+        sizes = [("--img_size", self.img_size)]
+        if self.upscale_from:
+            check_range("--crop_size", self.crop_size, 8, self.img_size)
+            sizes.append(("--crop_size", self.crop_size))
+        # An upscaler's UNet runs on pixel-unshuffled inputs: one more halving.
+        factor = 2 ** (halvings + (Upscaling().unshuffle.bit_length() - 1 if self.upscale_from else 0))
+        for flag, size in sizes:
+            if size % factor:
+                raise ConfigError(
+                    f"{flag} {size}: the {self.preset} preset{' of an upscaler' if self.upscale_from else ''} "
+                    f"halves the image {factor.bit_length() - 1} times, so the size must be a multiple of {factor}"
+                )
         for flag, value, low, high in (
             ("--train_batch_size", self.train_batch_size, 1, 4096),
             ("--eval_batch_size", self.eval_batch_size, 1, 4096),
@@ -238,7 +253,8 @@ def train(config: TrainConfig) -> Path:
     _fast_backends(accelerator.device)
     set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
     recipe = config.training_recipe
-    card = _card(config)
+    base = _base_model(config, accelerator.device) if config.upscale_from else None
+    card = _card(config, base.card if base else None)
     card.training.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
     palette = card.palette if card.guided else None
     data = (config.img_dir, config.seg_dir)
@@ -296,7 +312,7 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
 
     def pipeline() -> SegDiffPipeline:
-        return _pipeline(accelerator, unet, ema, noise_scheduler, card)
+        return _pipeline(accelerator, unet, ema, noise_scheduler, card, base)
 
     sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
 
@@ -333,7 +349,16 @@ def train(config: TrainConfig) -> Path:
         unet.train()
         for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             with accelerator.accumulate(unet):
-                loss = _loss(unet, noise_scheduler, recipe, batch, card, config.ablate, config.channels_last)
+                loss = _loss(
+                    unet,
+                    noise_scheduler,
+                    recipe,
+                    batch,
+                    card,
+                    config.ablate,
+                    config.channels_last,
+                    config.crop_size,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -390,20 +415,44 @@ def train(config: TrainConfig) -> Path:
 
 
 def _loss(
-    unet, noise_scheduler, recipe: Recipe, batch, card: ModelCard, ablated: bool, channels_last: bool
+    unet,
+    noise_scheduler,
+    recipe: Recipe,
+    batch,
+    card: ModelCard,
+    ablated: bool,
+    channels_last: bool,
+    crop_size: int | None = None,
 ) -> torch.Tensor:
     images, masks = batch["image"], batch["mask"]  # (B, C, H, W) in [-1, 1], (B, H, W) int64
     if ablated:
         masks = ablate(masks, card.num_classes)
     cond = encode(masks, card.encoding, card.num_classes)  # (B, C_mask, H, W)
+    upscaling, noise_level = card.upscaling, None
+    if upscaling is not None:
+        images, cond, noise_level = _upscaler_inputs(images, cond, upscaling, noise_scheduler, crop_size)
     noise = torch.randn_like(images)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
     noisy = noise_scheduler.add_noise(images, noise, t)
-    model_input = torch.cat([noisy, cond], dim=1)  # (B, C_img + C_mask, H, W)
-    if channels_last:
-        model_input = model_input.contiguous(memory_format=torch.channels_last)
-    prediction = unet(model_input, t).sample
+    prediction = denoise(unet, noisy, t, cond, upscaling, noise_level, channels_last)
     return recipe.loss(prediction, noise_scheduler, images, noise, t)
+
+
+def _upscaler_inputs(images, cond, upscaling: Upscaling, noise_scheduler, crop_size: int):
+    """Real images (B, C, H, W) -> (random crops of them, the same crops of the upscaler's condition, the noise
+    levels (B,)). The condition is the base model's view of each image (shrunk to its size, enlarged back and
+    noised to a random level) followed by the mask channels `cond`, as `SegDiffPipeline` builds it."""
+    b, c, size, _ = images.shape
+    level = torch.randint(0, upscaling.max_noise_level + 1, (b,), device=images.device)
+    low = low_res_condition(
+        shrink(images, upscaling.low_res_size), size, noise_scheduler, level, torch.randn_like(images)
+    )
+    stacked = torch.cat([images, low, cond], dim=1)  # (B, 2C + C_mask, H, W)
+    corners = torch.randint(0, size - crop_size + 1, (b, 2)).tolist()
+    crops = torch.stack(
+        [stacked[i, :, y : y + crop_size, x : x + crop_size] for i, (y, x) in enumerate(corners)]
+    )
+    return crops[:, :c], crops[:, c:], level
 
 
 def _optimizer(unet: torch.nn.Module, learning_rate: float, device: torch.device) -> torch.optim.Optimizer:
@@ -420,15 +469,47 @@ def _fast_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _card(config: TrainConfig) -> ModelCard:
+def _base_model(config: TrainConfig, device: torch.device) -> SegDiffPipeline:
+    """The base model an upscaler is trained for, refused when its classes or channels differ from the data's."""
+    base = SegDiffPipeline.from_pretrained(config.upscale_from, device=device, precision="fp32")
+    guided = config.seg_dir is not None
+    theirs = (base.card.num_classes, base.card.img_channels)
+    ours = (config.num_classes if guided else 0, config.img_channels)
+    if theirs != ours:
+        raise ConfigError(
+            f"--upscale_from {config.upscale_from}: its model draws {base.card.img_channels}-channel images for "
+            f"{base.card.num_classes} classes, this run trains on {config.img_channels} channel(s) and "
+            f"{config.num_classes if guided else 0} classes"
+        )
+    if config.img_size % base.card.img_size or config.img_size <= base.card.img_size:
+        raise ConfigError(
+            f"--img_size {config.img_size}: an upscaler draws a multiple of its base's size, "
+            f"{base.card.img_size} px ({config.upscale_from})"
+        )
+    if base.card.upscale:
+        raise ConfigError(f"--upscale_from {config.upscale_from}: already a cascade; give its base model")
+    if guided and base.card.encoding != config.encoding:
+        raise ConfigError(
+            f"--mask_encoding {config.encoding}: the base model {config.upscale_from} reads masks in the "
+            f"{base.card.encoding} encoding; pass --mask_encoding {base.card.encoding}"
+        )
+    return base
+
+
+def _card(config: TrainConfig, base: ModelCard | None = None) -> ModelCard:
     guided = config.seg_dir is not None
     names = (list(config.class_names) or list(Palette.default(config.num_classes).names)) if guided else []
     palette = Palette.default(config.num_classes, names) if guided else None
+    if base is not None and guided:  # the cascade speaks its base's classes
+        names, palette = base.class_names, base.palette
     flags = {k: v for k, v in asdict(config).items() if k not in ("command", "extra_card")}
     recipe = config.training_recipe
     recipe_card = {"name": config.recipe, **recipe.as_dict()}
     recipe_card["learning_rate"] = recipe.peak_learning_rate(config.preset)
-    return ModelCard(
+    upscaling = {}
+    if base is not None:
+        upscaling = asdict(Upscaling(low_res_size=base.img_size))
+    card = ModelCard(
         num_classes=config.num_classes if guided else 0,
         img_channels=config.img_channels,
         img_size=config.img_size,
@@ -443,12 +524,17 @@ def _card(config: TrainConfig) -> ModelCard:
             "recipe": recipe_card,
             **config.extra_card,
         },
+        upscale=upscaling,
     )
+    if base is not None:
+        card.training["base"] = base.training.get("command", "")
+        card.dataset = base.dataset
+    return card
 
 
 def _initial_unet(config: TrainConfig, card: ModelCard, noise_scheduler, out: Path) -> UNet2DModel:
     """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
-    unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels)
+    unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels, card.upscaling)
     check_same_model(out, unet, card)
     if config.resume or config.resume_epoch is not None:
         for folder in (out, latest_checkpoint(out)):
@@ -484,14 +570,14 @@ def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None
     return None
 
 
-def _pipeline(accelerator, unet, ema, noise_scheduler, card) -> SegDiffPipeline:
+def _pipeline(accelerator, unet, ema, noise_scheduler, card, base=None) -> SegDiffPipeline:
     """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise."""
     model = accelerator.unwrap_model(unet, keep_torch_compile=False)
     if ema is not None:
         with torch.random.fork_rng(devices=[]):  # its random init must not move the training RNG
             model = UNet2DModel.from_config(model.config).to(accelerator.device)
         ema.copy_to(model.parameters())
-    pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card)
+    pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card, base=base)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
