@@ -21,6 +21,7 @@ favours the generated side.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,51 @@ def frechet_distance(features_a, features_b) -> float:
     return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
+def spectral_shares(images, edges: Sequence[float]) -> list[float]:
+    """Each radial frequency band's share of the images' spectral energy, averaged over the images.
+
+    images: (N, H, W, C) numpy or (N, C, H, W) torch floats, square; the first channel is measured. edges:
+    band limits in cycles per image width, ascending (the last may be inf). The mean (DC) is left out of the
+    total, so the shares say how the images' contrast is spread over scales, whatever their brightness.
+    """
+    x = (
+        images.detach().cpu().numpy()[:, 0]
+        if isinstance(images, torch.Tensor)
+        else np.asarray(images)[..., 0]
+    )
+    x = x.astype(np.float64)
+    power = np.abs(np.fft.fft2(x - x.mean(axis=(1, 2), keepdims=True))) ** 2  # (N, H, W)
+    f = np.fft.fftfreq(x.shape[-1]) * x.shape[-1]  # cycles per image width
+    radius = np.hypot(f[:, None], f[None, :])
+    total = power.sum(axis=(1, 2))
+    shares = [
+        (power[:, (radius >= low) & (radius < high)].sum(axis=1) / total).mean()
+        for low, high in itertools.pairwise(edges)
+    ]
+    return [float(f"{v:.4g}") for v in shares]
+
+
+def detail_bands(low_res_size: int) -> list[float]:
+    """Band edges above a `low_res_size` image's Nyquist frequency, an octave each: the detail an upscaler
+    from that size must draw, in cycles per image width."""
+    nyquist = low_res_size / 2
+    return [nyquist, 2 * nyquist, 4 * nyquist, math.inf]
+
+
+def detail(generated, real, low_res_size: int) -> dict:
+    """Spectral shares of generated and real images in the bands above `low_res_size`'s Nyquist frequency,
+    and their ratio: about 1 where the detail is drawn, well below 1 for a blurred enlargement."""
+    edges = detail_bands(low_res_size)
+    ours, theirs = spectral_shares(generated, edges), spectral_shares(real, edges)
+    return {
+        "bands": [f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)],
+        "unit": "cycles per image width",
+        "generated": ours,
+        "real": theirs,
+        "ratio": [float(f"{a / b:.3g}") for a, b in zip(ours, theirs, strict=True)],
+    }
+
+
 # ---- quality of a diffusion model ----------------------------------------------------------------------
 
 
@@ -119,6 +165,7 @@ def measure_quality(
     omit_each: bool = True,
     baseline_images=None,
     progress: bool = True,
+    upscale_steps: int | None = None,
 ) -> dict:
     """Faithfulness and realism of `pipe` on test masks, as a JSON-ready dict for `ModelCard.quality`.
 
@@ -133,10 +180,11 @@ def measure_quality(
     """
     card = pipe.card
     mine = (segmenter.config.num_classes, segmenter.config.img_channels, segmenter.config.img_size)
-    if mine != (card.num_classes, card.img_channels, card.img_size):
+    if mine[:2] != (card.num_classes, card.img_channels) or card.img_size % mine[2]:
         raise CheckpointError(
             f"the segmenter reads {mine[0]} classes, {mine[1]} channel(s), {mine[2]} px; the model makes "
-            f"{card.num_classes} classes, {card.img_channels} channel(s), {card.img_size} px"
+            f"{card.num_classes} classes, {card.img_channels} channel(s), {card.img_size} px (a multiple of the "
+            "segmenter's size is read at its size)"
         )
     if precision not in get_args(Precision):
         raise ValueError(f"precision={precision!r}, expected one of {get_args(Precision)}")
@@ -162,6 +210,7 @@ def measure_quality(
                     scheduler=scheduler,
                     generator=[noise_generator(seed, i) for i in range(n)[batch]],
                     output_type="np",
+                    upscale_steps=upscale_steps,
                 ).images
             )
             bar.update(len(out[-1]))
@@ -183,6 +232,7 @@ def measure_quality(
                 "device": pipe.device.type,
                 "seed": seed,
                 "num_masks": n,
+                **({"upscale_steps": upscale_steps or card.upscaling.steps} if card.upscaling else {}),
             },
             "dice": _named(dice(pred, masks, k), names),
             "mean_dice": round_score(mean_dice(pred, masks, k)),
@@ -199,6 +249,8 @@ def measure_quality(
         pipe.precision = previous_precision
         pipe.set_progress_bar_config(**previous_bar)
         bar.close()
+    if card.upscaling is not None:
+        result["detail"] = detail(generated, real_images, card.upscaling.low_res_size)
     result["real"] = {
         "dice": _named(dice(real_pred, masks, k), names),
         "mean_dice": round_score(mean_dice(real_pred, masks, k)),
@@ -222,6 +274,7 @@ def measure_quality(
     result["realism"] = realism
     return result
 
+
 def _named(scores: dict[int, float], names: Sequence[str]) -> dict[str, float | None]:
     return {names[c]: round_score(v) for c, v in scores.items()}
 
@@ -231,9 +284,11 @@ def _pair(mean_std: tuple[float, float]) -> dict[str, float]:
 
 
 def run_label(result: dict) -> str:
-    """The key of one `measure_quality` result in `card.quality["runs"]`, e.g. "dpm++ 20 auto"."""
+    """The key of one `measure_quality` result in `card.quality["runs"]`, e.g. "dpm++ 20 auto" (a cascade's
+    "dpm++ 12+4 auto": base steps + upscaler steps)."""
     s = result["settings"]
-    return f"{s['scheduler']} {s['num_inference_steps']} {s['precision']}"
+    steps = f"{s['num_inference_steps']}" + (f"+{s['upscale_steps']}" if "upscale_steps" in s else "")
+    return f"{s['scheduler']} {steps} {s['precision']}"
 
 
 def quality_table(runs: dict[str, dict]) -> str:

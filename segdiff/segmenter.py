@@ -102,21 +102,32 @@ class Segmenter(nn.Module):
 
     # ---- use --------------------------------------------------------------------------------------------
 
-    def _batches(self, images, batch_size: int):
-        x = self._as_tensor(images)
-        device = next(self.parameters()).device
+    def _batches(self, x: torch.Tensor, batch_size: int):
+        """(B, C, H, W) in [0, 1] -> batches in [-1, 1] at the segmenter's size: larger images (a multiple of
+        it, as a cascade draws them) are shrunk by area averaging first, as its training images were made."""
+        device, size = next(self.parameters()).device, self.config.img_size
         self.eval()
         for start in range(0, x.shape[0], batch_size):
-            yield x[start : start + batch_size].to(device) * 2 - 1
+            batch = x[start : start + batch_size].to(device)
+            if batch.shape[-1] != size:
+                batch = F.interpolate(batch, size=(size, size), mode="area")
+            yield batch * 2 - 1
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 64) -> np.ndarray:
-        """Images -> (B, H, W) int64 class ids.
+        """Images -> (B, H, W) int64 class ids, at the images' size.
 
         images: (B, H, W, C) numpy float in [0, 1] (the pipeline's output_type="np") or uint8, or
-        (B, C, H, W) torch float in [0, 1]; a single image without the batch axis is accepted too.
+        (B, C, H, W) torch float in [0, 1]; a single image without the batch axis is accepted too. H = W =
+        the segmenter's size or a multiple of it: larger images are read at its size and its class scores
+        enlarged bilinearly to theirs.
         """
-        out = [self(x).argmax(1).cpu() for x in self._batches(images, batch_size)]
+        x, out = self._as_tensor(images), []
+        for batch in self._batches(x, batch_size):
+            logits = self(batch)  # (B, K, h, w)
+            if logits.shape[-2:] != x.shape[-2:]:
+                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out.append(logits.argmax(1).cpu())
         return torch.cat(out).numpy().astype(np.int64)
 
     @torch.no_grad()
@@ -127,7 +138,7 @@ class Segmenter(nn.Module):
         """
         out = [
             torch.cat([s.mean((2, 3)) for s in self._encode(x)], 1).cpu()
-            for x in self._batches(images, batch_size)
+            for x in self._batches(self._as_tensor(images), batch_size)
         ]
         return torch.cat(out).double().numpy()
 
@@ -149,11 +160,12 @@ class Segmenter(nn.Module):
             raise ImageError(
                 f"images of type {type(images).__name__}, expected a numpy array or a torch tensor"
             )
-        if x.ndim != 4 or tuple(x.shape[1:]) != (c, size, size):
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] != x.shape[3] or x.shape[2] % size:
             raise ImageError(
                 f"images of shape {tuple(images.shape)}, expected {layout} with C={c}, H=W={size} "
-                "(the segmenter's channels and size)"
+                "(the segmenter's channels and size) or a multiple of that size"
             )
+
         if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
             raise ImageError(f"image values in [{x.min():.3g}, {x.max():.3g}], expected floats in [0, 1]")
         return x
@@ -361,4 +373,3 @@ def mean_dice(pred, target, num_classes: int, classes: Sequence[int] | None = No
 def round_score(value: float) -> float | None:
     """A score as the cards and tables store it: 4 decimals, None for NaN (JSON has no NaN)."""
     return None if math.isnan(value) else round(float(value), 4)
-
