@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="train,val,test fractions of the cases (default: 0.8,0.1,0.1)")
     conv.add_argument("--seed", type=int, default=0, help="shuffles the cases before the split (default: 0)")
     synth = commands.add_parser("synthesize", help="draw a volume over a label volume with a model")
-    synth.add_argument("model", help="a model folder trained on converted slices")
+    synth.add_argument("model", help="a model folder trained on converted slices, or its Hub id org/name")
     synth.add_argument("labels", help="the label volume (.nii or .nii.gz)")
     synth.add_argument("out", help="the synthetic volume to write (.nii or .nii.gz)")
     synth.add_argument("--data", help="the converted folder, when the model card lacks its settings")
