@@ -1,6 +1,6 @@
 """segdiff studio: paint or upload an anatomy mask, choose the classes the model must keep, and sample.
 
-    python app.py [--model PATH] [--num_classes K] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model PATH|org/name] [--num_classes K] [--host 127.0.0.1] [--port 7860]
 
 UI only: every action is one call into `segdiff.studio`. The picker offers every bundled model (and the one
 given by --model); each loads once, on first use, and stays loaded (`segdiff.registry`).
@@ -22,6 +22,7 @@ from gradio.exceptions import InvalidPathError
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.errors import check_integer
+from segdiff.hub import is_hub_id
 from segdiff.pipeline import DEFAULT_STEPS
 from segdiff.registry import Models
 from segdiff.runs import Run
@@ -389,17 +390,18 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **
 
 def main(argv: list[str] | None = None) -> gr.Blocks:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None,
-                        help=f"a model folder SegDiffPipeline opens, offered beside the bundled ones and opened "
-                             f"first (default: the bundled {DEFAULT_MODEL}, or the first bundled model)")
+    parser.add_argument("--model", default=None,
+                        help=f"a model folder SegDiffPipeline opens, or a Hugging Face Hub id org/name, offered beside "
+                             f"the bundled ones and opened first (default: the bundled {DEFAULT_MODEL}, or the first "
+                             "bundled model)")
     parser.add_argument("--num_classes", type=int, default=None,
                         help="classes including background, for original checkpoints whose folder cannot say")
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
     args = parser.parse_args(argv)
-    if args.model is not None and not args.model.is_dir():
+    if args.model is not None and not (Path(args.model).is_dir() or is_hub_id(args.model)):
         parser.exit(2, f"segdiff studio: no model folder at {args.model}; pass --model PATH to a segdiff model "
-                       "folder, an original run folder or a released NAME/unet/ checkpoint\n")
+                       "folder, an original run folder or a released NAME/unet/ checkpoint, or a Hub id org/name\n")
     try:
         models = Models.discover(MODELS, DEFAULT_MODEL, EXAMPLES, args.model, args.num_classes)
         demo = build_demo(models)

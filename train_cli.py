@@ -14,9 +14,12 @@ import shlex
 import sys
 from typing import get_args
 
+from accelerate import PartialState
+
 from segdiff import ConfigError, SegdiffError
 from segdiff.data import data_info
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
+from segdiff.hub import check_repo_id, push
 from segdiff.models import PRESETS
 from segdiff.pipeline import DEFAULT_STEPS, SCHEDULERS
 from segdiff.recipes import DEFAULT_RECIPE, RECIPES, BetaSchedule, Prediction, Weighting
@@ -145,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model_dir",
         help="eval/eval_many: the model to sample from, default the run folder; also opens an original run "
-        "folder or a released NAME/unet/ checkpoint (pass --num_segmentation_classes for those)",
+        "folder or a released NAME/unet/ checkpoint (pass --num_segmentation_classes for those), or a Hugging "
+        "Face Hub id org/name",
     )
     add(
         "--preset",
@@ -293,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
         "models trained with --use_ablated_segmentations (it redrew them at every denoising step). Off by "
         "default: the samples then follow the full mask that names their file",
     )
+    add(
+        "--push_to_hub",
+        action="store_true",
+        help="train: upload the finished model (without checkpoints) to the Hugging Face Hub, its card as "
+        "README.md; log in first with `hf auth login` or set HF_TOKEN",
+    )
+    add("--hub_model_id", help="the Hub repository to push to, org/name (default: the run folder's name, yours)")
+    add("--hub_private_repo", action="store_true", help="create the Hub repository private")
     return parser
 
 
@@ -388,11 +400,17 @@ def run(args: argparse.Namespace, command: str) -> None:
         args.eval_blank_mask,
     )
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(
-            f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)"
-        )
+        raise ConfigError(f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)")
+    if args.push_to_hub and args.mode != "train":
+        raise ConfigError(f"--push_to_hub with --mode {args.mode}: pushing uploads a trained model; use --mode train, "
+                          "or python -m segdiff.hub push MODEL_DIR org/name")  # fmt: skip
+    if args.push_to_hub:  # checked now, not after hours of training
+        hub_id = check_repo_id(args.hub_model_id or os.path.basename(os.path.abspath(output_dir)))
     if args.mode == "train":
-        print(f"model saved to {train(train_config(args, output_dir, command))}")
+        folder = train(train_config(args, output_dir, command))
+        print(f"model saved to {folder}")
+        if args.push_to_hub and PartialState().is_main_process:
+            print(f"uploaded to the Hub: {push(folder, hub_id, private=args.hub_private_repo)}")
     elif args.mode == "eval":
         for path in evaluate(eval_config(args, output_dir)):
             print(f"wrote {path}")

@@ -19,6 +19,10 @@ class CheckpointError(SegdiffError, ValueError):
     """A model folder cannot be opened, or does not match what is asked of it."""
 
 
+class HubError(CheckpointError):
+    """The Hugging Face Hub cannot give or take a model: no such id or revision, no network, no permission."""
+
+
 class ImageError(SegdiffError, ValueError):
     """An image array has the wrong shape, channel count, size or value range."""
 
@@ -34,7 +38,7 @@ def check_range(name: str, value, low, high) -> None:
 
 
 class VolumeError(DataLayoutError):
-    """A NIfTI volume cannot be read, paired with its labels, or mapped to the classes asked for."""
+    """A NIfTI volume or DICOM series cannot be read, paired with its labels, or mapped to the classes asked for."""
 
 
 def check_integer(name: str, value, low: int, high: int) -> int:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, check_range
+from .hub import is_hub_id
 from .masks import ablate, omit_classes, tile
 from .models import ModelCard
 from .pipeline import DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
@@ -53,7 +54,7 @@ def sampler_for(model_type: str, sampler: str | None = None, steps: int | None =
 class EvalConfig:
     """Settings of the `eval` and `eval_many` modes; the CLI fills them from the original flags."""
 
-    model_dir: str  # a segdiff model, an original run folder or a released NAME/unet/ checkpoint
+    model_dir: str  # a segdiff model, an original run folder or a released NAME/unet/ checkpoint, or a Hub id
     output_dir: str  # samples/ and samples_many_{N}/ go here
     seg_dir: str | None = None  # masks come from SEG_DIR/*/test; None for unconditional models
     img_dir: str | None = None  # real test images, shown beside the samples in the grid
@@ -111,7 +112,7 @@ def announce(state) -> None:
 def open_model(config: EvalConfig, state: PartialState | None = None) -> SegDiffPipeline:
     """The model to sample from, checked against what the flags say it is; on `state`'s device if launched."""
     path = Path(config.model_dir)
-    if not path.is_dir():
+    if not path.is_dir() and not is_hub_id(config.model_dir):
         raise CheckpointError(
             f"{path}: no such model folder (train one first, or point --model_dir at a model folder)"
         )

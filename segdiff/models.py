@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
+from . import hubcard
 from .errors import CheckpointError
 from .masks import ENCODINGS, Encoding, Palette, encoding_channels
 
@@ -152,7 +153,8 @@ def low_res_condition(
 class ModelCard:
     """What a model needs to be used well: its classes, input format, encoding, training and quality.
 
-    Written as `segdiff_card.json` beside `unet/`; original checkpoints get one built from their config.
+    Written as `segdiff_card.json` beside `unet/`, with the Hub's README.md rendered from it (`hubcard`);
+    original checkpoints get one built from their config.
     """
 
     num_classes: int  # including background 0; 0 for unconditional models
@@ -210,6 +212,7 @@ class ModelCard:
             folder / f".{CARD_FILE}.{os.getpid()}.tmp"
         )  # open() keeps the umask's permissions; mkstemp's are 0600
         tmp.write_text(json.dumps(asdict(self), indent=2))
+        hubcard.write(folder, self)  # README.md, the model's page on the Hub, from the same facts
         os.replace(tmp, folder / CARD_FILE)
 
     @classmethod

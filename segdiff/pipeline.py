@@ -31,6 +31,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import CheckpointError, MaskError
+from .hub import model_folder
 from .masks import check_mask, encode, omit_classes
 from .models import CARD_FILE, ModelCard, denoise, low_res_condition, shrink, shrink_masks
 
@@ -166,25 +167,30 @@ class SegDiffPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         precision: Precision = "auto",
         channels_last: bool | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
         **_ignored,
     ) -> SegDiffPipeline:
-        """Open a segdiff model folder, an original run folder, or a bare `unet/` folder.
+        """Open a segdiff model folder, an original run folder, or a bare `unet/` folder, or any of them
+        on the Hugging Face Hub by id `org/name` (at `revision`, through the Hub cache; `segdiff.hub`).
 
         `num_classes` (K, background included) is needed only where the folder cannot say: models trained
         by the original code. The model lands on `device` (CUDA when present) with `precision` and
         channels-last memory set as `set_speed` does.
         """
-        card, unet_dir, scheduler = _inspect_folder(Path(path), num_classes)
+        hub = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        folder = model_folder(path, revision, **hub)
+        card, unet_dir, scheduler = _inspect_folder(folder, num_classes)
         base = None
         if card.upscaling is not None:
-            base_dir = Path(path) / card.upscaling.base
+            base_dir = folder / card.upscaling.base
             if not base_dir.is_dir():
                 raise CheckpointError(
                     f"{path}: a cascade's upscaler whose base model {card.upscaling.base}/ is missing"
                 )
-            base = cls.from_pretrained(
-                base_dir, device=device, precision=precision, channels_last=channels_last
-            )
+            base = cls.from_pretrained(base_dir, device=device, precision=precision, channels_last=channels_last)
         unet = _load_unet(unet_dir).eval()
         pipe = cls(unet=unet, scheduler=scheduler, card=card, base=base)
         pipe.to(torch.device(device) if device else default_device())

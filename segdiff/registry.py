@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from .errors import CheckpointError
+from .hub import model_folder
 from .pipeline import SegDiffPipeline
 from .studio import Studio, model_name
 
@@ -41,8 +42,8 @@ class Models:
         model: str | os.PathLike | None = None,
         num_classes: int | None = None,
     ) -> Models:
-        """Every model folder in `root`, sorted, plus `model` (opened by path). The default is `model` when
-        given, else `preferred` when present, else the first folder found."""
+        """Every model folder in `root`, sorted, plus `model` (a folder, or a Hub id fetched now). The default
+        is `model` when given, else `preferred` when present, else the first folder found."""
         root = Path(root)
         found = (
             sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -51,7 +52,7 @@ class Models:
         )
         folders = {p.name: p for p in found}
         if model is not None:
-            folders[model_name(model)] = Path(model)
+            folders[model_name(model)] = model_folder(model)
         if not folders:
             raise CheckpointError(f"{root}: no model folder inside, and no model given by path")
         default = (

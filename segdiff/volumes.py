@@ -1,4 +1,5 @@
 """NIfTI volumes in and out: volumes to slices in the original layout, label volumes to synthetic scans.
+An image volume may also be a DICOM series: a folder of its slice files, read by `segdiff.dicom`.
 
     python -m segdiff.volumes convert OUT_DIR --images IMG --labels LAB [--classes ...] [--window ...]
     python -m segdiff.volumes synthesize MODEL LABELS.nii.gz OUT.nii.gz [--seed S] [--steps N]
@@ -38,6 +39,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
 from .data import SPLITS
+from .dicom import is_series, read_series
 from .errors import SegdiffError, VolumeError
 from .evaluation import write_png
 from .pipeline import DEFAULT_STEPS
@@ -105,14 +107,18 @@ def _stem(path: Path) -> str:
 
 
 def _volume_files(folder: Path) -> dict[str, Path]:
-    found = (p for p in sorted(folder.iterdir()) if p.name.endswith(SUFFIXES) and p.is_file())
-    return {_stem(p): p for p in found if not p.name.startswith(".")}  # macOS leaves ._CASE.nii.gz files
+    """Case name -> NIfTI file (`CASE.nii.gz`) or DICOM series folder (`CASE/`) in `folder`."""
+    found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]  # macOS leaves ._CASE.nii.gz files
+    files = {_stem(p): p for p in found if p.name.endswith(SUFFIXES) and p.is_file()}
+    return {**files, **{p.name: p for p in found if is_series(p)}}
 
 
 def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """(case, image, label) triples: two files, two folders of same-named files, or nnU-Net/MSD folders
     (`imagesTr/CASE_0000.nii.gz` with `labelsTr/CASE.nii.gz`)."""
     images, labels = Path(images), Path(labels)
+    if is_series(images) and labels.is_file():  # one DICOM series, named by its folder
+        return [(images.name, images, labels)]
     if images.is_file() and labels.is_file():
         return [(_stem(images) if images.name.endswith(SUFFIXES) else images.stem, images, labels)]
     for path in (images, labels):
@@ -120,7 +126,7 @@ def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[t
             raise VolumeError(f"{path}: no such folder (expected two folders of .nii/.nii.gz, or two files)")
     image_files, label_files = _volume_files(images), _volume_files(labels)
     if not image_files:
-        raise VolumeError(f"{images}: no .nii or .nii.gz volume inside")
+        raise VolumeError(f"{images}: no .nii or .nii.gz volume or DICOM series folder inside")
     by_case = {}
     for stem, path in image_files.items():
         case = stem[:-5] if stem.endswith("_0000") and stem not in label_files else stem
@@ -135,7 +141,10 @@ def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[t
 
 
 def read_volume(path: Path) -> nib.Nifti1Image:
-    """A 3-D NIfTI image as stored (3-D data saved with one time point included); errors name the file."""
+    """A 3-D NIfTI image as stored (3-D data saved with one time point included), or a DICOM series folder
+    read onto the grid a NIfTI of it would have; errors name the file."""
+    if path.is_dir():
+        return read_series(path)
     try:
         image = nib.load(path)
         if image.ndim == 4 and image.shape[3] == 1:
@@ -440,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     conv = commands.add_parser("convert", help="volumes -> slices in the original layout")
     conv.add_argument("out_dir", type=Path, help="new or empty folder for img/, mask/all/, classes.json, split.json")
-    conv.add_argument("--images", required=True, help="an image volume, or a folder of them (imagesTr/)")
+    conv.add_argument("--images", required=True, help="an image volume or DICOM series folder, or a folder of "
+                      "them (imagesTr/, or one series folder per case named as its label file)")
     conv.add_argument("--labels", required=True, help="its label volume, or a folder of them (labelsTr/)")
     conv.add_argument("--axis", default="axial", choices=list(AXES), help="slice direction (default: axial)")
     conv.add_argument("--window", help=f"CT window: {', '.join(WINDOWS)} or LEVEL,WIDTH in HU")
@@ -452,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="train,val,test fractions of the cases (default: 0.8,0.1,0.1)")
     conv.add_argument("--seed", type=int, default=0, help="shuffles the cases before the split (default: 0)")
     synth = commands.add_parser("synthesize", help="draw a volume over a label volume with a model")
-    synth.add_argument("model", help="a model folder trained on converted slices")
+    synth.add_argument("model", help="a model folder trained on converted slices, or its Hub id org/name")
     synth.add_argument("labels", help="the label volume (.nii or .nii.gz)")
     synth.add_argument("out", help="the synthetic volume to write (.nii or .nii.gz)")
     synth.add_argument("--data", help="the converted folder, when the model card lacks its settings")

@@ -138,6 +138,7 @@ def test_save_and_reopen_gives_the_same_images(tmp_path, segdiff_pipe):
     segdiff_pipe.save_pretrained(tmp_path / "model")
     segdiff_pipe.save_pretrained(tmp_path / "model")  # a second save swaps the first out whole
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "README.md",  # the Hub model card, rendered from segdiff_card.json
         "model_index.json",
         "scheduler",
         "segdiff_card.json",
