@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from typing import get_args
@@ -33,6 +34,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # argparse takes `-1e-3` for a flag (its pattern of negative numbers has no exponent), so
+        # `--learning_rate -1e-3` would fail as "expected one argument" instead of naming the bad value.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):  # one line naming the flag, not the whole usage
         self.exit(2, f"error: {message} (see --help)\n")
 
