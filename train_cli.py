@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the latest complete checkpoint (weights, EMA, optimizer, LR schedule, RNG, step) "
-        "to the same final step; without one, start at step 0",
+        "to the same final step; without one, start at step 0. The batch size, learning rate and warm-up must be "
+        "the run's (else refused, naming both values); a larger --max_train_steps extends it, its LR decay then "
+        "ending at the new last step. One run at a time per --output_dir",
     )
     add("--max_train_steps", type=int, help="stop after this many optimizer steps (overrides --num_epochs)")
     add("--gradient_accumulation_steps", type=int, default=1, help="batches summed per optimizer step")
