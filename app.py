@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> gr.Blocks:
     try:
         launch(demo, args.host, args.port)
     except KeyboardInterrupt:  # before launch() settled into waiting: gradio's own handler is not there yet
+        pass
+    finally:
         demo.close()
     return demo
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from typing import get_args
@@ -36,6 +37,12 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # argparse takes `-1e-3` for a flag (its pattern of negative numbers has no exponent), so
+        # `--learning_rate -1e-3` would fail as "expected one argument" instead of naming the bad value.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):  # one line naming the flag, not the whole usage
         self.exit(2, f"error: {message} (see --help)\n")
 
@@ -249,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the latest complete checkpoint (weights, EMA, optimizer, LR schedule, RNG, step) "
-        "to the same final step; without one, start at step 0",
+        "to the same final step; without one, start at step 0. The batch size, learning rate and warm-up must be "
+        "the run's (else refused, naming both values); a larger --max_train_steps extends it, its LR decay then "
+        "ending at the new last step. One run at a time per --output_dir",
     )
     add("--max_train_steps", type=int, help="stop after this many optimizer steps (overrides --num_epochs)")
     add("--gradient_accumulation_steps", type=int, default=1, help="batches summed per optimizer step")

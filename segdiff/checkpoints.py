@@ -1,15 +1,19 @@
 """Checkpoints of a training run: written whole or not at all, listed, pruned, and resumed from.
 
 Each `checkpoint-<step>` holds accelerate's full state (model, optimizer, LR schedule, RNG of every
-process), the trainer's step and time, and a model folder that `SegDiffPipeline.from_pretrained` opens
+process), the trainer's step, time and plan, and a model folder that `SegDiffPipeline.from_pretrained` opens
 (EMA weights when EMA is on, which is also where resuming reads the EMA state from). It is written to
 `.tmp-checkpoint-<step>` and renamed in, so a run killed at any moment leaves only complete checkpoints.
+One run at a time writes a run folder (`hold_run_folder`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import platform
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -29,6 +33,7 @@ from .pipeline import clean_interrupted_saves
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".train.lock"
 
 
 @dataclass
@@ -39,6 +44,50 @@ class TrainerState:
     ema_step: int = 0
     seconds: float = 0.0  # training time over all resumes
     processes: int = 1  # the LR schedule and the data shards count in processes: resume with as many
+    # The plan, fixing the batches and the LR schedule; None in checkpoints from before it was recorded.
+    train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    learning_rate: float | None = None
+    lr_warmup_steps: int | None = None
+    total_steps: int | None = None
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: str | os.PathLike):
+    """Hold the run folder `out` (created if new) while the block runs; ConfigError while another run holds it.
+
+    The hold is an flock on OUT/.train.lock, which the system drops when its process ends, however it ends:
+    a killed run leaves nothing stuck. The file names the holding process for the refusal.
+    """
+    out = Path(out)
+    new = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the `with` below
+    except OSError as e:
+        raise ConfigError(
+            f"--output_dir {out}: cannot create it ({e.strerror}); expected a writable place"
+        ) from e
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "just starting"
+            raise ConfigError(
+                f"--output_dir {out}: another training run (process {holder}) is writing to it; wait for it "
+                "to end, or choose another --output_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()} on {platform.node()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # while still held: a later run locks a fresh file
+            if new:
+                with contextlib.suppress(OSError):  # a new folder goes when this run wrote nothing into it
+                    out.rmdir()
 
 
 def check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
@@ -75,6 +124,27 @@ def check_same_schedule(folder: Path, noise_scheduler) -> None:
                 f"uses {new[key]}; continue it with the same recipe (runs from before recipes existed, and "
                 "the original code's: --recipe original), or choose another --output_dir"
             )
+
+
+def check_same_plan(folder: Path, saved: TrainerState, asked: TrainerState) -> None:
+    """Refuse to resume a checkpoint with another batch size or LR schedule than its run had.
+
+    Another batch size would not replay the uninterrupted run's batches; another learning rate or warm-up
+    would not be what the restored schedule applies. The step budget may grow (extending a finished run):
+    the cosine decay then runs on to the new last step.
+    """
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps"):
+        old, new = getattr(saved, flag), getattr(asked, flag)
+        if old is not None and old != new:
+            raise ConfigError(
+                f"{folder}: its run trained with --{flag} {old:g}, this one asks {new:g}; resume with "
+                f"--{flag} {old:g} (the batches and LR schedule of the run so far), or choose another --output_dir"
+            )
+    if asked.total_steps < saved.step:
+        raise ConfigError(
+            f"{folder}: its run is at step {saved.step}, this one asks for {asked.total_steps} steps in all "
+            f"(--max_train_steps, else --num_epochs); expected at least {saved.step}"
+        )
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:
@@ -128,9 +198,11 @@ def save_checkpoint(
 
 
 def resume(
-    accelerator: Accelerator, out: Path, unet, ema: EMAModel | None, card: ModelCard
+    accelerator: Accelerator, out: Path, unet, ema: EMAModel | None, card: ModelCard, plan: TrainerState
 ) -> tuple[Path, TrainerState]:
     """Restore the newest checkpoint that loads on every process, newest first. -> (its folder, state).
+
+    `plan` is this run's: a checkpoint of another plan (`check_same_plan`) is refused.
 
     A damaged one (a truncated or garbled file) is named and skipped for the one before it; processes
     agree on each verdict, so all of them resume from the same step.
@@ -138,7 +210,7 @@ def resume(
     damaged = []
     for folder in reversed(checkpoints(out)):
         try:
-            state = _load_checkpoint(accelerator, folder, unet, ema, card)
+            state = _load_checkpoint(accelerator, folder, unet, ema, card, plan)
         except _Damaged as e:
             state, reason = None, str(e)
         loaded = torch.tensor([state is not None], device=accelerator.device)
@@ -171,10 +243,10 @@ _UNREADABLE = (
 
 
 def _load_checkpoint(
-    accelerator: Accelerator, folder: Path, unet, ema: EMAModel | None, card: ModelCard
+    accelerator: Accelerator, folder: Path, unet, ema: EMAModel | None, card: ModelCard, plan: TrainerState
 ) -> TrainerState:
     """Restore what `save_checkpoint` wrote, after `accelerator.prepare`. Raises `_Damaged` for unreadable
-    files, CheckpointError for a model of another shape.
+    files, CheckpointError for a model of another shape, ConfigError for another plan.
 
     accelerate reads the model from safetensors and the optimizer, LR schedule and RNG states with
     weights-only unpickling; the EMA weights come from the checkpoint's unet/ (safetensors).
@@ -186,13 +258,14 @@ def _load_checkpoint(
                 f"{folder}: written by {state.processes} process(es), resumed by {accelerator.num_processes}; "
                 f"launch {state.processes} to continue it (the LR schedule counts steps x processes)"
             )
+        check_same_plan(folder, state, plan)
         check_same_model(folder, accelerator.unwrap_model(unet), card)
         accelerator.load_state(str(folder))
         if ema is not None:
             ema_unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
             ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_unet.parameters()]
             ema.optimization_step = state.ema_step
-    except CheckpointError:
+    except (CheckpointError, ConfigError):
         raise
     except _UNREADABLE as e:
         raise _Damaged(f"{folder}: damaged checkpoint, cannot resume from it ({e})") from e

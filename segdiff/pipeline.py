@@ -490,6 +490,11 @@ def _inspect_folder(path: Path, num_classes: int | None):
     # Trained by the original code: one `class_id / 255` mask channel when guided, none otherwise.
     index = path / "model_index.json"
     class_name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if class_name == SegDiffPipeline.__name__:
+        raise CheckpointError(
+            f"{path}: a segdiff model without its {CARD_FILE} (classes, encoding, size); "
+            "expected the model folder as saved, card included"
+        )
     if class_name is not None and class_name not in ORIGINAL_PIPELINES:
         raise CheckpointError(f"{index}: pipeline {class_name!r}, expected one of {ORIGINAL_PIPELINES}")
     mask_channels = unet_config["in_channels"] - unet_config["out_channels"]

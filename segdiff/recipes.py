@@ -66,7 +66,13 @@ class Recipe:
 
     def with_overrides(self, **overrides) -> Recipe:
         """This recipe with the given fields replaced; None values keep the recipe's own."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        recipe = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("snr_gamma") is not None and recipe.loss_weighting != "min_snr":
+            raise ConfigError(
+                f"--snr_gamma {recipe.snr_gamma:g}: caps --loss_weighting min_snr only, this run's weighting is "
+                f"{recipe.loss_weighting}; drop --snr_gamma or add --loss_weighting min_snr"
+            )
+        return recipe
 
     def peak_learning_rate(self, preset: str) -> float:
         return self.learning_rate if self.learning_rate is not None else FAST_LEARNING_RATES[preset]

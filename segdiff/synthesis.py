@@ -86,8 +86,8 @@ def synthesize(
     minimum). Returns {"path", "shape", "drawn", "slices", "intensity_range"}.
     """
     out = Path(out)
-    if not out.name.endswith(SUFFIXES):
-        raise VolumeError(f"{out}: expected a .nii or .nii.gz file name")
+    if not out.name.endswith(SUFFIXES) or out.is_dir():
+        raise VolumeError(f"{out}: expected a .nii or .nii.gz file name{', not a folder' * out.is_dir()}")
     if batch_size < 1 or steps < 1:
         raise VolumeError(f"--batch_size {batch_size}, --steps {steps}: expected both >= 1")
     if out.resolve() == Path(labels).resolve():
@@ -134,8 +134,16 @@ def synthesize(
     written.header["cal_min"], written.header["cal_max"] = low, high  # the display window, for viewers
     suffix = next(s for s in SUFFIXES if out.name.endswith(s))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suffix}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(written, tmp)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(written, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise VolumeError(
+            f"{out}: cannot write it ({e.strerror}); expected a new file in a writable folder"
+        ) from e
+    finally:
+        if tmp.exists():  # what a failed save wrote
+            tmp.unlink()
     return {"path": str(out), "shape": volume.shape, "drawn": len(drawn), "slices": mask.shape[axis],
             "intensity_range": (low, high), "window": conversion.window}

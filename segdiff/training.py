@@ -7,7 +7,8 @@ the loss weighting, the noise schedule, the learning rate and the EMA come from 
 (`segdiff.recipes`): `original` is the original code's, `fast` the measured default.
 
 A run killed at any moment resumes from its last complete checkpoint (`segdiff.checkpoints`), or the one
-before when the newest is damaged.
+before when the newest is damaged. One run at a time trains in a folder; a second is refused while the first
+runs.
 
 Exact resumes: each epoch's order of examples is a function of (seed, epoch) alone, and no RNG draw depends
 on where a run started, so a run resumed mid-epoch trains on exactly the batches, noise and timesteps of an
@@ -40,6 +41,7 @@ from .checkpoints import (
     check_same_model,
     check_same_schedule,
     clean_interrupted,
+    hold_run_folder,
     latest_checkpoint,
     resume,
     save_checkpoint,
@@ -232,7 +234,17 @@ class EpochOrder(torch.utils.data.Sampler):
 
 
 def train(config: TrainConfig) -> Path:
-    """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process)."""
+    """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process).
+
+    The main process holds the folder for the run: a second run there is refused, naming the first.
+    """
+    if os.environ.get("RANK", "0") != "0":  # the other processes of a launch write with the main one
+        return _train(config)
+    with hold_run_folder(config.output_dir):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     launched = launched_processes()
     accelerator = Accelerator(
@@ -288,7 +300,14 @@ def train(config: TrainConfig) -> Path:
     )
     ema = recipe.ema_model(unet)
 
-    state = TrainerState(processes=accelerator.num_processes)
+    state = TrainerState(  # the plan a resume must share (checkpoints.check_same_plan)
+        processes=accelerator.num_processes,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=recipe.peak_learning_rate(config.preset),
+        lr_warmup_steps=recipe.lr_warmup_steps,
+        total_steps=total_steps,
+    )
     if config.resume_epoch is not None:
         state.step = config.resume_epoch * steps_per_epoch
         with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
@@ -300,14 +319,18 @@ def train(config: TrainConfig) -> Path:
         unet = torch.compile(unet)
     if ema is not None:
         ema.to(accelerator.device)
-    latest = None
+    latest, planned = None, total_steps
     if resuming:
-        latest, state = resume(accelerator, out, unet, ema, card)
+        latest, saved = resume(accelerator, out, unet, ema, card, state)
+        state.step, state.ema_step, state.seconds = saved.step, saved.ema_step, saved.seconds
+        planned = saved.total_steps or total_steps
     if accelerator.is_main_process:
         clean_interrupted(out)
         accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items() if _scalar(v)})
     if latest is not None:
         accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
+        if planned != total_steps:  # a new step budget: the cosine decay stretches or shrinks to it
+            accelerator.print(f"its run planned {planned} steps; the LR decay now ends at step {total_steps}")
     elif config.resume:
         accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -109,8 +110,20 @@ def _stem(path: Path) -> str:
 def _volume_files(folder: Path) -> dict[str, Path]:
     """Case name -> NIfTI file (`CASE.nii.gz`) or DICOM series folder (`CASE/`) in `folder`."""
     found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]  # macOS leaves ._CASE.nii.gz files
-    files = {_stem(p): p for p in found if p.name.endswith(SUFFIXES) and p.is_file()}
-    return {**files, **{p.name: p for p in found if is_series(p)}}
+    volumes = {}
+    for path in found:
+        if path.name.endswith(SUFFIXES) and path.is_file():
+            name = _stem(path)
+        elif is_series(path):
+            name = path.name
+        else:
+            continue
+        if name in volumes:
+            raise VolumeError(
+                f"{folder}: holds {volumes[name].name} and {path.name}; expected one volume of each name"
+            )
+        volumes[name] = path
+    return volumes
 
 
 def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[str, Path, Path]]:
@@ -318,14 +331,16 @@ def parse_window(text: str) -> tuple[float, float]:
         level, width = (float(v) for v in text.split(","))
     except ValueError:
         level, width = 0.0, 0.0
-    if not width > 0:
-        raise VolumeError(f"--window {text}: expected one of {', '.join(WINDOWS)} or LEVEL,WIDTH in HU, width > 0")
+    if not (math.isfinite(level) and 0 < width < math.inf):
+        raise VolumeError(
+            f"--window {text}: expected one of {', '.join(WINDOWS)} or LEVEL,WIDTH in HU, finite, width > 0"
+        )
     return level, width
 
 
 def split_cases(cases: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
     """Whole cases to train/val/test in the given proportions (largest remainder), shuffled by `seed`."""
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not (min(fractions) >= 0 and abs(sum(fractions) - 1) <= 1e-6):  # NaN too
         raise VolumeError(f"--split {fractions}: expected three fractions >= 0 summing to 1, e.g. 0.8,0.1,0.1")
     exact = np.array(fractions) * len(cases)
     counts = np.floor(exact).astype(int)
@@ -354,6 +369,36 @@ def _grid(case: str, image_path: Path, label_path: Path) -> tuple[nib.Nifti1Imag
     return nib.as_closest_canonical(image), nib.as_closest_canonical(label)
 
 
+def _staging(out: Path) -> Path:
+    """A new hidden folder beside `out` to convert into; those killed conversions into `out` left go first."""
+    target = out.resolve()  # `.` has no name to put beside it
+    for old in target.parent.glob(f".{target.name}.partial-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        for s in SPLITS:
+            (staging / "img" / s).mkdir(parents=True)
+            (staging / "mask" / "all" / s).mkdir(parents=True)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise VolumeError(
+            f"{out}: cannot create it ({e.strerror}); expected a path in a writable folder"
+        ) from e
+    return staging
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        pass
+    return True
+
+
 def convert(
     out_dir: str | os.PathLike,
     images: str | os.PathLike,
@@ -375,7 +420,7 @@ def convert(
     `classes.json` (class names and the conversion settings) and `split.json` (cases and slices per split).
     `window` (level, width) in HU maps CT intensities; None normalises each volume to its percentiles.
     Everything is written to a hidden folder beside `out_dir` and renamed at the end: a failed run leaves
-    nothing half-converted.
+    nothing half-converted, and the folder a killed one leaves goes at the next conversion into `out_dir`.
     """
     if axis not in AXES:
         raise VolumeError(f"--axis {axis}: expected one of {', '.join(AXES)}")
@@ -387,11 +432,7 @@ def convert(
     pairs = pair_volumes(images, labels)
     kept = parse_classes(classes, label_names(labels, names_file))
     splits = split_cases([case for case, _, _ in pairs], split, seed)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    for s in SPLITS:
-        (staging / "img" / s).mkdir(parents=True)
-        (staging / "mask" / "all" / s).mkdir(parents=True)
-
+    staging = _staging(out)
     where = {case: s for s, cases in splits.items() for case in cases}
     along, per_case = AXES[axis], {}
     try:
@@ -426,9 +467,11 @@ def convert(
         }
         _write_json(staging / "classes.json", info)
         _write_json(staging / "split.json", record)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
+        if out.is_dir():  # empty, checked above; filled rather than replaced, as a shell may stand in it
+            for item in sorted(staging.iterdir(), key=lambda p: p.name == "split.json"):  # the record last
+                os.replace(item, out / item.name)
+        else:
+            os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record

@@ -263,9 +263,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_removes_the_results_folder_with_the_server(tiny_model_dir, tmp_path):
-    port = free_port()
-    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+def test_sigterm_removes_the_results_and_the_uploads_with_the_server(tiny_model_dir, tmp_path, mask_png):
+    port, uploads = free_port(), tmp_path / "uploads"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_TEMP_DIR": str(uploads), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, app.__file__, "--model", str(tiny_model_dir), "--port", str(port)]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -278,9 +278,14 @@ def test_sigterm_removes_the_results_folder_with_the_server(tiny_model_dir, tmp_
                 time.sleep(0.5)
         results = list(tmp_path.glob("segdiff-studio-*"))
         assert len(results) == 1 and server.poll() is None, server.stderr.read() if server.poll() else ""
+        page = Client(f"http://127.0.0.1:{port}/", verbose=False)  # still connected at the end, as a tab
+        with open(mask_png, "rb") as f:
+            [uploaded] = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": f}).json()
+        assert Path(uploaded).is_relative_to(uploads) and Path(uploaded).is_file()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-        assert not results[0].exists()
+        assert not results[0].exists() and not Path(uploaded).exists()
+        page.close()
     finally:
         if server.poll() is None:
             server.kill()

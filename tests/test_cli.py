@@ -270,6 +270,7 @@ BAD = [
     (["GUIDED", "--eval_batch_size", "0"], None, "--eval_batch_size 0"),
     (["GUIDED", "--num_epochs", "0"], None, "--num_epochs 0"),
     (["GUIDED", "--num_epochs", "-1"], None, "--num_epochs -1"),
+    (["GUIDED", "--learning_rate", "-1e-3"], None, "--learning_rate -0.001: expected a value in 1e-10..1.0"),
     (["GUIDED", "--img_dir", "nowhere"], None, "nowhere/train: missing image folder"),
     (["GUIDED"], corrupt, "train_000.png: cannot read the image"),
     (["GUIDED"], unmatched, "train_001.png"),

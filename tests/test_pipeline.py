@@ -1,6 +1,7 @@
 """SegDiffPipeline against the original sampling loop, on every folder kind it must open."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -109,6 +110,13 @@ def test_original_checkpoints_sample_like_the_original_pipeline(tmp_path, origin
 def test_guided_original_folder_needs_num_classes(tmp_path, original_unet):
     folder = write_original_run(tmp_path / "run", original_unet)
     with pytest.raises(CheckpointError, match="pass num_classes=K"):
+        SegDiffPipeline.from_pretrained(folder)
+
+
+def test_a_segdiff_folder_without_its_card_is_named_as_such(tmp_path, tiny_model_dir):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / "segdiff_card.json").unlink()
+    with pytest.raises(CheckpointError, match="model: a segdiff model without its segdiff_card.json"):
         SegDiffPipeline.from_pretrained(folder)
 
 

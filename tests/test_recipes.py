@@ -157,3 +157,6 @@ def test_contradictory_recipe_settings_are_refused(data, tmp_path):
         config(tmp_path, data, recipe="nonsense")
     with pytest.raises(ConfigError, match="--snr_gamma -1"):
         config(tmp_path, data, snr_gamma=-1.0)
+    for weighting in ({"loss_weighting": "uniform"}, {"recipe": "original"}):  # a gamma nothing would use
+        with pytest.raises(ConfigError, match="--snr_gamma 3: caps --loss_weighting min_snr only.*uniform"):
+            config(tmp_path, data, snr_gamma=3.0, **weighting)

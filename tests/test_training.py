@@ -6,6 +6,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,55 @@ def test_resume_epoch_reloads_the_saved_weights_and_counts_on(tmp_path, data):
     train(config(out, data, num_epochs=2, resume_epoch=1, checkpointing_steps=100))
     assert steps_logged(out) == [1, 2, 3, 4]
     assert json.loads((out / "segdiff_card.json").read_text())["training"]["steps"] == 4
+
+
+def test_resume_refuses_another_batch_size_or_lr_schedule_and_extends_a_finished_run(tmp_path, data):
+    out = tmp_path / "run"
+    train(config(out, data, max_train_steps=2))
+    for flag, asked, message in (
+        ("learning_rate", 1e-2, "--learning_rate 0.001, this one asks 0.01"),
+        ("lr_warmup_steps", 3, "--lr_warmup_steps 2, this one asks 3"),
+        ("train_batch_size", 2, "--train_batch_size 4, this one asks 2"),  # other batches, other epochs
+        ("gradient_accumulation_steps", 2, "--gradient_accumulation_steps 1, this one asks 2"),
+        ("max_train_steps", 1, "its run is at step 2, this one asks for 1 steps in all"),
+    ):
+        with pytest.raises(ConfigError, match=f"checkpoint-2: (its run trained with )?{re.escape(message)}"):
+            train(config(out, data, resume=True, **{"max_train_steps": 4, flag: asked}))
+    assert steps_logged(out) == [1, 2]
+
+    # A larger step budget continues the run; the LR decay then ends at the new last step.
+    train(config(out, data, max_train_steps=4, resume=True))
+    with open(out / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    card = json.loads((out / "segdiff_card.json").read_text())["training"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and float(rows[-1]["lr"]) == 0
+    assert card["steps"] == 4 and card["flags"]["max_train_steps"] == 4
+    assert card["recipe"]["learning_rate"] == float(rows[0]["lr"]) * 2  # step 1 of 2 warm-up steps
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["total_steps"] == 4
+
+
+HOLD = """import sys, time
+from segdiff.checkpoints import hold_run_folder
+with hold_run_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_folder_is_refused_until_the_first_ends_even_by_a_kill(tmp_path, data):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refusal = f"run: another training run \\(process {holder.pid} on .*\\) is writing to it"
+        with pytest.raises(ConfigError, match=refusal):
+            train(config(out, data, max_train_steps=2))
+    finally:
+        holder.kill()  # as SIGKILL leaves a run: no chance to clean up
+        holder.wait()
+    assert (out / ".train.lock").exists()
+    train(config(out, data, max_train_steps=2))
+    assert steps_logged(out) == [1, 2] and not (out / ".train.lock").exists()
 
 
 # ---- exact resumes ------------------------------------------------------------------------------------------

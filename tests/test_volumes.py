@@ -7,6 +7,10 @@ the patient's left, axis 2 inferiorly), so a slice only looks right if reorienta
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -186,6 +190,8 @@ def damage(root, what):
     elif what == "output":
         (root.parent / "out").mkdir()
         (root.parent / "out" / "notes.txt").write_text("kept")
+    elif what == "twin":  # the same case twice: which one would be converted?
+        save(ct, images / "case1_0000.nii")
 
 
 ERRORS = [
@@ -198,6 +204,10 @@ ERRORS = [
     (None, ["--classes", "liver,pancreas"], "unknown label 'pancreas'; known names: background, spleen"),
     (None, ["--window", "wide"], "--window wide: expected one of abdomen"),
     (None, ["--window", "bone", "--normalize", "percentile"], "--window and --normalize: choose one"),
+    (None, ["--window", "nan,400"], "--window nan,400: expected one of abdomen"),
+    (None, ["--window", "0,inf"], "--window 0,inf: expected one of abdomen"),
+    (None, ["--split", "nan,nan,nan"], "--split (nan, nan, nan): expected three fractions >= 0 summing to 1"),
+    ("twin", [], "imagesTr: holds case1_0000.nii and case1_0000.nii.gz; expected one volume of each name"),
     ("output", [], "out already exists and is not an empty folder"),
 ]
 
@@ -211,6 +221,27 @@ def test_bad_volumes_exit_2_naming_the_file(nnunet, tmp_path, capsys, what, flag
     assert stop.value.code == 2 and err.startswith("error: ") and message in err, err
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == (["Dataset001", "out"] if what == "output" else ["Dataset001"])  # nothing half-written
+
+
+def test_convert_into_dot_removing_what_killed_conversions_left(nnunet, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    for pid in (ended.pid, os.getppid()):  # the staging folders of a killed conversion and of a running one
+        (tmp_path / f".here.partial-{pid}" / "img").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    run_convert(nnunet, Path("."), "--classes", "liver", "--size", "16")
+    assert sorted(p.name for p in here.iterdir()) == ["classes.json", "img", "mask", "split.json"]
+    assert [p.name for p in tmp_path.glob(".here.*")] == [f".here.partial-{os.getppid()}"]
+
+    (tmp_path / "file").touch()
+    with pytest.raises(SystemExit) as stop:
+        run_convert(nnunet, tmp_path / "file" / "out", "--classes", "liver")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = "cannot create it (Not a directory); expected a path in a writable folder"
+    assert stop.value.code == 2 and err == f"error: {tmp_path / 'file' / 'out'}: {expected}"
+    assert sorted(p.name for p in tmp_path.glob("[!.]*")) == ["Dataset001", "file", "here"]
 
 
 def test_neighbouring_slices_share_noise_unless_asked_not_to():
@@ -258,6 +289,18 @@ def test_a_class_count_other_than_classes_json_is_refused(nnunet, tmp_path, caps
                            "--preset", "tiny", "--output_dir", str(tmp_path / "model")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "classes.json: names 2 classes (background, liver)" in err
+
+
+def test_synthesize_refuses_a_folder_as_its_output_leaving_nothing(nnunet, tmp_path, tiny_model_dir, capsys):
+    data, out = tmp_path / "data", tmp_path / "synthetic.nii.gz"
+    run_convert(nnunet, data, "--classes", "liver,spleen,kidneys=kidney_left+kidney_right", "--size", "16")
+    out.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["synthesize", str(tiny_model_dir), str(nnunet / "labelsTr" / "case0.nii.gz"), str(out),
+              "--data", str(data), "--steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and err == f"error: {out}: expected a .nii or .nii.gz file name, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset001", "data", "synthetic.nii.gz"]
 
 
 def test_synthesize_takes_the_settings_from_the_data_when_the_model_lacks_them(nnunet, tmp_path, tiny_model_dir,
