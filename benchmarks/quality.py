@@ -22,10 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import CheckpointError, SegdiffError, SegDiffPipeline
+from segdiff.evaluation import noise_generator
+from segdiff.models import shrink_masks
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from segdiff.quality import (
+    detail,
     load_test_set,
     measure_quality,
     quality_table,
@@ -78,6 +84,33 @@ def summary(fast: dict, original: dict) -> list[str]:
     return lines
 
 
+def enlarged_base_detail(pipe: SegDiffPipeline, masks, images, seed: int, batch_size: int) -> dict:
+    """The detail of the cascade's base images (the same noise as the cascade's) enlarged bicubically."""
+    size, low_size = pipe.card.img_size, pipe.card.upscaling.low_res_size
+    out = []
+    for start in range(0, len(masks), batch_size):
+        batch = range(len(masks))[start : start + batch_size]
+        low = pipe.base(
+            shrink_masks(masks[start : start + batch_size], low_size),
+            generator=[noise_generator(seed, i) for i in batch],
+            output_type="pt",
+        ).images
+        out.append(F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1))
+    return detail(torch.cat(out), images, low_size)
+
+
+def detail_table(rows: dict[str, dict]) -> str:
+    """Detail results by label -> a table: each band's share of spectral energy, real and generated."""
+    first = next(iter(rows.values()))
+    lines = [f"spectral energy share by band ({first['unit']}); ratio to the real images' share in brackets"]
+    lines.append("  ".join([f"{'':<34}", *(f"{band:>16}" for band in first["bands"])]))
+    lines.append("  ".join([f"{'real test images':<34}", *(f"{v:>16.4g}" for v in first["real"])]))
+    for label, row in rows.items():
+        cells = [f"{v:.4g} ({r:.2f}x)" for v, r in zip(row["generated"], row["ratio"], strict=True)]
+        lines.append("  ".join([f"{label:<34}", *(f"{c:>16}" for c in cells)]))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("assets/models/phantom-breast-64"))
@@ -94,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="the fast run's steps")
     parser.add_argument("--no-original", action="store_true", help="measure the fast settings only")
     parser.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
+    parser.add_argument(
+        "--upscale_steps", type=int, nargs="+", default=[], help="cascades: also measure these upscaler steps"
+    )
+    parser.add_argument("--compare", type=Path, help="another model to measure at its defaults in this run")
+    parser.add_argument("--compare_data", type=Path, help="its data folder (default: --data)")
     parser.add_argument("--json", type=Path, help="also write both results to this JSON file")
     parser.add_argument("--write-card", action="store_true", help="store both results in the model card")
     args = parser.parse_args(argv)
@@ -137,16 +175,49 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"{name}: {run_label(runs[name])} measured in {time.perf_counter() - started:.0f} s")
 
+    cascade = pipe.card.upscaling is not None
+    for steps in args.upscale_steps if cascade else ():
+        pipe.set_speed(precision="auto", channels_last=None)
+        run = measure_quality(
+            pipe, segmenter, masks, images, scheduler=args.scheduler, num_inference_steps=args.steps,
+            upscale_steps=steps, **{**common, "omit_each": False},
+        )  # fmt: skip
+        runs[f"upscaler {steps} steps"] = run
+        print(f"{run_label(run)}: mean Dice {run['mean_dice']:.4f}")
+
     print()
     print(quality_table({f"{name}: {run_label(run)}": run for name, run in runs.items()}))
+    if cascade:
+        pipe.set_speed(precision="auto", channels_last=None)
+        rows = {f"{name}: {run_label(run)}": run["detail"] for name, run in runs.items()}
+        rows["bicubic enlargement of the base"] = enlarged_base_detail(
+            pipe, masks, images, args.seed, args.batch_size
+        )
+        print()
+        print(detail_table(rows))
+    if args.compare:
+        other = SegDiffPipeline.from_pretrained(args.compare)
+        other_segmenter = Segmenter.from_pretrained(args.compare / other.card.segmenter)
+        data = args.compare_data or args.data
+        test = load_test_set(data / "img", data / "mask", other.card, args.num_masks, args.seed)
+        runs[f"compare {args.compare.name}"] = measure_quality(
+            other, other_segmenter, test[0], test[1], **{**common, "baseline_images": test[2]}
+        )
+        print(f"\n{args.compare} at its defaults, on the same test split at its own size:")
+        print(
+            quality_table(
+                {run_label(runs[f"compare {args.compare.name}"]): runs[f"compare {args.compare.name}"]}
+            )
+        )
     print()
     if "original" in runs:
         print("\n".join(summary(runs["fast"], runs["original"])))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2) + "\n")
     if args.write_card:
-        for run in runs.values():
-            write_to_card(args.model, segmenter, run)
+        for name, run in runs.items():
+            if name in ("fast", "original"):
+                write_to_card(args.model, segmenter, run)
         print(f"\nwrote both results to the card of {args.model}")
 
 

@@ -8,6 +8,11 @@ zip, and the gallery images are downloaded. Prints the median of each, and their
 
     python benchmarks/studio_latency.py                  # the bundled demo model
     python benchmarks/studio_latency.py --model PATH --repeats 5
+    python benchmarks/studio_latency.py --model assets/models/psfhs-ultrasound-256 \
+        --versus assets/models/psfhs-ultrasound-64        # what 256 px costs against 64 px, same run
+
+With --versus, the second model's default settings are timed in the same run too, through the studio and as
+bare pipeline calls (4 images, no files), and the ratios of the first to the second are printed.
 """
 
 from __future__ import annotations
@@ -76,12 +81,50 @@ def click_to_gallery(url: str, mask: Path, repeats: int, **settings) -> float:
     return statistics.median(times)
 
 
+def pipeline_seconds(pipe: SegDiffPipeline, mask: Path, repeats: int) -> float:
+    """Median seconds of one default call drawing NUM_IMAGES images for `mask`, after a warm-up call."""
+    labels = np.asarray(PIL.Image.open(mask).convert("L").resize((pipe.card.img_size,) * 2, PIL.Image.NEAREST))
+    pipe.set_progress_bar_config(disable=True)
+    call = lambda: pipe(labels.astype(np.int64), batch_size=NUM_IMAGES, output_type="np")  # noqa: E731
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def versus(model: Path, other: Path, repeats: int) -> None:
+    """Time `model` and `other` at their defaults in this run: studio click to gallery and bare pipeline."""
+    rows = {}
+    for folder in (model, other):
+        pipe = SegDiffPipeline.from_pretrained(folder)
+        demo = app.build_demo(Models.of(Studio(pipe, folder)))
+        app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            mask = mask_file(folder.name, Path(tmp), pipe.card.img_size)
+            try:
+                studio = click_to_gallery(
+                    demo.local_url, mask, repeats, steps=DEFAULT_STEPS, sampler=DEFAULT_SCHEDULER
+                )
+            finally:
+                demo.close()
+            rows[folder.name] = (pipe.card.img_size, studio, pipeline_seconds(pipe, mask, repeats))
+    print(f"\n{NUM_IMAGES} images at each model's defaults, median of {repeats}:")
+    for name, (size, studio, bare) in rows.items():
+        print(f"  {name:<28} {size:>4} px  studio {studio:6.2f} s   pipeline {bare:6.2f} s")
+    (a, b) = rows.values()
+    print(f"  ratio {model.name} / {other.name}: studio {a[1] / b[1]:.2f}x, pipeline {a[2] / b[2]:.2f}x")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="default: the studio's default model")
     parser.add_argument("--preset", default="small", help="stand-in architecture when --model is absent")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--versus", type=Path, help="another model to time at its defaults in the same run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +160,8 @@ def main(argv=None):
     ):
         print(f"  {label:<48} {seconds:6.2f} s click to gallery")
     print(f"  speed-up: {baseline / default:.2f}x")
+    if args.versus:
+        versus(model, args.versus, args.repeats)
 
 
 if __name__ == "__main__":

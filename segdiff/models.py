@@ -77,6 +77,7 @@ class Upscaling:
     max_noise_level: int = 250
     noise_level: int = 100
     steps: int = 4  # the upscaler's sampling steps at the model's default settings
+    scheduler: str = "dpm++"  # and its sampler, whatever the base's (see benchmarks/quality.py)
 
     def __post_init__(self):
         if self.unshuffle < 1 or self.low_res_size < 1:

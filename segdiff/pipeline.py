@@ -324,7 +324,8 @@ class SegDiffPipeline(DiffusionPipeline):
                 `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
             omit: class ids treated as unknown: set to background, so the model may invent them.
             num_inference_steps: denoising steps (>= 1); for a cascade, its base model's.
-            scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm".
+            scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm"; for a cascade,
+                its base model's (the upscaler runs the sampler and steps its card records).
             eta: DDIM noise (0 = deterministic); ignored by other samplers.
             generator: torch generator(s) for the initial noise and stochastic samplers.
             latents: (B, C, H, W) initial noise, drawn from `generator` when None; for a cascade, its base
@@ -400,7 +401,7 @@ class SegDiffPipeline(DiffusionPipeline):
             cond,
             noise_level,
             num_inference_steps,
-            scheduler,
+            scheduler if self.base is None else card.upscaling.scheduler,
             eta,
             generator,
             image,
