@@ -151,7 +151,8 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
 
 
 def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
-    """Write `settings.n` new image-mask pairs to `out`, continuing an earlier run of the same settings.
+    """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
+    the same settings.
 
     Returns {"folder", "drawn" (pairs drawn now), "skipped" (pairs already there), "seconds" (drawing time),
     "device", "threads"}.
