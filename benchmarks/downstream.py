@@ -121,7 +121,7 @@ def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
     if not (out / "segmenter.json").is_file():
         print(f"training the segmenter {out.name}", flush=True)
         train_segmenter(data / "img", data / "mask", args.num_classes, args.img_size, 1, out,
-                        steps=args.segmenter_steps, seed=seed, progress=False)  # fmt: skip
+                        steps=args.segmenter_steps, seed=seed)  # fmt: skip
     return Segmenter.from_pretrained(out)
 
 

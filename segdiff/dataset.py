@@ -184,6 +184,8 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
     }
     _check_folder(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
+        stale.unlink()
     write_json(manifest, out / MANIFEST)
 
     batches = [range(s, min(s + settings.batch_size, n)) for s in range(0, n, settings.batch_size)]

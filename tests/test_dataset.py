@@ -154,6 +154,7 @@ def test_a_killed_run_resumes_to_the_same_files(small_model_dir, tmp_path):
             cli(small_model_dir, out, masks, n), env=env, cwd=ROOT, check=True, capture_output=True
         )
     assert files(killed) == files(whole) and len(files(whole)) == 2 * n
+    assert not list(killed.rglob(".*.tmp"))  # nothing half-written is left behind
     assert json.loads((killed / "manifest.json").read_text()) == json.loads(
         (whole / "manifest.json").read_text()
     )
