@@ -10,6 +10,7 @@ hardware. (Batches of another size may differ in the last bits: some kernels pic
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -337,6 +338,12 @@ def write_sample(image: np.ndarray, path: Path) -> Path:
 def write_png(array: np.ndarray, path: Path) -> Path:
     """(H, W, 3) uint8 -> a PNG file, written whole or not at all."""
     return _atomic(Path(path), lambda f: PIL.Image.fromarray(array).save(f, format="PNG"))
+
+
+def write_json(info: dict, path: Path) -> Path:
+    """A JSON object -> an indented JSON file, written whole or not at all."""
+    text = (json.dumps(info, indent=2) + "\n").encode()
+    return _atomic(Path(path), lambda f: f.write(text))
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import cv2
@@ -259,3 +259,103 @@ def tile(images: Sequence[np.ndarray], columns: int, pad: int = 2) -> np.ndarray
             image
         )
     return grid
+
+
+# ---- deformation: new masks from real ones -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Bounds of a random, plausible warp of a mask: an affine about the centre, then a smooth elastic field.
+
+    Rotation, scale and shift are drawn uniformly within +-bounds. The elastic field is a `grid` x `grid`
+    lattice of Gaussian displacements upsampled bicubically to the mask, so neighbouring pixels move together;
+    its spacing (a third of the side) is many times the displacements, so the warp never folds.
+    """
+
+    rotate: float  # degrees
+    scale: float  # relative: 0.08 draws a zoom in 0.92..1.08
+    shift: float  # fraction of the side, along each axis
+    elastic: float  # standard deviation of the lattice displacements, fraction of the side
+    grid: int = 4
+
+
+# mild: what a probe or a patient moving a little would show; strong: clearly new anatomy, still believable.
+DEFORMATIONS = {
+    "mild": Deformation(rotate=10.0, scale=0.08, shift=0.05, elastic=0.02),
+    "strong": Deformation(rotate=20.0, scale=0.15, shift=0.10, elastic=0.04),
+}
+DEFORM_LEVELS = ("none", *DEFORMATIONS)  # mildest first: a mask that loses a class falls back one level
+MIN_KEPT_AREA = 0.5  # a deformed mask keeps a class when at least this fraction of its pixels survives
+
+
+def deform(mask: np.ndarray, deformation: Deformation, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """(H, W) class ids -> (the warped mask, same shape and dtype; the parameters drawn, JSON-ready).
+
+    Each class present is warped as its own 0/1 channel with bilinear sampling, and every pixel takes the
+    class of the largest value (one-hot argmax): boundaries stay smooth, and two classes can neither overlap
+    (one id per pixel) nor tear apart (the warp is smooth and one-to-one). Past the edge the edge continues:
+    anatomy cut by the field of view goes on beyond it.
+    """
+    mask = np.asarray(mask)
+    h, w = mask.shape
+    angle = rng.uniform(-deformation.rotate, deformation.rotate)
+    zoom = 1 + rng.uniform(-deformation.scale, deformation.scale)
+    shift = rng.uniform(-deformation.shift, deformation.shift, 2) * (w, h)  # (x, y) px
+    lattice = rng.normal(0, deformation.elastic, (2, deformation.grid, deformation.grid)).astype(np.float32)
+
+    # forward: source pixel -> output pixel; the output samples the source through its inverse
+    forward = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, zoom)
+    forward[:, 2] += shift
+    inverse = cv2.invertAffineTransform(forward)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    field_x = cv2.resize(lattice[0] * w, (w, h), interpolation=cv2.INTER_CUBIC)
+    field_y = cv2.resize(lattice[1] * h, (w, h), interpolation=cv2.INTER_CUBIC)
+    map_x = (inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2] + field_x).astype(np.float32)
+    map_y = (inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2] + field_y).astype(np.float32)
+
+    classes = np.unique(mask)
+    channels = [
+        cv2.remap(
+            (mask == c).astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        for c in classes
+    ]
+    warped = classes[np.argmax(np.stack(channels), axis=0)].astype(mask.dtype)
+    drawn = {
+        "rotate_deg": round(float(angle), 3),
+        "scale": round(float(zoom), 4),
+        "shift_px": [round(float(v), 3) for v in shift],
+        "elastic_max_px": round(float(np.abs(np.stack([field_x, field_y])).max()), 3),
+    }
+    return warped, drawn
+
+
+def keeps_classes(source: np.ndarray, warped: np.ndarray) -> bool:
+    """Whether `warped` holds every class of `source`, each with at least MIN_KEPT_AREA of its pixels."""
+    ids, counts = np.unique(source, return_counts=True)
+    after = dict(zip(*np.unique(warped, return_counts=True), strict=True))
+    return all(after.get(c, 0) >= MIN_KEPT_AREA * n for c, n in zip(ids, counts, strict=True))
+
+
+def deform_keeping_classes(
+    mask: np.ndarray, level: str, rng: np.random.Generator, tries: int = 10
+) -> tuple[np.ndarray, dict]:
+    """`deform` at `level` ("none", "mild", "strong") until the result `keeps_classes` of `mask`.
+
+    After `tries` failed draws the next milder level is tried, down to "none" (the mask unchanged). Returns
+    the mask and a JSON-ready record: the level asked and used, the draws it took and the parameters.
+    """
+    if level not in DEFORM_LEVELS:
+        raise MaskError(f"deformation {level!r}, expected one of {DEFORM_LEVELS}")
+    for used in reversed(DEFORM_LEVELS[1 : DEFORM_LEVELS.index(level) + 1]):
+        for attempt in range(1, tries + 1):
+            warped, drawn = deform(mask, DEFORMATIONS[used], rng)
+            if keeps_classes(mask, warped):
+                return warped, {"asked": level, "used": used, "draws": attempt, **drawn}
+    return np.array(mask, copy=True), {"asked": level, "used": "none"}
+
+
+def deformation_bounds() -> dict[str, dict]:
+    """Each level's bounds, as a manifest records them."""
+    return {name: asdict(d) for name, d in DEFORMATIONS.items()}

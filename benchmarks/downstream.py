@@ -1,0 +1,240 @@
+"""Do synthetic pairs train segmenters? The project's segmenter trained on real pairs, real + synthetic pairs
+and synthetic pairs alone, scored by Dice on real patients.
+
+    python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
+        [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
+        [--segmenter_steps 2000]
+    python benchmarks/downstream.py --data ../shared/data/psfhs-128 \\
+        --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR]
+
+The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
+those N alone (the bundled PSFHS model's flags: `small` preset, `fast` recipe, mask ablation, batch 16, bf16
+where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on mildly deformed copies
+of the N masks (`python -m segdiff.dataset synthesize`). The project's segmenter (`segdiff.quality
+train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the best Dice on the real val split kept) is
+trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, and
+scored by mean Dice on the real test split (pubic symphysis, fetal head). Printed: mean +- standard deviation
+over the seeds, and the gain of (b) over (a).
+
+--train-on-synthetic MODEL: the segmenter trained only on M pairs that MODEL draws on mildly deformed real
+train masks, against the same segmenter trained on every real train pair (or --real_segmenter, one trained
+with these settings, such as the bundled model's), both scored on the real test split; the ratio is printed.
+
+Everything lands under --work; a rerun reuses the finished generators, pairs and segmenters (a cut training
+of a generator resumes from its checkpoints). Run it with OMP_NUM_THREADS set on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from segdiff.data import SPLITS, SegDataset, find_cases
+from segdiff.dataset import Settings, synthesize
+from segdiff.models import CARD_FILE
+from segdiff.pipeline import cpu_has_fast_bf16
+from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+MIN_RATIO, MIN_GAIN = 0.95, 0.02  # the targets of issue 20
+CONDITIONS = ("a: real", "b: real + synthetic", "c: synthetic")
+
+
+def link_folder(folder: Path, data: Path, pairs: list[tuple[Path, Path]]) -> Path:
+    """A data set in the original layout: `pairs` (image, mask) linked as its train split, the real val and
+    test splits of `data` linked whole. Built once, under a temporary name; -> the folder."""
+    if folder.is_dir():
+        return folder
+    staging = folder.with_name(f".{folder.name}.partial")
+    for kind, sub in (("img", Path()), ("mask", Path("all"))):
+        train = staging / kind / sub / "train"
+        train.mkdir(parents=True, exist_ok=True)
+        for pair in pairs:
+            link = train / pair[0 if kind == "img" else 1].name
+            if not link.is_symlink():
+                link.symlink_to(pair[0 if kind == "img" else 1].resolve())
+        for split in SPLITS[1:]:
+            if not (staging / kind / sub / split).is_symlink():
+                (staging / kind / sub / split).symlink_to((data / kind / sub / split).resolve())
+    staging.rename(folder)
+    return folder
+
+
+def real_pairs(data: Path, n: int, seed: int) -> list[tuple[Path, Path]]:
+    """N real train pairs drawn by `seed` (all of them when N is the split's size)."""
+    cases = find_cases(data / "img", data / "mask", "train")
+    if n > len(cases):
+        sys.exit(f"--sizes {n}: the train split holds {len(cases)} pairs")
+    pick = np.random.default_rng(seed).choice(len(cases), n, replace=False) if n < len(cases) else range(n)
+    return [(cases[i].image, cases[i].masks[0]) for i in sorted(pick)]
+
+
+def synthetic_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [(folder / p["image"], folder / p["mask"]) for p in manifest["pairs"]]
+
+
+def train_generator(args, data: Path, out: Path, seed: int) -> Path:
+    """A model trained by train_cli.py on `data`'s train split, the bundled model's flags. -> its folder."""
+    card = out / CARD_FILE
+    if card.is_file() and json.loads(card.read_text()).get("training", {}).get("finished"):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, str(ROOT / "train_cli.py"), "--mode", "train", "--dataset", "downstream",
+        "--img_size", str(args.img_size), "--img_dir", str(data / "img"), "--seg_dir", str(data / "mask"),
+        "--segmentation_guided", "--num_segmentation_classes", str(args.num_classes),
+        "--use_ablated_segmentations", "--preset", "small", "--recipe", "fast", "--train_batch_size", "16",
+        "--max_train_steps", str(args.generator_steps), "--checkpointing_steps", "250",
+        "--save_image_epochs", "100000", "--save_model_epochs", "100000", "--sampler", "dpm++",
+        "--mixed_precision", args.generator_precision,
+        "--seed", str(seed), "--output_dir", str(out), "--resume",
+    ]  # fmt: skip
+    print(f"training the generator {out.name} ({args.generator_steps} steps)", flush=True)
+    with open(out / "train.out", "a") as log:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+            sys.exit(f"training {out.name} failed: see {out / 'train.out'}")
+    return out
+
+
+def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Path:
+    settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed)
+    result = synthesize(settings, out)
+    if result["drawn"]:
+        rate = result["drawn"] / result["seconds"]
+        print(
+            f"drew {result['drawn']} pairs into {out.name}: {rate:.2f} pairs/s, {result['threads']} thread(s)"
+        )
+    return out
+
+
+def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
+    """The project's segmenter trained on `data` (kept at `out`, reused when there)."""
+    if not (out / "segmenter.json").is_file():
+        print(f"training the segmenter {out.name}", flush=True)
+        train_segmenter(data / "img", data / "mask", args.num_classes, args.img_size, 1, out,
+                        steps=args.segmenter_steps, seed=seed)  # fmt: skip
+    return Segmenter.from_pretrained(out)
+
+
+def test_dice(segmenter: Segmenter, test: SegDataset) -> dict:
+    """Per-class and mean Dice of `segmenter` on the real test split."""
+    images = torch.stack([test[i]["image"] for i in range(len(test))]) / 2 + 0.5  # (N, C, H, W) in [0, 1]
+    pred, k = segmenter.predict(images), test.num_classes
+    per_class = {str(c): round_score(v) for c, v in dice(pred, test.masks, k).items()}
+    return {"dice": per_class, "mean_dice": round_score(mean_dice(pred, test.masks, k))}
+
+
+def train_on_synthetic(args, test: SegDataset) -> None:
+    work, data = Path(args.work), Path(args.data)
+    model = args.train_on_synthetic
+    name = f"synthetic-{Path(model).name}-{args.synthetic}"
+    pairs = draw_pairs(args, model, data / "mask" / "all" / "train", work / "pairs" / name, seed=0)
+    synthetic = segment(args, link_folder(work / "data" / name, data, synthetic_pairs(pairs)),
+                        work / "segmenters" / name, seed=0)  # fmt: skip
+    if args.real_segmenter:
+        real = Segmenter.from_pretrained(args.real_segmenter)
+    else:
+        everything = real_pairs(data, len(find_cases(data / "img", data / "mask", "train")), 0)
+        real = segment(args, link_folder(work / "data" / "real-all", data, everything),
+                       work / "segmenters" / "real-all", seed=0)  # fmt: skip
+    scores = {"synthetic": test_dice(synthetic, test), "real": test_dice(real, test)}
+    ratio = scores["synthetic"]["mean_dice"] / scores["real"]["mean_dice"]
+    for what, score in scores.items():
+        print(f"segmenter on {what} pairs: test Dice {score['dice']}, mean {score['mean_dice']:.4f}")
+    print(f"train on synthetic, test on real: {ratio:.3f}x the Dice of real training "
+          f"[{'ok' if ratio >= MIN_RATIO else 'MISSED'}: target >= {MIN_RATIO}x]")  # fmt: skip
+    (work / f"{name}.json").write_text(json.dumps({**scores, "ratio": ratio}, indent=2) + "\n")
+
+
+def table(args, test: SegDataset) -> None:
+    work, data = Path(args.work), Path(args.data)
+    scores: dict[int, dict[str, list[float]]] = {}
+    for n in args.sizes:
+        for seed in args.seeds:
+            key = f"N{n}-seed{seed}"
+            real = link_folder(work / "data" / f"{key}-real", data, real_pairs(data, n, seed))
+            generator = train_generator(
+                args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
+            )
+            pairs = draw_pairs(args, generator, real / "mask" / "all" / "train",
+                               work / "pairs" / f"{generator.name}-syn{args.synthetic}", seed)  # fmt: skip
+            synthetic = synthetic_pairs(pairs)
+            folders = {
+                CONDITIONS[0]: real,
+                CONDITIONS[1]: link_folder(
+                    work / "data" / f"{pairs.name}-real+syn", data, real_pairs(data, n, seed) + synthetic
+                ),
+                CONDITIONS[2]: link_folder(work / "data" / f"{pairs.name}-syn", data, synthetic),
+            }
+            for condition, folder in folders.items():
+                out = work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
+                score = test_dice(segment(args, folder, out, seed), test)
+                scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
+                print(f"N={n} seed {seed} {condition}: test mean Dice {score['mean_dice']:.4f}", flush=True)
+    (work / "table.json").write_text(json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n")
+    print(report(scores, args.synthetic))
+
+
+def report(scores: dict[int, dict[str, list[float]]], m: int) -> str:
+    """Mean +- standard deviation over the seeds per N and condition, and the gain of (b) over (a)."""
+
+    def cell(values: list[float]) -> str:
+        spread = np.std(values, ddof=1) if len(values) > 1 else math.nan
+        return f"{np.mean(values):.4f} +- {spread:.4f} ({len(values)})"
+
+    lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs"]
+    lines.append(" | ".join(["N".rjust(5), *(c.ljust(24) for c in CONDITIONS), "b - a"]))
+    for n, by_condition in scores.items():
+        gain = np.array(by_condition[CONDITIONS[1]]) - np.array(by_condition[CONDITIONS[0]])
+        lines.append(" | ".join([str(n).rjust(5), *(cell(by_condition[c]).ljust(24) for c in CONDITIONS),
+                                 cell(list(gain))]))  # fmt: skip
+    if 50 in scores:
+        gain = np.array(scores[50][CONDITIONS[1]]) - np.array(scores[50][CONDITIONS[0]])
+        spread = np.std(gain, ddof=1) if len(gain) > 1 else math.nan
+        met = gain.mean() >= MIN_GAIN and gain.mean() > spread
+        verdict = f"[{'ok' if met else 'MISSED'}: target >= {MIN_GAIN}, beyond the seed spread]"
+        lines.append(f"N=50: real + synthetic - real = {gain.mean():+.4f} (sd {spread:.4f}) {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="real data in the original layout (img/, mask/all/)")
+    parser.add_argument("--work", default="runs/downstream", help="where models, pairs and segmenters go")
+    parser.add_argument("--num_classes", type=int, default=3)
+    parser.add_argument("--img_size", type=int, default=64)
+    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[50, 200, 1086])
+    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
+    parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
+    parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
+    parser.add_argument(
+        "--generator_precision",
+        choices=["no", "bf16"],
+        default="bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "no",
+        help="bf16 as the bundled model, where it is fast (GPUs, CPUs with native bf16); else no (fp32)",
+    )
+    parser.add_argument("--segmenter_steps", type=int, default=2000, help="as the bundled model's segmenter")
+    parser.add_argument("--train-on-synthetic", metavar="MODEL", help="measure only the ratio, with MODEL")
+    parser.add_argument("--real_segmenter", help="a segmenter trained on every real train pair, to reuse")
+    args = parser.parse_args(argv)
+    test = SegDataset(
+        Path(args.data) / "img", Path(args.data) / "mask", "test", args.img_size, 1, args.num_classes
+    )
+    if args.train_on_synthetic:
+        train_on_synthetic(args, test)
+    else:
+        table(args, test)
+
+
+if __name__ == "__main__":
+    main()

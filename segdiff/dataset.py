@@ -1,0 +1,261 @@
+"""Synthetic paired data: new masks bent from real ones, and an image drawn by a model for each.
+
+Drawing images for the masks one already has adds no anatomy; bending those masks (`segdiff.masks.deform`)
+does. The pairs land in a layout segmentation tools read:
+
+    original  OUT/img/train/syn_<i>.png, OUT/mask/all/train/syn_<i>.png, OUT/classes.json
+    nnunet    OUT/imagesTr/syn_<i>_0000.png, OUT/labelsTr/syn_<i>.png, OUT/dataset.json (nnU-Net v2 raw)
+
+and OUT/manifest.json records the model, its card's data credit, the settings, and each pair's source mask
+and deformation. Pair i depends only on (seed, i): its source mask, its deformation and its noise. Images are
+drawn in fixed batches and every file is written under a temporary name and renamed, so a killed run, rerun
+with the same arguments, writes the files an uninterrupted one would.
+
+    python -m segdiff.dataset synthesize MODEL OUT --masks MASK_DIR [--n N] [--deform none|mild|strong]
+        [--layout original|nnunet] [--seed S] [--batch_size B] [--steps STEPS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import read_mask
+from .errors import ConfigError, DataLayoutError, SegdiffError
+from .evaluation import noise_generator, write_json, write_png, write_sample
+from .masks import DEFORM_LEVELS, deform_keeping_classes, deformation_bounds
+from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline
+
+LAYOUTS = ("original", "nnunet")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run draws; a rerun continues a folder only when every one of these is the same."""
+
+    model: str
+    masks: str
+    n: int | None = None  # None: one pair per mask
+    deform: str = "mild"
+    layout: str = "original"
+    seed: int = 0
+    batch_size: int = 16
+    steps: int = DEFAULT_STEPS
+    scheduler: str = DEFAULT_SCHEDULER
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise ConfigError(f"--n {self.n}: expected a number of pairs >= 1")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ConfigError(f"--batch_size {self.batch_size}, --steps {self.steps}: expected both >= 1")
+        if self.deform not in DEFORM_LEVELS:
+            raise ConfigError(f"--deform {self.deform}: expected one of {', '.join(DEFORM_LEVELS)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout {self.layout}: expected one of {', '.join(LAYOUTS)}")
+
+
+def pair_name(index: int, n: int) -> str:
+    """`syn_00042`: zero-padded to at least 5 digits, so names sort in drawing order."""
+    return f"syn_{index:0{max(5, len(str(n - 1)))}d}"
+
+
+def pair_paths(out: Path, layout: str, name: str, suffix: str = ".png") -> tuple[Path, Path]:
+    """(image path, mask path) of pair `name` in `layout`."""
+    if layout == "nnunet":
+        return out / "imagesTr" / f"{name}_0000{suffix}", out / "labelsTr" / f"{name}.png"
+    return out / "img" / "train" / f"{name}{suffix}", out / "mask" / "all" / "train" / f"{name}.png"
+
+
+def read_masks(mask_dir: str | os.PathLike, pipe: SegDiffPipeline) -> tuple[list[str], np.ndarray]:
+    """Every mask file of `mask_dir` -> (file names, (N, H, W) uint8 class ids at the model's size).
+
+    Masks of another size are resized by nearest neighbour; ids the model does not know are refused.
+    """
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder}: no such mask folder (expected a folder of mask PNGs)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataLayoutError(f"{folder}: no mask files inside (expected mask PNGs of class ids)")
+    card = pipe.card
+    masks = [read_mask(f, card.num_classes, card.palette, size=card.img_size) for f in files]
+    return [f.name for f in files], np.stack(masks).astype(np.uint8)
+
+
+def plan(names: list[str], masks: np.ndarray, n: int, settings: Settings) -> tuple[list[dict], np.ndarray]:
+    """Each of `n` pairs' source mask and deformation -> (JSON-ready records, (n, H, W) uint8 new masks).
+
+    Sources run through the masks in an order shuffled by the seed, so the first N of a larger run are the
+    pairs of a smaller one; pair i's deformation draws from its own generator for (seed, i).
+    """
+    order = np.random.default_rng(settings.seed).permutation(len(names))
+    records, new_masks = [], []
+    for i in range(n):
+        source = int(order[i % len(names)])
+        mask, record = deform_keeping_classes(
+            masks[source], settings.deform, np.random.default_rng([settings.seed, i])
+        )
+        records.append({"name": pair_name(i, n), "source": names[source], "deformation": record})
+        new_masks.append(mask)
+    return records, np.stack(new_masks)
+
+
+def _check_folder(out: Path, manifest: dict) -> None:
+    """Refuse a folder holding another run (or files of something else); one of this run is continued."""
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
+        changed = [
+            f"{k} {before.get(k)!r} -> {v!r}" for k, v in manifest["settings"].items() if before.get(k) != v
+        ]
+        if changed:
+            raise DataLayoutError(
+                f"{out}: holds a run with other settings ({'; '.join(changed)}); "
+                "rerun with the same arguments to continue it, or choose a new folder"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataLayoutError(f"{out}: holds files but no {MANIFEST}; expected a new or empty folder")
+
+
+def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest: dict, n: int) -> None:
+    """The layout's own description: classes.json (original) or nnU-Net's dataset.json."""
+    card = pipe.card
+    if settings.layout == "original":
+        info = {"source": "segdiff.dataset", "class_names": card.class_names, "num_classes": card.num_classes}
+        write_json(info, out / "classes.json")
+        return
+    channels = {"0": "image"} if card.img_channels == 1 else {"0": "R", "1": "G", "2": "B"}
+    info = {
+        "channel_names": channels,
+        "labels": {name: i for i, name in enumerate(card.class_names)},
+        "numTraining": n,
+        "file_ending": ".png",
+        "name": f"synthetic pairs from {Path(settings.model).name}",
+        "reference": manifest["data_credit"].get("citation", ""),
+        "licence": manifest["data_credit"].get("license", ""),
+    }
+    write_json(info, out / "dataset.json")
+
+
+def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
+    """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
+    the same settings.
+
+    Returns {"folder", "drawn" (pairs drawn now), "skipped" (pairs already there), "seconds" (drawing time),
+    "device", "threads"}.
+    """
+    out = Path(out)
+    pipe = SegDiffPipeline.from_pretrained(settings.model)
+    pipe.set_progress_bar_config(disable=True)
+    card = pipe.card
+    if not card.guided:
+        raise ConfigError(f"{settings.model}: an unconditional model; expected a segmentation-guided one")
+    if settings.layout == "nnunet" and card.img_channels not in (1, 3):
+        raise ConfigError(f"--layout nnunet: {card.img_channels}-channel images cannot be PNGs; use original")
+    names, masks = read_masks(settings.masks, pipe)
+    n = settings.n or len(names)
+    records, new_masks = plan(names, masks, n, settings)
+    suffix = ".png" if card.img_channels in (1, 3) else ".npy"
+    for record in records:
+        image, mask = pair_paths(out, settings.layout, record["name"], suffix)
+        record["image"], record["mask"] = str(image.relative_to(out)), str(mask.relative_to(out))
+    manifest = {
+        "tool": "python -m segdiff.dataset synthesize",
+        "model": settings.model,
+        "data_credit": card.dataset or {"note": "the model card names no data set"},
+        "class_names": card.class_names,
+        "settings": asdict(settings),
+        "deformation_bounds": deformation_bounds(),
+        "complete": False,
+        "pairs": records,
+    }
+    _check_folder(out, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
+        stale.unlink()
+    write_json(manifest, out / MANIFEST)
+
+    batches = [range(s, min(s + settings.batch_size, n)) for s in range(0, n, settings.batch_size)]
+    todo = [
+        b for b in batches if not all((out / records[i][k]).is_file() for i in b for k in ("image", "mask"))
+    ]
+    drawn = sum(len(b) for b in todo)
+    bar = tqdm(total=drawn, desc="synthesize", unit="pair", disable=not progress)
+    started = time.perf_counter()
+    for batch in todo:
+        images = pipe(
+            new_masks[batch.start : batch.stop],
+            num_inference_steps=settings.steps,
+            scheduler=settings.scheduler,
+            generator=[noise_generator(settings.seed, i) for i in batch],
+            output_type="np",
+        ).images  # (B, H, W, C) float in [0, 1]
+        for i, image in zip(batch, images, strict=True):
+            write_sample(image, out / records[i]["image"])
+            write_png(new_masks[i], out / records[i]["mask"])
+        bar.update(len(batch))
+    seconds = time.perf_counter() - started
+    bar.close()
+    _layout_files(out, pipe, settings, manifest, n)
+    write_json({**manifest, "complete": True}, out / MANIFEST)
+    return {
+        "folder": str(out),
+        "drawn": drawn,
+        "skipped": n - drawn,
+        "seconds": seconds,
+        "device": pipe.device.type,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m segdiff.dataset", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synthesize", help="new image-mask pairs from a model and deformed masks")
+    synth.add_argument("model", help="a segmentation-guided model folder")
+    synth.add_argument(
+        "out", help="the folder to write (new, empty, or an earlier run of the same arguments)"
+    )
+    synth.add_argument("--masks", required=True, help="a folder of mask PNGs, e.g. DATA/mask/all/train")
+    synth.add_argument("--n", type=int, help="pairs to write (default: one per mask)")
+    synth.add_argument("--deform", default="mild", help=f"one of {', '.join(DEFORM_LEVELS)} (default: mild)")
+    synth.add_argument(
+        "--layout", default="original", help=f"one of {', '.join(LAYOUTS)} (default: original)"
+    )
+    synth.add_argument("--seed", type=int, default=0, help="pair i depends only on (seed, i) (default: 0)")
+    synth.add_argument("--batch_size", type=int, default=16, help="images drawn at once (default: 16)")
+    synth.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings(
+            model=str(args.model), masks=str(args.masks), n=args.n, deform=args.deform, layout=args.layout,
+            seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+        )  # fmt: skip
+        result = synthesize(settings, args.out, progress=True)
+    except SegdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rate = result["drawn"] / result["seconds"] if result["drawn"] else float("nan")
+    print(
+        f"wrote {result['drawn']} pairs to {result['folder']} ({result['skipped']} already there) in "
+        f"{result['seconds']:.1f} s: {rate:.2f} pairs/s on {result['device']}, {result['threads']} thread(s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

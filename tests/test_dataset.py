@@ -1,0 +1,187 @@
+"""segdiff.dataset: new image-mask pairs from deformed masks, on the tiny 32 px model and masks drawn here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import PIL.Image
+import pytest
+
+from segdiff.data import SegDataset, data_info, read_image, read_mask
+from segdiff.dataset import main
+from segdiff.masks import DEFORMATIONS, deform_keeping_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pieces(mask: np.ndarray, class_id: int) -> int:
+    """Connected regions of one class."""
+    return cv2.connectedComponents((mask == class_id).astype(np.uint8), connectivity=8)[0] - 1
+
+
+@pytest.mark.parametrize("level", list(DEFORMATIONS))
+def test_deformed_masks_keep_their_classes_and_size_and_are_new(mask, level):
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        warped, record = deform_keeping_classes(mask, level, rng)
+        assert warped.shape == mask.shape and warped.dtype == mask.dtype
+        assert record["used"] == level and record["draws"] >= 1
+        assert set(np.unique(warped)) == set(np.unique(mask))
+        assert (warped != mask).mean() > 0.01  # a new anatomy, not the source again
+        for c in (1, 2, 3):  # each class stays one piece: nothing tears off
+            assert pieces(warped, c) == pieces(mask, c) == 1
+
+
+def test_strong_moves_masks_further_than_mild(mask):
+    moved = {
+        level: np.mean(
+            [
+                (deform_keeping_classes(mask, level, np.random.default_rng(s))[0] != mask).mean()
+                for s in range(10)
+            ]
+        )
+        for level in DEFORMATIONS
+    }
+    assert moved["strong"] > moved["mild"] > 0
+
+
+def write_masks(folder: Path, count: int = 3, size: int = 48) -> Path:
+    """`count` masks of 3 classes at 48 px (the 32 px model resizes them): a head and a symphysis."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        mask = np.zeros((size, size), np.uint8)
+        cv2.circle(mask, (24 + 2 * i, 28), 12 + i, 2, -1)
+        cv2.ellipse(mask, (14, 10), (7, 3), 20 * i, 0, 360, 1, -1)
+        PIL.Image.fromarray(mask).save(folder / f"case_{i}.png")
+    return folder
+
+
+def run(model, out, masks, *flags) -> None:
+    main(["synthesize", str(model), str(out), "--masks", str(masks), "--steps", "2", *flags])
+
+
+@pytest.mark.parametrize("layout", ["original", "nnunet"])
+def test_both_layouts_are_complete_and_reopen_with_the_data_reader(small_model_dir, tmp_path, capsys, layout):
+    masks = write_masks(tmp_path / "masks")
+    out = tmp_path / "out"
+    run(small_model_dir, out, masks, "--n", "5", "--batch_size", "2", "--layout", layout)
+    assert "wrote 5 pairs" in capsys.readouterr().out
+    names = [f"syn_{i:05d}" for i in range(5)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["layout"] == layout
+    assert [p["name"] for p in manifest["pairs"]] == names
+    assert {p["source"] for p in manifest["pairs"]} <= {f"case_{i}.png" for i in range(3)}
+    assert all(p["deformation"]["used"] == "mild" for p in manifest["pairs"])
+    assert "data_credit" in manifest
+    if layout == "original":
+        data = SegDataset(out / "img", out / "mask", "train", 32, 1, 3)
+        assert [c.name for c in data.cases] == [f"{n}.png" for n in names]
+        assert data_info(out / "img", out / "mask", 3)["class_names"] == [
+            "background",
+            "pubic symphysis",
+            "fetal head",
+        ]
+        masks_read = data.masks
+    else:
+        info = json.loads((out / "dataset.json").read_text())
+        assert (
+            info["numTraining"] == 5
+            and info["file_ending"] == ".png"
+            and info["channel_names"] == {"0": "image"}
+        )
+        assert info["labels"] == {"background": 0, "pubic symphysis": 1, "fetal head": 2}
+        assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{n}_0000.png" for n in names]
+        masks_read = np.stack([read_mask(out / "labelsTr" / f"{n}.png", 3) for n in names])
+        assert all(read_image(out / "imagesTr" / f"{n}_0000.png", 1, 32).shape == (1, 32, 32) for n in names)
+    assert masks_read.shape == (5, 32, 32)
+    assert all(set(np.unique(m)) == {0, 1, 2} for m in masks_read)
+
+
+def test_deform_none_reuses_the_masks_as_they_are(small_model_dir, tmp_path):
+    masks = write_masks(tmp_path / "masks", size=32)
+    out = tmp_path / "out"
+    run(small_model_dir, out, masks, "--deform", "none")  # --n defaults to one pair per mask
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["pairs"]) == 3
+    for pair in manifest["pairs"]:
+        assert np.array_equal(read_mask(out / pair["mask"], 3), read_mask(masks / pair["source"], 3))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def cli(model, out, masks, n: int) -> list[str]:
+    flags = ["--n", str(n), "--batch_size", "1", "--steps", "20"]
+    return [
+        sys.executable,
+        "-m",
+        "segdiff.dataset",
+        "synthesize",
+        str(model),
+        str(out),
+        "--masks",
+        str(masks),
+        *flags,
+    ]
+
+
+def test_a_killed_run_resumes_to_the_same_files(small_model_dir, tmp_path):
+    masks = write_masks(tmp_path / "masks")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    n, killed, whole = 40, tmp_path / "killed", tmp_path / "whole"
+    process = subprocess.Popen(
+        cli(small_model_dir, killed, masks, n), env=env, cwd=ROOT, stderr=subprocess.DEVNULL
+    )
+    while process.poll() is None and len(list(killed.glob("img/train/syn_*.png"))) < 3:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    drawn = list(killed.glob("img/train/syn_*.png"))
+    assert 3 <= len(drawn) < n, "the run was to be killed part way"
+    for path in drawn:  # what a killed run leaves is whole
+        PIL.Image.open(path).load()
+    for out in (killed, whole):
+        subprocess.run(
+            cli(small_model_dir, out, masks, n), env=env, cwd=ROOT, check=True, capture_output=True
+        )
+    assert files(killed) == files(whole) and len(files(whole)) == 2 * n
+    assert not list(killed.rglob(".*.tmp"))  # nothing half-written is left behind
+    assert json.loads((killed / "manifest.json").read_text()) == json.loads(
+        (whole / "manifest.json").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "flags", "message"),
+    [
+        ("empty", [], "no mask files inside"),
+        ("unknown id", [], "case_0.png: pixel value 7, expected class ids 0..2"),
+        ("fine", ["--n", "0"], "--n 0: expected a number of pairs >= 1"),
+        ("fine", ["--deform", "wild"], "--deform wild: expected one of none, mild, strong"),
+        ("other run", ["--n", "1", "--seed", "1"], "holds a run with other settings (seed 0 -> 1)"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(small_model_dir, tmp_path, capsys, what, flags, message):
+    masks = tmp_path / "masks"
+    if what == "empty":
+        masks.mkdir()
+    else:
+        write_masks(masks)
+    if what == "unknown id":
+        PIL.Image.fromarray(np.full((48, 48), 7, np.uint8)).save(masks / "case_0.png")
+    if what == "other run":
+        run(small_model_dir, tmp_path / "out", masks, "--n", "1")
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run(small_model_dir, tmp_path / "out", masks, *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
