@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 MODELS = HERE / "assets" / "models"  # the picker offers every folder in here
 EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's example masks
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
-DEFAULT_MODEL = "psfhs-ultrasound-64"
+DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
 SAMPLERS = [
     ("DPM++ 2M (fast)", "dpm++"),

@@ -134,7 +134,10 @@ def test_the_default_model_is_the_named_one_else_the_first_found(tmp_path, tiny_
     assert Models.discover(root, "b-model").default == "b-model"
     by_path = Models.discover(root, "b-model", model=small_model_dir)
     assert by_path.default == "tiny-small" and by_path.names == ["a-model", "b-model", "tiny-small"]
-    assert app.DEFAULT_MODEL == "psfhs-ultrasound-64"
+    # The studio opens on the bundled 256 px cascade; the 64 px models stay in the picker.
+    assert app.DEFAULT_MODEL == "psfhs-ultrasound-256" and (app.MODELS / app.DEFAULT_MODEL).is_dir()
+    bundled = Models.discover(app.MODELS, app.DEFAULT_MODEL)
+    assert {"psfhs-ultrasound-256", "psfhs-ultrasound-64", "phantom-breast-64"} <= set(bundled.names)
 
 
 def test_wrong_size_mask_is_resized_with_a_notice(client, tmp_path, mask):

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_CLASS_NAMES, save_tiny_model
+from PIL import Image
 from safetensors.torch import load_file
 from test_training import config, steps_logged, write_data
 
+import train_cli
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
 from segdiff.training import train
 
@@ -157,3 +159,16 @@ def test_training_refuses_a_base_of_other_classes_or_size(tmp_path, data, cascad
     # Upscalers default to the attention-free preset, trained on crops of half the image.
     defaults = config(tmp_path / "e", data, img_size=64, upscale_from=str(base_dir), preset=None)
     assert (defaults.preset, defaults.crop_size) == ("upscaler", 32)
+
+
+def test_eval_many_draws_at_the_upscalers_size(cascade, data, tmp_path):
+    img_dir, seg_dir = data
+    code = train_cli.main([
+        "--mode", "eval_many", "--model_dir", str(cascade[1]), "--img_dir", str(img_dir), "--seg_dir",
+        str(seg_dir), "--segmentation_guided", "--num_segmentation_classes", "3", "--img_size", "64",
+        "--sampler", "ddim", "--num_inference_steps", "2", "--eval_batch_size", "2", "--eval_sample_size", "2",
+        "--output_dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert code == 0
+    files = sorted((tmp_path / "run" / "samples_many_2").iterdir())
+    assert len(files) == 2 and all(Image.open(f).size == (64, 64) for f in files)
