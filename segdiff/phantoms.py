@@ -21,7 +21,6 @@ A case is drawn in two stages, as a scanner would see it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-SPLITS = ("train", "val", "test")
+from .choices import SPLITS
+from .files import write_json, write_png
+
 MIN_SIZE, MAX_SIZE = 16, 1024
 _MAX_TRIES = 50  # redraws before giving up on a case that keeps losing a class (rare below 24 px)
 
@@ -281,12 +281,6 @@ def make_case(family: str, size: int, rng: np.random.Generator) -> tuple[np.ndar
     return _checked(family, size).make(size, rng)
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: int = 64, n_train: int = 800,
                   n_val: int = 64, n_test: int = 64, seed: int = 0, progress: bool = False) -> Path:
     """Write a phantom data set in the original layout and return its folder.
@@ -317,15 +311,13 @@ def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: i
         for _ in range(count):
             image, mask = spec.make(size, np.random.default_rng(seeds[index]))
             name = f"case_{index:05d}.png"
-            _save_png(image, img_dir / name)
-            _save_png(mask, mask_dir / name)
+            write_png(image, img_dir / name)  # readers never see a half-written file
+            write_png(mask, mask_dir / name)
             index += 1
             bar.update()
     bar.close()
     info = {"family": family, "class_names": list(spec.class_names), "num_classes": spec.num_classes}
-    tmp = out / f".classes.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "classes.json")
+    write_json(out / "classes.json", info)
     return out
 
 

@@ -30,7 +30,9 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from .choices import DEFAULT_STEPS
 from .errors import CheckpointError, MaskError
+from .files import clean_interrupted_saves, swap_in
 from .hub import model_folder
 from .masks import check_mask, encode, omit_classes
 from .models import CARD_FILE, ModelCard, denoise, low_res_condition, shrink, shrink_masks
@@ -70,10 +72,6 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 DEFAULT_SCHEDULER = "dpm++"
 # Which of (eta, generator) each sampler's `step` takes, read once rather than at every call.
 _STEP_ARGUMENTS = {name: set(inspect.signature(cls.step).parameters) for name, (cls, _) in SCHEDULERS.items()}
-# Chosen by benchmarks/quality.py. The demo model scores the same from 8 to 20 DPM-Solver++ steps (mean Dice
-# 0.995-0.996, Frechet distance 0.063-0.068), above DDIM 50 (0.984, 0.079); an earlier, less trained one
-# matched 20 steps at 12 (0.934 vs 0.931) but lost Dice and realism at 10. Less trained models need more.
-DEFAULT_STEPS = 12
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -546,29 +544,3 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
 
-
-def clean_interrupted_saves(folder: str | os.PathLike) -> None:
-    """Undo what a save killed midway left in `folder`: `.saving-*` staging folders go, and a `.old-<name>`
-    that `swap_in` moved aside comes back where its replacement never arrived. One save at a time per folder.
-    """
-    folder = Path(folder)
-    for staging in folder.glob(".saving-*"):
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in folder.glob(".old-*"):
-        current = folder / old.name.removeprefix(".old-")
-        if current.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, current)
-
-
-def swap_in(new: Path, target: Path) -> None:
-    """Replace `target` with `new`: files by one rename, folders by two renames around the old one."""
-    if new.is_file() or not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

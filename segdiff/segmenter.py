@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from .data import SegDataset
 from .errors import CheckpointError, ImageError, MaskError
+from .files import swap_in
 from .masks import check_mask
-from .pipeline import default_device, swap_in
+from .pipeline import default_device
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
 

@@ -37,10 +37,11 @@ from .errors import (
     SegdiffError,
     check_integer,
 )
+from .files import write_png
 from .masks import omit_classes, overlay
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
 from .quality import faithfulness
-from .runs import Run, new_run_folder, png_bytes, write_run
+from .runs import Run, new_run_folder, write_run
 from .segmenter import Segmenter
 
 # Caps on what one request may ask of a shared server.
@@ -203,7 +204,7 @@ class Studio:
         folder = self.results / "previews"
         folder.mkdir(exist_ok=True)
         path = folder / f"{stem}.png"
-        path.write_bytes(png_bytes(self.palette.to_rgb(mask)))
+        write_png(self.palette.to_rgb(mask), path)
         return str(path)
 
     def mask_from_canvas(self, image: np.ndarray | None, layers: Sequence[np.ndarray] = ()) -> np.ndarray:
