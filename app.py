@@ -72,14 +72,23 @@ def refusal(message: str, action: str) -> gr.Error:
 
 
 def user_errors(fn):
-    """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on."""
+    """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on.
+
+    Anything else is a fault of ours: its traceback goes to the server log, the page says so in one line.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (SegdiffError, ValueError) as e:
+        except SegdiffError as e:
             raise refusal(str(e), fn.__name__) from e
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.exception("segdiff studio: internal error in %s", fn.__name__)
+            raise gr.Error(f"internal error ({type(e).__name__}); the server log has the details",
+                           print_exception=False) from e
 
     return wrapper
 

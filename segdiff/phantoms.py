@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .choices import SPLITS
+from .errors import ArgumentError
 from .files import write_json, write_png
 
 MIN_SIZE, MAX_SIZE = 16, 1024
@@ -270,9 +271,9 @@ FAMILIES: dict[str, Family] = {
 
 def _checked(family: str, size: int) -> Family:
     if family not in FAMILIES:
-        raise ValueError(f"unknown phantom family {family!r}, expected one of {sorted(FAMILIES)}")
+        raise ArgumentError(f"unknown phantom family {family!r}, expected one of {sorted(FAMILIES)}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"phantom size {size}, expected {MIN_SIZE}..{MAX_SIZE} px")
+        raise ArgumentError(f"phantom size {size}, expected {MIN_SIZE}..{MAX_SIZE} px")
     return FAMILIES[family]
 
 
@@ -293,7 +294,7 @@ def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: i
     counts = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
     bad = {split: n for split, n in counts.items() if n < 0}
     if bad:
-        raise ValueError(f"case counts {bad}, expected >= 0")
+        raise ArgumentError(f"case counts {bad}, expected >= 0")
     out = Path(out_dir)
     folders = {split: (out / "img" / split, out / "mask" / "all" / split) for split in SPLITS}
     for folder in (f for pair in folders.values() for f in pair):

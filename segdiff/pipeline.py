@@ -31,7 +31,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .choices import DEFAULT_STEPS
-from .errors import CheckpointError, MaskError
+from .errors import ArgumentError, CheckpointError, MaskError
 from .files import clean_interrupted_saves, swap_in
 from .hub import model_folder
 from .masks import check_mask, encode, omit_classes
@@ -169,15 +169,26 @@ class SegDiffPipeline(DiffusionPipeline):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
-        **_ignored,
+        torch_dtype: torch.dtype | None = None,
+        **unknown,
     ) -> SegDiffPipeline:
         """Open a segdiff model folder, an original run folder, or a bare `unet/` folder, or any of them
         on the Hugging Face Hub by id `org/name` (at `revision`, through the Hub cache; `segdiff.hub`).
 
         `num_classes` (K, background included) is needed only where the folder cannot say: models trained
         by the original code. The model lands on `device` (CUDA when present) with `precision` and
-        channels-last memory set as `set_speed` does.
+        channels-last memory set as `set_speed` does. diffusers' `torch_dtype=` is read as that precision
+        (torch.float32 "fp32", torch.bfloat16 "bf16", torch.float16 "fp16"): weights stay fp32, sampling
+        autocasts. Other keyword arguments are refused rather than ignored.
         """
+        if unknown:
+            raise ArgumentError(
+                f"from_pretrained(): unknown keyword argument(s) {', '.join(sorted(unknown))}; it takes "
+                "num_classes, device, precision, channels_last, revision, cache_dir, token, local_files_only "
+                "and torch_dtype (read as precision)"
+            )
+        if torch_dtype is not None:
+            precision = _precision_of(torch_dtype, precision)
         hub = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         folder = model_folder(path, revision, **hub)
         card, unet_dir, scheduler = _inspect_folder(folder, num_classes)
@@ -226,7 +237,7 @@ class SegDiffPipeline(DiffusionPipeline):
         64), where the UNet's GroupNorms pay for the layout.
         """
         if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
+            raise ArgumentError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
         if self.base is not None:
             self.base.set_speed(precision, channels_last, compile)
         self.precision = precision
@@ -257,7 +268,7 @@ class SegDiffPipeline(DiffusionPipeline):
     def make_scheduler(self, name: str = DEFAULT_SCHEDULER):
         """A fresh sampler of kind `name`, sharing the model's noise schedule."""
         if name not in SCHEDULERS:
-            raise ValueError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
+            raise ArgumentError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
         scheduler_cls, overrides = SCHEDULERS[name]
         # Take the stored values as they are, whether or not they were library defaults when saved, so a
         # model samples the same before and after a save.
@@ -338,13 +349,13 @@ class SegDiffPipeline(DiffusionPipeline):
         card = self.card
         for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
             if steps is not None and not (isinstance(steps, int) and steps >= 1):
-                raise ValueError(f"{name}={steps!r}, expected an integer >= 1")
+                raise ArgumentError(f"{name}={steps!r}, expected an integer >= 1")
         if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
+            raise ArgumentError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}, expected a value in (0, 1]")
+            raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
+            raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
         if card.guided:
             if masks is None:
                 raise MaskError("this model is segmentation-guided: pass masks")
@@ -392,7 +403,7 @@ class SegDiffPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
+            raise ArgumentError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
         x = self._denoise(
             latents.to(device, torch.float32),
             cond,
@@ -411,7 +422,7 @@ class SegDiffPipeline(DiffusionPipeline):
             images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 if card.img_channels not in (1, 3):
-                    raise ValueError(
+                    raise ArgumentError(
                         f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'"
                     )
                 images = self.numpy_to_pil(images)
@@ -442,6 +453,16 @@ class SegDiffPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x
+
+
+def _precision_of(torch_dtype, precision: Precision) -> Precision:
+    """diffusers' `torch_dtype=` as a segdiff precision; refused where `precision` says otherwise."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if torch_dtype not in names:
+        raise ArgumentError(f"torch_dtype={torch_dtype!r}, expected torch.float32, torch.bfloat16 or torch.float16")
+    if precision not in ("auto", names[torch_dtype]):
+        raise ArgumentError(f"torch_dtype={torch_dtype!r} and precision={precision!r}: give one of them")
+    return names[torch_dtype]
 
 
 def check_stages(base: ModelCard, upscaler: ModelCard) -> None:
