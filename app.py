@@ -21,9 +21,9 @@ from gradio.context import LocalContext
 from gradio.exceptions import InvalidPathError
 
 from segdiff import ConfigError, SegdiffError
+from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from segdiff.errors import check_integer
 from segdiff.hub import is_hub_id
-from segdiff.pipeline import DEFAULT_STEPS
 from segdiff.registry import Models
 from segdiff.runs import Run
 from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Studio
@@ -44,12 +44,12 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-64"
 MAX_UPLOAD = "5mb"
-SAMPLERS = [
-    ("DPM++ 2M (fast)", "dpm++"),
-    ("UniPC (fast)", "unipc"),
-    ("DDIM (original)", "ddim"),
-    ("DDPM (stochastic, needs ~1000 steps)", "ddpm"),
-]
+SAMPLER_LABELS = {
+    "dpm++": "DPM++ 2M (fast)",
+    "unipc": "UniPC (fast)",
+    "ddim": "DDIM (original)",
+    "ddpm": "DDPM (stochastic, needs ~1000 steps)",
+}
 THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate")
 CSS = """
 #results img, #mask-examples img { image-rendering: pixelated; }
@@ -320,7 +320,8 @@ def build_demo(models: Models) -> gr.Blocks:
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 with gr.Row():
-                    sampler = gr.Dropdown(SAMPLERS, value="dpm++", label="Sampler")
+                    choices = [(SAMPLER_LABELS[s], s) for s in SAMPLERS]
+                    sampler = gr.Dropdown(choices, value=DEFAULT_SAMPLER, label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
                 with gr.Accordion("Start from a real image (anatomical similarity)", open=False):

@@ -22,18 +22,18 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm.auto import tqdm
 
+from .choices import PRECISIONS, SAMPLERS
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, check_range
 from .files import write_bytes, write_png
 from .hub import is_hub_id
 from .masks import ablate, omit_classes, tile
 from .models import ModelCard
-from .pipeline import DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+from .pipeline import DEFAULT_STEPS, SegDiffPipeline
 from .processes import processes
 
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
 ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def sampler_for(model_type: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
@@ -74,8 +74,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.model_type not in ORIGINAL_SAMPLERS:
             raise ConfigError(f"--model_type {self.model_type}: expected one of {sorted(ORIGINAL_SAMPLERS)}")
-        if self.sampler is not None and self.sampler not in SCHEDULERS:
-            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SCHEDULERS)}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SAMPLERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         check_range("--eval_batch_size", self.eval_batch_size, 1, 4096)

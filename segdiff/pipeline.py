@@ -30,7 +30,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .choices import DEFAULT_STEPS
+from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
 from .errors import ArgumentError, CheckpointError, MaskError
 from .files import clean_interrupted_saves, swap_in
 from .hub import model_folder
@@ -69,11 +69,11 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "dpm++": (_DPMSolverPlusPlus, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP}),
     "unipc": (_UniPC, _MULTISTEP),
 }
-DEFAULT_SCHEDULER = "dpm++"
+assert set(SCHEDULERS) == set(SAMPLERS)
+DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # its name where "scheduler" was the word
 # Which of (eta, generator) each sampler's `step` takes, read once rather than at every call.
 _STEP_ARGUMENTS = {name: set(inspect.signature(cls.step).parameters) for name, (cls, _) in SCHEDULERS.items()}
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def default_device() -> torch.device:
@@ -236,8 +236,9 @@ class SegDiffPipeline(DiffusionPipeline):
         faster with it on a 2-core CPU (demo model) but 22% slower on an H200 (paper preset, 256 px, batch
         64), where the UNet's GroupNorms pay for the layout.
         """
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ArgumentError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
+        if precision not in PRECISIONS:
+            expected = ", ".join(map(repr, PRECISIONS[:-1]))
+            raise ArgumentError(f"precision={precision!r}, expected {expected} or {PRECISIONS[-1]!r}")
         if self.base is not None:
             self.base.set_speed(precision, channels_last, compile)
         self.precision = precision
@@ -325,6 +326,7 @@ class SegDiffPipeline(DiffusionPipeline):
         callback: Callable[[int, int], None] | None = None,
         return_dict: bool = True,
         upscale_steps: int | None = None,
+        sampler: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
@@ -333,7 +335,7 @@ class SegDiffPipeline(DiffusionPipeline):
                 `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
             omit: class ids treated as unknown: set to background, so the model may invent them.
             num_inference_steps: denoising steps (>= 1); for a cascade, its base model's.
-            scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm".
+            scheduler: the sampler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm".
             eta: DDIM noise (0 = deterministic); ignored by other samplers.
             generator: torch generator(s) for the initial noise and stochastic samplers.
             latents: (B, C, H, W) initial noise, drawn from `generator` when None; for a cascade, its base
@@ -345,7 +347,9 @@ class SegDiffPipeline(DiffusionPipeline):
             strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
             callback: called as `callback(step, total)` after every step (of both stages of a cascade).
             upscale_steps: a cascade's upscaler steps; None for the number its card records.
+            sampler: the same choice as `scheduler`, by the word the CLIs and the studio use; wins when given.
         """
+        scheduler = sampler if sampler is not None else scheduler
         card = self.card
         for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
             if steps is not None and not (isinstance(steps, int) and steps >= 1):

@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from .data import read_image, read_mask
 from .errors import (
     CheckpointError,
@@ -39,7 +40,7 @@ from .errors import (
 )
 from .files import write_png
 from .masks import omit_classes, overlay
-from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+from .pipeline import SegDiffPipeline
 from .quality import faithfulness
 from .runs import Run, new_run_folder, write_run
 from .segmenter import Segmenter
@@ -64,7 +65,7 @@ class Settings:
 
     seed: int = 0
     steps: int = DEFAULT_STEPS
-    sampler: str = DEFAULT_SCHEDULER
+    sampler: str = DEFAULT_SAMPLER
     omit: tuple[int, ...] = ()  # class ids the model may invent
     num_images: int = 4
     strength: float = 1.0  # with a start image: the fraction of the schedule run from it
@@ -74,8 +75,8 @@ class Settings:
         check_integer("seed", self.seed, 0, MAX_SEED)
         check_integer("steps", self.steps, 1, MAX_STEPS)
         check_integer("num_images", self.num_images, 1, MAX_IMAGES)
-        if not isinstance(self.sampler, str) or self.sampler not in SCHEDULERS:
-            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SCHEDULERS)}")
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
@@ -135,7 +136,7 @@ class Studio:
         seed=0,
         steps=DEFAULT_STEPS,
         num_images=4,
-        sampler=DEFAULT_SCHEDULER,
+        sampler=DEFAULT_SAMPLER,
         strength=1.0,
         keep=None,
     ) -> Settings:
@@ -343,7 +344,7 @@ class Studio:
         out = self.pipe(
             masks,
             num_inference_steps=settings.steps,
-            scheduler=settings.sampler,
+            sampler=settings.sampler,
             generator=generators,
             latents=latents,
             image=image,

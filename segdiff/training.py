@@ -47,13 +47,14 @@ from .checkpoints import (
     resume,
     save_checkpoint,
 )
+from .choices import SAMPLERS
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for
 from .files import write_png, write_text
 from .masks import Encoding, Palette, ablate, encode
 from .models import PRESETS, ModelCard, Upscaling, build_unet, denoise, low_res_condition, shrink
-from .pipeline import SCHEDULERS, SegDiffPipeline
+from .pipeline import SegDiffPipeline
 from .processes import announce, launched_processes
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
@@ -159,7 +160,7 @@ class TrainConfig:
             ("--mask_encoding", self.encoding, ("onehot", "original")),
             ("--model_type", self.model_type, ORIGINAL_SAMPLERS),
             ("--mixed_precision", self.mixed_precision, (None, "no", "fp16", "bf16")),
-            ("--sampler", self.sampler, (None, *SCHEDULERS)),
+            ("--sampler", self.sampler, (None, *SAMPLERS)),
         )
         for flag, value, allowed in choices:
             if value not in allowed:
