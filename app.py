@@ -93,6 +93,10 @@ def user_errors(fn):
     return wrapper
 
 
+# ---- private Gradio workarounds: written against gradio 6.x (the Space runs sdk_version 6.31.0) ---------
+# Both reach into gradio internals; check them first when gradio is upgraded.
+
+
 def refuse_foreign_files(demo: gr.Blocks) -> None:
     """Say in words why gradio refuses a request's file before any handler runs (else: `{"error": null}`)."""
     preprocess = demo.preprocess_data
@@ -109,6 +113,17 @@ def refuse_foreign_files(demo: gr.Blocks) -> None:
                           "(gradio_client: handle_file(path))", block_fn.name) from e
 
     demo.preprocess_data = checked
+
+
+def painted_blobs(editor: gr.ImageEditor, value_id: str):
+    """The PNG blobs a browser's painting sent ahead of the editor's value, popped from this session's
+    editor (once the picker has updated it, the session holds its own copy of the component); None if gone."""
+    session = LocalContext.blocks_config.get(None)
+    holder = session.blocks.get(editor._id, editor) if session else editor
+    return holder.blob_storage.pop(value_id, None)
+
+
+# ---- the page -------------------------------------------------------------------------------------------
 
 
 def legend_html(studio: Studio) -> str:
@@ -166,10 +181,7 @@ def build_demo(models: Models) -> gr.Blocks:
         if not value:
             return studio.mask_from_editor()
         if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
-            # ... this session's editor: once the picker has updated it, the session holds its own copy.
-            session = LocalContext.blocks_config.get(None)
-            holder = session.blocks.get(editor._id, editor) if session else editor
-            blobs = holder.blob_storage.pop(value["id"], None)
+            blobs = painted_blobs(editor, value["id"])
             if blobs is None:
                 return studio.mask_from_editor()
             return studio.mask_from_editor(blobs.background, blobs.layers, blobs.composite)
@@ -258,8 +270,7 @@ def build_demo(models: Models) -> gr.Blocks:
             raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
         settings = studio.settings(omit=omit, seed=seed, steps=steps, num_images=num_images, sampler=sampler)
         labels, notices = studio.mask_from_file(path_of(mask))
-        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress))
-        run.settings["notices"] = notices + run.notices
+        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress), notices=notices)
         return studio.gallery(run), run.settings, str(run.archive)
 
     @gpu

@@ -296,8 +296,13 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
+        notices: Sequence[str] | None = None,
     ) -> Run:
-        """`settings.num_images` images under one mask; image k is drawn from seed + k."""
+        """`settings.num_images` images under one mask; image k is drawn from seed + k.
+
+        `notices`: what the request was told so far (a resized mask file); given, the settings written
+        with the results record them after it, with the run's own.
+        """
         settings.check(self.card.num_classes)
         seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
         kept = np.asarray(omit_classes(mask, settings.omit))
@@ -305,7 +310,7 @@ class Studio:
         omitted = [self.class_names[c] for c in settings.omit]
         record = self._record("generate", settings, image, omit=omitted, seeds=seeds)
         captions = [f"seed {s}" for s in seeds]
-        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask)
+        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask, [], notices)
 
     def sweep(
         self,
@@ -313,8 +318,10 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
+        notices: Sequence[str] | None = None,
     ) -> Run:
-        """One noise, all classes kept, then each class present in the mask omitted in turn."""
+        """One noise, all classes kept, then each class present in the mask omitted in turn (`notices`: as
+        for `generate`)."""
         settings = replace(settings, omit=(), num_images=1)
         settings.check(self.card.num_classes)
         present = [c for c in range(1, self.card.num_classes) if (mask == c).any()]
@@ -329,11 +336,9 @@ class Studio:
             seeds=[settings.seed],
             variants=[[self.class_names[c] for c in v] for v in variants],
         )
-        run = self._finish("sweep", images, masks, captions, record, mask)
         absent = [n for c, n in enumerate(self.class_names) if c and c not in present]
-        if absent:
-            run.notices.append(f"not in the mask, so not swept: {', '.join(absent)}")
-        return run
+        own = [f"not in the mask, so not swept: {', '.join(absent)}"] if absent else []
+        return self._finish("sweep", images, masks, captions, record, mask, own, notices)
 
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
         card = self.card
@@ -368,8 +373,11 @@ class Studio:
             "classes": self.class_names,
         }
 
-    def _finish(self, kind, images, masks, captions, record, mask) -> Run:
-        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind))
+    def _finish(self, kind, images, masks, captions, record, mask, own_notices, notices) -> Run:
+        """The run, its settings complete (notices included when asked for), then written."""
+        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind), notices=own_notices)
+        if notices is not None:
+            record["notices"] = [*notices, *own_notices]
         if self.segmenter is not None:
             # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
             dice = faithfulness(
