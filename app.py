@@ -21,9 +21,9 @@ from gradio.context import LocalContext
 from gradio.exceptions import InvalidPathError
 
 from segdiff import ConfigError, SegdiffError
+from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from segdiff.errors import check_integer
 from segdiff.hub import is_hub_id
-from segdiff.pipeline import DEFAULT_STEPS
 from segdiff.registry import Models
 from segdiff.runs import Run
 from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Studio
@@ -44,12 +44,12 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
-SAMPLERS = [
-    ("DPM++ 2M (fast)", "dpm++"),
-    ("UniPC (fast)", "unipc"),
-    ("DDIM (original)", "ddim"),
-    ("DDPM (stochastic, needs ~1000 steps)", "ddpm"),
-]
+SAMPLER_LABELS = {
+    "dpm++": "DPM++ 2M (fast)",
+    "unipc": "UniPC (fast)",
+    "ddim": "DDIM (original)",
+    "ddpm": "DDPM (stochastic, needs ~1000 steps)",
+}
 THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate")
 CSS = """
 #results img, #mask-examples img { image-rendering: pixelated; }
@@ -72,16 +72,29 @@ def refusal(message: str, action: str) -> gr.Error:
 
 
 def user_errors(fn):
-    """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on."""
+    """Show segdiff's messages (a bad mask, a setting out of range) as a gr.Error; the server goes on.
+
+    Anything else is a fault of ours: its traceback goes to the server log, the page says so in one line.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (SegdiffError, ValueError) as e:
+        except SegdiffError as e:
             raise refusal(str(e), fn.__name__) from e
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.exception("segdiff studio: internal error in %s", fn.__name__)
+            raise gr.Error(f"internal error ({type(e).__name__}); the server log has the details",
+                           print_exception=False) from e
 
     return wrapper
+
+
+# ---- private Gradio workarounds: written against gradio 6.x (the Space runs sdk_version 6.31.0) ---------
+# Both reach into gradio internals; check them first when gradio is upgraded.
 
 
 def refuse_foreign_files(demo: gr.Blocks) -> None:
@@ -100,6 +113,17 @@ def refuse_foreign_files(demo: gr.Blocks) -> None:
                           "(gradio_client: handle_file(path))", block_fn.name) from e
 
     demo.preprocess_data = checked
+
+
+def painted_blobs(editor: gr.ImageEditor, value_id: str):
+    """The PNG blobs a browser's painting sent ahead of the editor's value, popped from this session's
+    editor (once the picker has updated it, the session holds its own copy of the component); None if gone."""
+    session = LocalContext.blocks_config.get(None)
+    holder = session.blocks.get(editor._id, editor) if session else editor
+    return holder.blob_storage.pop(value_id, None)
+
+
+# ---- the page -------------------------------------------------------------------------------------------
 
 
 def legend_html(studio: Studio) -> str:
@@ -157,10 +181,7 @@ def build_demo(models: Models) -> gr.Blocks:
         if not value:
             return studio.mask_from_editor()
         if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
-            # ... this session's editor: once the picker has updated it, the session holds its own copy.
-            session = LocalContext.blocks_config.get(None)
-            holder = session.blocks.get(editor._id, editor) if session else editor
-            blobs = holder.blob_storage.pop(value["id"], None)
+            blobs = painted_blobs(editor, value["id"])
             if blobs is None:
                 return studio.mask_from_editor()
             return studio.mask_from_editor(blobs.background, blobs.layers, blobs.composite)
@@ -249,8 +270,7 @@ def build_demo(models: Models) -> gr.Blocks:
             raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
         settings = studio.settings(omit=omit, seed=seed, steps=steps, num_images=num_images, sampler=sampler)
         labels, notices = studio.mask_from_file(path_of(mask))
-        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress))
-        run.settings["notices"] = notices + run.notices
+        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress), notices=notices)
         return studio.gallery(run), run.settings, str(run.archive)
 
     @gpu
@@ -311,7 +331,8 @@ def build_demo(models: Models) -> gr.Blocks:
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 with gr.Row():
-                    sampler = gr.Dropdown(SAMPLERS, value="dpm++", label="Sampler")
+                    choices = [(SAMPLER_LABELS[s], s) for s in SAMPLERS]
+                    sampler = gr.Dropdown(choices, value=DEFAULT_SAMPLER, label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
                 with gr.Accordion("Start from a real image (anatomical similarity)", open=False):

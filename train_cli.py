@@ -13,17 +13,18 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import MISSING, fields
 from typing import get_args
 
 from accelerate import PartialState
 
 from segdiff import ConfigError, SegdiffError
+from segdiff.choices import DEFAULT_STEPS, SAMPLERS
 from segdiff.data import data_info
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
 from segdiff.hub import check_repo_id, push
 from segdiff.models import PRESETS
-from segdiff.pipeline import DEFAULT_STEPS, SCHEDULERS
-from segdiff.recipes import DEFAULT_RECIPE, RECIPES, BetaSchedule, Prediction, Weighting
+from segdiff.recipes import RECIPES, BetaSchedule, Prediction, Weighting
 from segdiff.training import TrainConfig, run_name, train
 
 
@@ -69,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--img_size",
         type=int,
-        default=256,
+        default=TRAIN_DEFAULTS["img_size"],
         help="square image size; images resize bilinearly, masks by nearest",
     )
     add(
         "--num_img_channels",
         type=int,
-        default=1,
+        default=TRAIN_DEFAULTS["img_channels"],
         help="1 = greyscale, 3 = RGB; any other count reads images as .npy (C, H, W) arrays",
     )
     add("--dataset", default="breast_mri", help="a name for the data; only names the run folder")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--model_type",
-        default="DDPM",
+        default=TRAIN_DEFAULTS["model_type"],
         choices=("DDPM", "DDIM"),
         help="the noise scheduler stored with the model and the sampler used to evaluate it "
         "(DDIM: 50 steps, DDPM: 1000 steps, unless --sampler/--num_inference_steps say otherwise); "
@@ -107,9 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="K, the number of mask classes INCLUDING background 0; needed with --segmentation_guided",
     )
-    add("--train_batch_size", type=int, default=32, help="images per training step (per process)")
-    add("--eval_batch_size", type=int, default=8, help="images per sampling batch, and the grids' width")
-    add("--num_epochs", type=int, default=200, help="passes over the training set")
+    add(
+        "--train_batch_size",
+        type=int,
+        default=TRAIN_DEFAULTS["train_batch_size"],
+        help="images per training step (per process)",
+    )
+    add(
+        "--eval_batch_size",
+        type=int,
+        default=TRAIN_DEFAULTS["eval_batch_size"],
+        help="images per sampling batch, and the grids' width",
+    )
+    add("--num_epochs", type=int, default=TRAIN_DEFAULTS["num_epochs"], help="passes over the training set")
     add(
         "--resume_epoch",
         type=int,
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--mask_encoding",
-        default="onehot",
+        default=TRAIN_DEFAULTS["encoding"],
         choices=("onehot", "original"),
         help="how masks enter the UNet. onehot: one 0/1 channel per class; the original's single channel "
         "of class_id/255 separates classes by 0.004, and small models were seen to ignore thin classes "
@@ -193,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--recipe",
-        default=DEFAULT_RECIPE,
+        default=TRAIN_DEFAULTS["recipe"],
         choices=sorted(RECIPES),
         help="how the model learns: fast (v-prediction, min-SNR-5 loss weighting, cosine noise schedule, a "
         "learning rate fit to --preset with 100 warm-up steps, EMA), measured by benchmarks/convergence.py "
@@ -242,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--checkpointing_steps",
         type=int,
-        default=500,
+        default=TRAIN_DEFAULTS["checkpointing_steps"],
         help="save the full training state to OUTPUT_DIR/checkpoint-<step>/ every this many steps; each is "
         "also a model folder that eval can open with --model_dir",
     )
     add(
         "--checkpoints_total_limit",
         type=int,
-        default=2,
+        default=TRAIN_DEFAULTS["checkpoints_total_limit"],
         help="keep this many newest checkpoints; older ones go once a newer one is complete",
     )
     add(
@@ -261,11 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ending at the new last step. One run at a time per --output_dir",
     )
     add("--max_train_steps", type=int, help="stop after this many optimizer steps (overrides --num_epochs)")
-    add("--gradient_accumulation_steps", type=int, default=1, help="batches summed per optimizer step")
+    add(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=TRAIN_DEFAULTS["gradient_accumulation_steps"],
+        help="batches summed per optimizer step",
+    )
     add(
         "--dataloader_num_workers",
         type=int,
-        default=0,
+        default=TRAIN_DEFAULTS["dataloader_num_workers"],
         help="loader processes; 0 suffices as images are decoded once, up front",
     )
     add(
@@ -274,23 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="train: torch.compile the UNet; the first steps compile (about 1.5 minutes for the paper network), "
         "then each step runs 1.55x faster on an H200 at 256 px; checkpoints and saved models stay plain",
     )
-    add("--seed", type=int, default=0, help="seeds training, the progress grids and every sample's noise")
+    add(
+        "--seed",
+        type=int,
+        default=TRAIN_DEFAULTS["seed"],
+        help="seeds training, the progress grids and every sample's noise",
+    )
     add(
         "--save_image_epochs",
         type=int,
-        default=20,
+        default=TRAIN_DEFAULTS["save_image_epochs"],
         help="write a progress grid (masks, samples, real images) to OUTPUT_DIR/samples/{epoch:04d}.png "
         "every this many epochs; successive grids cycle through the validation masks",
     )
     add(
         "--save_model_epochs",
         type=int,
-        default=30,
+        default=TRAIN_DEFAULTS["save_model_epochs"],
         help="save the model to OUTPUT_DIR every this many epochs, and at the end",
     )
     add(
         "--sampler",
-        choices=sorted(SCHEDULERS),
+        choices=sorted(SAMPLERS),
         help="sampler for grids and eval (default: the original's for --model_type; dpm++ with its default "
         f"{DEFAULT_STEPS} steps gives similar images far faster)",
     )
@@ -317,52 +338,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# TrainConfig's fields that the original flags set under other names; the other fields share their flag's
+# name, and those in _NOT_FLAGS are worked out here (or keep TrainConfig's default).
+_FLAG_OF = {
+    "img_channels": "num_img_channels",
+    "encoding": "mask_encoding",
+    "ablate": "use_ablated_segmentations",
+}
+_NOT_FLAGS = {"output_dir", "seg_dir", "num_classes", "class_names", "channels_last", "log_every", "command",
+              "extra_card"}  # fmt: skip
+# The defaults the flags share with TrainConfig, read from it rather than written twice.
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
 def train_config(args: argparse.Namespace, output_dir: str, command: str) -> TrainConfig:
     # classes.json above the data (phantoms, converted volumes): class names and conversion settings
     seg_dir = args.seg_dir if args.segmentation_guided else None
     data = data_info(args.img_dir, seg_dir, args.num_segmentation_classes if seg_dir else None)
+    flags = {
+        f.name: getattr(args, _FLAG_OF.get(f.name, f.name))
+        for f in fields(TrainConfig)
+        if f.name not in _NOT_FLAGS
+    }
     return TrainConfig(
         output_dir=output_dir,
-        img_dir=args.img_dir,
-        seg_dir=args.seg_dir if args.segmentation_guided else None,
+        seg_dir=seg_dir,
         num_classes=args.num_segmentation_classes or 0,
         class_names=tuple(args.class_names or data.get("class_names", ())),
-        img_size=args.img_size,
-        img_channels=args.num_img_channels,
-        preset=args.preset,
-        encoding=args.mask_encoding,
-        model_type=args.model_type,
-        train_batch_size=args.train_batch_size,
-        eval_batch_size=args.eval_batch_size,
-        num_epochs=args.num_epochs,
-        max_train_steps=args.max_train_steps,
-        recipe=args.recipe,
-        prediction_type=args.prediction_type,
-        loss_weighting=args.loss_weighting,
-        snr_gamma=args.snr_gamma,
-        beta_schedule=args.beta_schedule,
-        zero_terminal_snr=args.zero_terminal_snr,
-        learning_rate=args.learning_rate,
-        lr_warmup_steps=args.lr_warmup_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        ema=args.ema,
-        ablate=args.use_ablated_segmentations,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
-        resume=args.resume,
-        resume_epoch=args.resume_epoch,
-        seed=args.seed,
-        save_image_epochs=args.save_image_epochs,
-        save_model_epochs=args.save_model_epochs,
-        sampler=args.sampler,
-        num_inference_steps=args.num_inference_steps,
-        dataloader_num_workers=args.dataloader_num_workers,
-        compile=args.compile,
-        upscale_from=args.upscale_from,
-        crop_size=args.crop_size,
         command=command,
         extra_card={"data": data} if data else {},
+        **flags,
     )
 
 

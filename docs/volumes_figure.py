@@ -17,8 +17,17 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from segdiff.conversion import (
+    AXES,
+    Conversion,
+    fit,
+    map_labels,
+    read_volume,
+    slice_spacing,
+    to_pixels,
+    to_slice,
+)
 from segdiff.masks import Palette, overlay, tile
-from segdiff.volumes import AXES, Conversion, fit, map_labels, read_volume, slice_spacing, to_pixels, to_slice
 
 SIZE = 160  # px per slice in the figure
 

@@ -1,8 +1,16 @@
 """segdiff: segmentation-guided diffusion for medical images (Konz et al., MICCAI 2024), faster and safer."""
 
-from .errors import CheckpointError, ConfigError, DataLayoutError, MaskError, SegdiffError
+from .errors import ArgumentError, CheckpointError, ConfigError, DataLayoutError, MaskError, SegdiffError
 
-__all__ = ["CheckpointError", "ConfigError", "DataLayoutError", "MaskError", "SegDiffPipeline", "SegdiffError"]
+__all__ = [
+    "ArgumentError",
+    "CheckpointError",
+    "ConfigError",
+    "DataLayoutError",
+    "MaskError",
+    "SegDiffPipeline",
+    "SegdiffError",
+]
 
 
 def __getattr__(name):

@@ -28,8 +28,8 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 
 from .errors import CheckpointError, ConfigError
+from .files import clean_interrupted_saves
 from .models import CARD_FILE, ModelCard
-from .pipeline import clean_interrupted_saves
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

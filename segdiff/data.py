@@ -19,10 +19,10 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .choices import SPLITS
 from .errors import DataLayoutError
 from .masks import Palette, check_mask, labels_from_array
 
-SPLITS = ("train", "val", "test")
 DATA_INFO = "classes.json"  # beside img/ and mask/: class names, and how volumes were converted
 
 

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from .data import read_mask
 from .errors import ConfigError, DataLayoutError, SegdiffError
-from .evaluation import noise_generator, write_json, write_png, write_sample
+from .evaluation import noise_generator, write_sample
+from .files import write_json, write_png
 from .masks import DEFORM_LEVELS, deform_keeping_classes, deformation_bounds
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline
 
@@ -135,7 +136,7 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
     card = pipe.card
     if settings.layout == "original":
         info = {"source": "segdiff.dataset", "class_names": card.class_names, "num_classes": card.num_classes}
-        write_json(info, out / "classes.json")
+        write_json(out / "classes.json", info)
         return
     channels = {"0": "image"} if card.img_channels == 1 else {"0": "R", "1": "G", "2": "B"}
     info = {
@@ -147,7 +148,7 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
         "reference": manifest["data_credit"].get("citation", ""),
         "licence": manifest["data_credit"].get("license", ""),
     }
-    write_json(info, out / "dataset.json")
+    write_json(out / "dataset.json", info)
 
 
 def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
@@ -186,7 +187,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
         stale.unlink()
-    write_json(manifest, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)
 
     batches = [range(s, min(s + settings.batch_size, n)) for s in range(0, n, settings.batch_size)]
     todo = [
@@ -210,7 +211,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
     seconds = time.perf_counter() - started
     bar.close()
     _layout_files(out, pipe, settings, manifest, n)
-    write_json({**manifest, "complete": True}, out / MANIFEST)
+    write_json(out / MANIFEST, {**manifest, "complete": True})
     return {
         "folder": str(out),
         "drawn": drawn,

@@ -27,6 +27,10 @@ class ImageError(SegdiffError, ValueError):
     """An image array has the wrong shape, channel count, size or value range."""
 
 
+class ArgumentError(SegdiffError, ValueError):
+    """A function of the library was called with an argument of the wrong kind or out of its range."""
+
+
 class ConfigError(SegdiffError, ValueError):
     """A run setting (a flag of the CLI) is out of range or contradicts another."""
 

@@ -10,9 +10,8 @@ hardware. (Batches of another size may differ in the last bits: some kernels pic
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,21 +22,18 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm.auto import tqdm
 
+from .choices import PRECISIONS, SAMPLERS
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, check_range
+from .files import write_bytes, write_png
 from .hub import is_hub_id
 from .masks import ablate, omit_classes, tile
 from .models import ModelCard
-from .pipeline import DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+from .pipeline import DEFAULT_STEPS, SegDiffPipeline
+from .processes import processes
 
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
 ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def launched_processes() -> int:
-    """How many processes torchrun or `accelerate launch` started together (WORLD_SIZE); 1 when run directly."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def sampler_for(model_type: str, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
@@ -78,8 +74,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.model_type not in ORIGINAL_SAMPLERS:
             raise ConfigError(f"--model_type {self.model_type}: expected one of {sorted(ORIGINAL_SAMPLERS)}")
-        if self.sampler is not None and self.sampler not in SCHEDULERS:
-            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SCHEDULERS)}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SAMPLERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         check_range("--eval_batch_size", self.eval_batch_size, 1, 4096)
@@ -92,22 +88,6 @@ class EvalConfig:
                 "--eval_mask_removal, --eval_blank_mask and --eval_ablated_masks need a segmentation-guided "
                 "model: add --segmentation_guided --seg_dir SEG_DIR"
             )
-
-
-def processes() -> PartialState:
-    """This process's place among those a launch started (one when run directly), joined over gloo on CPUs."""
-    state = PartialState(cpu=launched_processes() > 1 and not torch.cuda.is_available())
-    announce(state)
-    return state
-
-
-def announce(state) -> None:
-    """One line from each process of a launch, saying which it is: proof that all of them started."""
-    if state.num_processes > 1:
-        line = (
-            f"process {state.process_index} of {state.num_processes} on {state.device} (pid {os.getpid()})\n"
-        )
-        print(line, end="", flush=True)  # one write, so the lines of several processes do not interleave
 
 
 def open_model(config: EvalConfig, state: PartialState | None = None) -> SegDiffPipeline:
@@ -326,40 +306,20 @@ def sample_name(mask_name: str | None, index: int, channels: int) -> str:
 
 def write_sample(image: np.ndarray, path: Path) -> Path:
     """(H, W, C) float in [0, 1] -> an image file (C = 1 or 3), else a `.npy` (C, H, W) float32 array."""
+    buffer = io.BytesIO()
     if path.suffix == ".npy":
-        array = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-        return _atomic(path, lambda f: np.save(f, array))
-    pixels = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
-    picture = PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
-    return _atomic(path, lambda f: picture.save(f, format=image_format))
-
-
-def write_png(array: np.ndarray, path: Path) -> Path:
-    """(H, W, 3) uint8 -> a PNG file, written whole or not at all."""
-    return _atomic(Path(path), lambda f: PIL.Image.fromarray(array).save(f, format="PNG"))
-
-
-def write_json(info: dict, path: Path) -> Path:
-    """A JSON object -> an indented JSON file, written whole or not at all."""
-    text = (json.dumps(info, indent=2) + "\n").encode()
-    return _atomic(Path(path), lambda f: f.write(text))
+        np.save(buffer, np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+    else:
+        pixels = (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+        picture = PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        picture.save(buffer, format=PIL.Image.registered_extensions()[path.suffix.lower()])
+    return write_bytes(path, buffer.getvalue())
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
     """(B, H, W, C) float in [0, 1] -> (B, H, W, 3) uint8; images of C != 3 show their first channel."""
     images = (images.clip(0, 1) * 255).round().astype(np.uint8)
     return images if images.shape[-1] == 3 else np.repeat(images[..., :1], 3, axis=-1)
-
-
-def _atomic(path: Path, write: Callable) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-    return path
 
 
 # ---- sampling ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
+from . import files
+
 if TYPE_CHECKING:  # the card's module writes this one; importing it back would make a cycle
     from .models import ModelCard
 
@@ -76,11 +78,7 @@ def render(card: ModelCard, model_id: str | None = None) -> str:
 
 def write(folder: str | os.PathLike, card: ModelCard, model_id: str | None = None) -> Path:
     """Write `folder/README.md` for `card` through a temporary file; returns its path."""
-    path = Path(folder) / README
-    tmp = path.with_name(f".{README}.{os.getpid()}.tmp")
-    tmp.write_text(render(card, model_id), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(Path(folder) / README, render(card, model_id))
 
 
 def _summary(card: ModelCard) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from . import hubcard
+from . import files, hubcard
 from .errors import CheckpointError
 from .masks import ENCODINGS, Encoding, Palette, encoding_channels
 
@@ -209,12 +209,9 @@ class ModelCard:
 
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
-        tmp = (
-            folder / f".{CARD_FILE}.{os.getpid()}.tmp"
-        )  # open() keeps the umask's permissions; mkstemp's are 0600
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        text = json.dumps(asdict(self), indent=2)
         hubcard.write(folder, self)  # README.md, the model's page on the Hub, from the same facts
-        os.replace(tmp, folder / CARD_FILE)
+        files.write_text(folder / CARD_FILE, text)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> ModelCard:

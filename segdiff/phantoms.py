@@ -21,7 +21,6 @@ A case is drawn in two stages, as a scanner would see it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +28,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-SPLITS = ("train", "val", "test")
+from .choices import SPLITS
+from .errors import ArgumentError
+from .files import write_json, write_png
+
 MIN_SIZE, MAX_SIZE = 16, 1024
 _MAX_TRIES = 50  # redraws before giving up on a case that keeps losing a class (rare below 24 px)
 
@@ -270,21 +271,15 @@ FAMILIES: dict[str, Family] = {
 
 def _checked(family: str, size: int) -> Family:
     if family not in FAMILIES:
-        raise ValueError(f"unknown phantom family {family!r}, expected one of {sorted(FAMILIES)}")
+        raise ArgumentError(f"unknown phantom family {family!r}, expected one of {sorted(FAMILIES)}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"phantom size {size}, expected {MIN_SIZE}..{MAX_SIZE} px")
+        raise ArgumentError(f"phantom size {size}, expected {MIN_SIZE}..{MAX_SIZE} px")
     return FAMILIES[family]
 
 
 def make_case(family: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One phantom case: image (size, size) uint8 and mask (size, size) uint8 of class ids 0..K-1."""
     return _checked(family, size).make(size, rng)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)  # readers never see a half-written file
 
 
 def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: int = 64, n_train: int = 800,
@@ -299,7 +294,7 @@ def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: i
     counts = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
     bad = {split: n for split, n in counts.items() if n < 0}
     if bad:
-        raise ValueError(f"case counts {bad}, expected >= 0")
+        raise ArgumentError(f"case counts {bad}, expected >= 0")
     out = Path(out_dir)
     folders = {split: (out / "img" / split, out / "mask" / "all" / split) for split in SPLITS}
     for folder in (f for pair in folders.values() for f in pair):
@@ -317,15 +312,13 @@ def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: i
         for _ in range(count):
             image, mask = spec.make(size, np.random.default_rng(seeds[index]))
             name = f"case_{index:05d}.png"
-            _save_png(image, img_dir / name)
-            _save_png(mask, mask_dir / name)
+            write_png(image, img_dir / name)  # readers never see a half-written file
+            write_png(mask, mask_dir / name)
             index += 1
             bar.update()
     bar.close()
     info = {"family": family, "class_names": list(spec.class_names), "num_classes": spec.num_classes}
-    tmp = out / f".classes.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "classes.json")
+    write_json(out / "classes.json", info)
     return out
 
 

@@ -30,7 +30,9 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .errors import CheckpointError, MaskError
+from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
+from .errors import ArgumentError, CheckpointError, MaskError
+from .files import clean_interrupted_saves, swap_in
 from .hub import model_folder
 from .masks import check_mask, encode, omit_classes
 from .models import CARD_FILE, ModelCard, denoise, low_res_condition, shrink, shrink_masks
@@ -67,15 +69,11 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "dpm++": (_DPMSolverPlusPlus, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_MULTISTEP}),
     "unipc": (_UniPC, _MULTISTEP),
 }
-DEFAULT_SCHEDULER = "dpm++"
+assert set(SCHEDULERS) == set(SAMPLERS)
+DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # its name where "scheduler" was the word
 # Which of (eta, generator) each sampler's `step` takes, read once rather than at every call.
 _STEP_ARGUMENTS = {name: set(inspect.signature(cls.step).parameters) for name, (cls, _) in SCHEDULERS.items()}
-# Chosen by benchmarks/quality.py. The demo model scores the same from 8 to 20 DPM-Solver++ steps (mean Dice
-# 0.995-0.996, Frechet distance 0.063-0.068), above DDIM 50 (0.984, 0.079); an earlier, less trained one
-# matched 20 steps at 12 (0.934 vs 0.931) but lost Dice and realism at 10. Less trained models need more.
-DEFAULT_STEPS = 12
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def default_device() -> torch.device:
@@ -171,15 +169,26 @@ class SegDiffPipeline(DiffusionPipeline):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
-        **_ignored,
+        torch_dtype: torch.dtype | None = None,
+        **unknown,
     ) -> SegDiffPipeline:
         """Open a segdiff model folder, an original run folder, or a bare `unet/` folder, or any of them
         on the Hugging Face Hub by id `org/name` (at `revision`, through the Hub cache; `segdiff.hub`).
 
         `num_classes` (K, background included) is needed only where the folder cannot say: models trained
         by the original code. The model lands on `device` (CUDA when present) with `precision` and
-        channels-last memory set as `set_speed` does.
+        channels-last memory set as `set_speed` does. diffusers' `torch_dtype=` is read as that precision
+        (torch.float32 "fp32", torch.bfloat16 "bf16", torch.float16 "fp16"): weights stay fp32, sampling
+        autocasts. Other keyword arguments are refused rather than ignored.
         """
+        if unknown:
+            raise ArgumentError(
+                f"from_pretrained(): unknown keyword argument(s) {', '.join(sorted(unknown))}; it takes "
+                "num_classes, device, precision, channels_last, revision, cache_dir, token, local_files_only "
+                "and torch_dtype (read as precision)"
+            )
+        if torch_dtype is not None:
+            precision = _precision_of(torch_dtype, precision)
         hub = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         folder = model_folder(path, revision, **hub)
         card, unet_dir, scheduler = _inspect_folder(folder, num_classes)
@@ -227,8 +236,9 @@ class SegDiffPipeline(DiffusionPipeline):
         faster with it on a 2-core CPU (demo model) but 22% slower on an H200 (paper preset, 256 px, batch
         64), where the UNet's GroupNorms pay for the layout.
         """
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision={precision!r}, expected 'auto', 'fp32', 'bf16' or 'fp16'")
+        if precision not in PRECISIONS:
+            expected = ", ".join(map(repr, PRECISIONS[:-1]))
+            raise ArgumentError(f"precision={precision!r}, expected {expected} or {PRECISIONS[-1]!r}")
         if self.base is not None:
             self.base.set_speed(precision, channels_last, compile)
         self.precision = precision
@@ -259,7 +269,7 @@ class SegDiffPipeline(DiffusionPipeline):
     def make_scheduler(self, name: str = DEFAULT_SCHEDULER):
         """A fresh sampler of kind `name`, sharing the model's noise schedule."""
         if name not in SCHEDULERS:
-            raise ValueError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
+            raise ArgumentError(f"scheduler={name!r}, expected one of {sorted(SCHEDULERS)}")
         scheduler_cls, overrides = SCHEDULERS[name]
         # Take the stored values as they are, whether or not they were library defaults when saved, so a
         # model samples the same before and after a save.
@@ -316,6 +326,7 @@ class SegDiffPipeline(DiffusionPipeline):
         callback: Callable[[int, int], None] | None = None,
         return_dict: bool = True,
         upscale_steps: int | None = None,
+        sampler: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
@@ -324,8 +335,8 @@ class SegDiffPipeline(DiffusionPipeline):
                 `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
             omit: class ids treated as unknown: set to background, so the model may invent them.
             num_inference_steps: denoising steps (>= 1); for a cascade, its base model's.
-            scheduler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm"; for a cascade,
-                its base model's (the upscaler runs the sampler and steps its card records).
+            scheduler: the sampler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm"; for a
+                cascade, its base model's (the upscaler runs the sampler and steps its card records).
             eta: DDIM noise (0 = deterministic); ignored by other samplers.
             generator: torch generator(s) for the initial noise and stochastic samplers.
             latents: (B, C, H, W) initial noise, drawn from `generator` when None; for a cascade, its base
@@ -337,17 +348,19 @@ class SegDiffPipeline(DiffusionPipeline):
             strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
             callback: called as `callback(step, total)` after every step (of both stages of a cascade).
             upscale_steps: a cascade's upscaler steps; None for the number its card records.
+            sampler: the same choice as `scheduler`, by the word the CLIs and the studio use; wins when given.
         """
+        scheduler = sampler if sampler is not None else scheduler
         card = self.card
         for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
             if steps is not None and not (isinstance(steps, int) and steps >= 1):
-                raise ValueError(f"{name}={steps!r}, expected an integer >= 1")
+                raise ArgumentError(f"{name}={steps!r}, expected an integer >= 1")
         if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
+            raise ArgumentError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}, expected a value in (0, 1]")
+            raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
+            raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
         if card.guided:
             if masks is None:
                 raise MaskError("this model is segmentation-guided: pass masks")
@@ -395,7 +408,7 @@ class SegDiffPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
+            raise ArgumentError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
         x = self._denoise(
             latents.to(device, torch.float32),
             cond,
@@ -414,7 +427,7 @@ class SegDiffPipeline(DiffusionPipeline):
             images = images.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 if card.img_channels not in (1, 3):
-                    raise ValueError(
+                    raise ArgumentError(
                         f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'"
                     )
                 images = self.numpy_to_pil(images)
@@ -445,6 +458,16 @@ class SegDiffPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x
+
+
+def _precision_of(torch_dtype, precision: Precision) -> Precision:
+    """diffusers' `torch_dtype=` as a segdiff precision; refused where `precision` says otherwise."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if torch_dtype not in names:
+        raise ArgumentError(f"torch_dtype={torch_dtype!r}, expected torch.float32, torch.bfloat16 or torch.float16")
+    if precision not in ("auto", names[torch_dtype]):
+        raise ArgumentError(f"torch_dtype={torch_dtype!r} and precision={precision!r}: give one of them")
+    return names[torch_dtype]
 
 
 def check_stages(base: ModelCard, upscaler: ModelCard) -> None:
@@ -547,29 +570,3 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
 
-
-def clean_interrupted_saves(folder: str | os.PathLike) -> None:
-    """Undo what a save killed midway left in `folder`: `.saving-*` staging folders go, and a `.old-<name>`
-    that `swap_in` moved aside comes back where its replacement never arrived. One save at a time per folder.
-    """
-    folder = Path(folder)
-    for staging in folder.glob(".saving-*"):
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in folder.glob(".old-*"):
-        current = folder / old.name.removeprefix(".old-")
-        if current.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, current)
-
-
-def swap_in(new: Path, target: Path) -> None:
-    """Replace `target` with `new`: files by one rename, folders by two renames around the old one."""
-    if new.is_file() or not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

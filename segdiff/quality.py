@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import SegDataset, find_cases, read_image
-from .errors import CheckpointError, ImageError, MaskError, SegdiffError
+from .errors import ArgumentError, CheckpointError, ImageError, MaskError, SegdiffError
 from .evaluation import noise_generator
 from .models import CARD_FILE, ModelCard
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, Precision, SegDiffPipeline, autocast_dtype
@@ -72,10 +72,10 @@ def kid(
     """
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D)")
+        raise ArgumentError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D)")
     m = min(subset_size, len(a), len(b))
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples in each set, got {len(a)} and {len(b)}")
+        raise ArgumentError(f"KID needs at least 2 samples in each set, got {len(a)} and {len(b)}")
     d, rng = a.shape[1], np.random.default_rng(seed)
     estimates = []
     for _ in range(subsets):
@@ -94,7 +94,7 @@ def frechet_distance(features_a, features_b) -> float:
     """
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D), N, M >= 2")
+        raise ArgumentError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D), N, M >= 2")
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T
@@ -187,7 +187,7 @@ def measure_quality(
             "segmenter's size is read at its size)"
         )
     if precision not in get_args(Precision):
-        raise ValueError(f"precision={precision!r}, expected one of {get_args(Precision)}")
+        raise ArgumentError(f"precision={precision!r}, expected one of {get_args(Precision)}")
     masks = pipe.prepare_masks(masks)  # (N, H, W) int64, validated
     n, k = masks.shape[0], card.num_classes
     real_pred = segmenter.predict(real_images)
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.write_card:
             write_to_card(args.model, segmenter, result)
             print(f"wrote the results to {Path(args.model) / CARD_FILE}")
-    except (SegdiffError, ValueError) as e:
+    except SegdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.PngImagePlugin
 
 from .errors import DataLayoutError
+from .files import png_bytes, write_bytes
 
 KEEP_RUNS = 32  # result folders kept on disk; the app serves copies of older ones from its own cache
 
@@ -45,18 +45,6 @@ def new_run_folder(results: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{time.strftime('%H%M%S')}-{kind}-", dir=results))
 
 
-def png_bytes(array: np.ndarray, text: dict[str, str] | None = None) -> bytes:
-    """(H, W), (H, W, 1|3|4) uint8 -> PNG file bytes, `text` as its text chunks."""
-    info = PIL.PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).save(
-        buffer, format="PNG", pnginfo=info
-    )
-    return buffer.getvalue()
-
-
 def write_run(run: Run, mask: np.ndarray) -> None:
     """Write image PNGs (each with its settings as PNG text), the mask, settings.json and one zip."""
     settings = run.settings
@@ -73,11 +61,13 @@ def write_run(run: Run, mask: np.ndarray) -> None:
     contents["mask.png"] = png_bytes(mask.astype(np.uint8))  # class ids, as the original code reads masks
     contents["settings.json"] = json.dumps(settings, indent=2).encode()
     for name, data in contents.items():
-        (run.folder / name).write_bytes(data)
+        write_bytes(run.folder / name, data)
     run.archive = run.folder / f"segdiff_{run.kind}_seed{settings['seed']}.zip"
-    with zipfile.ZipFile(run.archive, "w", zipfile.ZIP_DEFLATED) as archive:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
         for name, data in contents.items():
-            archive.writestr(name, data)
+            zipped.writestr(name, data)
+    write_bytes(run.archive, archive.getvalue())
 
 
 def settings_of(path: str | os.PathLike) -> dict:

@@ -28,9 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import SegDataset
-from .errors import CheckpointError, ImageError, MaskError
+from .errors import ArgumentError, CheckpointError, ImageError, MaskError
+from .files import swap_in
 from .masks import check_mask
-from .pipeline import default_device, swap_in
+from .pipeline import default_device
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
 
@@ -264,7 +265,7 @@ def train_segmenter(
     with the best validation mean Dice are kept and that Dice is recorded in the config.
     """
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps}, batch_size={batch_size}: expected integers >= 1")
+        raise ArgumentError(f"steps={steps}, batch_size={batch_size}: expected integers >= 1")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(seed)
     config = SegmenterConfig(num_classes, img_channels, img_size, tuple(widths))

@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from .data import read_image, read_mask
 from .errors import (
     CheckpointError,
@@ -37,10 +38,11 @@ from .errors import (
     SegdiffError,
     check_integer,
 )
+from .files import write_png
 from .masks import omit_classes, overlay
-from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, SegDiffPipeline
+from .pipeline import SegDiffPipeline
 from .quality import faithfulness
-from .runs import Run, new_run_folder, png_bytes, write_run
+from .runs import Run, new_run_folder, write_run
 from .segmenter import Segmenter
 
 # Caps on what one request may ask of a shared server.
@@ -63,7 +65,7 @@ class Settings:
 
     seed: int = 0
     steps: int = DEFAULT_STEPS
-    sampler: str = DEFAULT_SCHEDULER
+    sampler: str = DEFAULT_SAMPLER
     omit: tuple[int, ...] = ()  # class ids the model may invent
     num_images: int = 4
     strength: float = 1.0  # with a start image: the fraction of the schedule run from it
@@ -73,8 +75,8 @@ class Settings:
         check_integer("seed", self.seed, 0, MAX_SEED)
         check_integer("steps", self.steps, 1, MAX_STEPS)
         check_integer("num_images", self.num_images, 1, MAX_IMAGES)
-        if not isinstance(self.sampler, str) or self.sampler not in SCHEDULERS:
-            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SCHEDULERS)}")
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
@@ -134,7 +136,7 @@ class Studio:
         seed=0,
         steps=DEFAULT_STEPS,
         num_images=4,
-        sampler=DEFAULT_SCHEDULER,
+        sampler=DEFAULT_SAMPLER,
         strength=1.0,
         keep=None,
     ) -> Settings:
@@ -203,7 +205,7 @@ class Studio:
         folder = self.results / "previews"
         folder.mkdir(exist_ok=True)
         path = folder / f"{stem}.png"
-        path.write_bytes(png_bytes(self.palette.to_rgb(mask)))
+        write_png(self.palette.to_rgb(mask), path)
         return str(path)
 
     def mask_from_canvas(self, image: np.ndarray | None, layers: Sequence[np.ndarray] = ()) -> np.ndarray:
@@ -294,8 +296,13 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
+        notices: Sequence[str] | None = None,
     ) -> Run:
-        """`settings.num_images` images under one mask; image k is drawn from seed + k."""
+        """`settings.num_images` images under one mask; image k is drawn from seed + k.
+
+        `notices`: what the request was told so far (a resized mask file); given, the settings written
+        with the results record them after it, with the run's own.
+        """
         settings.check(self.card.num_classes)
         seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
         kept = np.asarray(omit_classes(mask, settings.omit))
@@ -303,7 +310,7 @@ class Studio:
         omitted = [self.class_names[c] for c in settings.omit]
         record = self._record("generate", settings, image, omit=omitted, seeds=seeds)
         captions = [f"seed {s}" for s in seeds]
-        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask)
+        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask, [], notices)
 
     def sweep(
         self,
@@ -311,8 +318,10 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
+        notices: Sequence[str] | None = None,
     ) -> Run:
-        """One noise, all classes kept, then each class present in the mask omitted in turn."""
+        """One noise, all classes kept, then each class present in the mask omitted in turn (`notices`: as
+        for `generate`)."""
         settings = replace(settings, omit=(), num_images=1)
         settings.check(self.card.num_classes)
         present = [c for c in range(1, self.card.num_classes) if (mask == c).any()]
@@ -327,11 +336,9 @@ class Studio:
             seeds=[settings.seed],
             variants=[[self.class_names[c] for c in v] for v in variants],
         )
-        run = self._finish("sweep", images, masks, captions, record, mask)
         absent = [n for c, n in enumerate(self.class_names) if c and c not in present]
-        if absent:
-            run.notices.append(f"not in the mask, so not swept: {', '.join(absent)}")
-        return run
+        own = [f"not in the mask, so not swept: {', '.join(absent)}"] if absent else []
+        return self._finish("sweep", images, masks, captions, record, mask, own, notices)
 
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
         card = self.card
@@ -342,7 +349,7 @@ class Studio:
         out = self.pipe(
             masks,
             num_inference_steps=settings.steps,
-            scheduler=settings.sampler,
+            sampler=settings.sampler,
             generator=generators,
             latents=latents,
             image=image,
@@ -366,8 +373,11 @@ class Studio:
             "classes": self.class_names,
         }
 
-    def _finish(self, kind, images, masks, captions, record, mask) -> Run:
-        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind))
+    def _finish(self, kind, images, masks, captions, record, mask, own_notices, notices) -> Run:
+        """The run, its settings complete (notices included when asked for), then written."""
+        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind), notices=own_notices)
+        if notices is not None:
+            record["notices"] = [*notices, *own_notices]
         if self.segmenter is not None:
             # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
             dice = faithfulness(

@@ -16,9 +16,8 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
-from .errors import VolumeError
-from .pipeline import DEFAULT_STEPS, SegDiffPipeline
-from .volumes import (
+from . import files
+from .conversion import (
     AXES,
     SUFFIXES,
     Conversion,
@@ -33,6 +32,8 @@ from .volumes import (
     unfit,
     voxels,
 )
+from .errors import VolumeError
+from .pipeline import DEFAULT_STEPS, SegDiffPipeline
 
 _NOISE_SPAN = 8  # slices between independent noise anchors: neighbours' noise correlates at cos(pi/16) = 0.98
 
@@ -133,17 +134,11 @@ def synthesize(
     written.header.set_slope_inter(1.0, 0.0)
     written.header["cal_min"], written.header["cal_max"] = low, high  # the display window, for viewers
     suffix = next(s for s in SUFFIXES if out.name.endswith(s))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{suffix}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(written, tmp)
-        os.replace(tmp, out)
+        files.atomic(out, lambda tmp: nib.save(written, tmp), suffix=suffix)
     except OSError as e:
         raise VolumeError(
             f"{out}: cannot write it ({e.strerror}); expected a new file in a writable folder"
         ) from e
-    finally:
-        if tmp.exists():  # what a failed save wrote
-            tmp.unlink()
     return {"path": str(out), "shape": volume.shape, "drawn": len(drawn), "slices": mask.shape[axis],
             "intensity_range": (low, high), "window": conversion.window}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import math
 import os
 import platform
@@ -46,12 +47,15 @@ from .checkpoints import (
     resume,
     save_checkpoint,
 )
+from .choices import SAMPLERS
 from .data import SegDataset
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
-from .evaluation import ORIGINAL_SAMPLERS, announce, launched_processes, sample_grid, sampler_for, write_png
+from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for
+from .files import write_png, write_text
 from .masks import Encoding, Palette, ablate, encode
 from .models import PRESETS, ModelCard, Upscaling, build_unet, denoise, low_res_condition, shrink
-from .pipeline import SCHEDULERS, SegDiffPipeline
+from .pipeline import SegDiffPipeline
+from .processes import announce, launched_processes
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
 
@@ -156,7 +160,7 @@ class TrainConfig:
             ("--mask_encoding", self.encoding, ("onehot", "original")),
             ("--model_type", self.model_type, ORIGINAL_SAMPLERS),
             ("--mixed_precision", self.mixed_precision, (None, "no", "fp16", "bf16")),
-            ("--sampler", self.sampler, (None, *SCHEDULERS)),
+            ("--sampler", self.sampler, (None, *SAMPLERS)),
         )
         for flag, value, allowed in choices:
             if value not in allowed:
@@ -620,12 +624,11 @@ class _CsvLog:
                     for row in csv.DictReader(f)
                     if row.get("step", "").isdigit() and int(row["step"]) <= start_step
                 ]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        kept = io.StringIO()
+        writer = csv.DictWriter(kept, fieldnames=self.FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(path, kept.getvalue())
         self.file = open(path, "a", newline="")  # noqa: SIM115 - lives as long as the run
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
 

@@ -1,5 +1,6 @@
 """The studio's named API endpoints through gradio_client, against the app launched in this process."""
 
+import json
 import os
 import signal
 import socket
@@ -142,9 +143,11 @@ def test_the_default_model_is_the_named_one_else_the_first_found(tmp_path, tiny_
 
 def test_wrong_size_mask_is_resized_with_a_notice(client, tmp_path, mask):
     PIL.Image.fromarray(np.kron(mask, np.ones((3, 3), np.int64)).astype(np.uint8)).save(tmp_path / "big.png")
-    gallery, settings, _ = generate(client, tmp_path / "big.png", num_images=1)
+    gallery, settings, archive = generate(client, tmp_path / "big.png", num_images=1)
     assert len(gallery) == 1
     assert any("big.png: 192x192 px resized (nearest)" in n for n in settings["notices"])
+    with zipfile.ZipFile(archive) as written:  # the downloaded settings are the API's, notices included
+        assert json.loads(written.read("settings.json")) == settings
 
 
 def test_missing_model_fails_at_start_with_a_clear_message(tmp_path, capsys):

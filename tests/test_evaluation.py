@@ -22,6 +22,7 @@ from segdiff.evaluation import (
     sampler_for,
     write_sample,
 )
+from segdiff.files import temp_path
 from segdiff.models import ModelCard, build_unet
 from segdiff.pipeline import DEFAULT_STEPS
 
@@ -103,7 +104,7 @@ def test_sample_many_names_counts_and_resumes_by_skipping(tmp_path, data):
     # missing one, and it is the image an uninterrupted run drew.
     first = (folder / names[0]).read_bytes()
     os.remove(folder / names[0])
-    (folder / f".{names[0]}.tmp").write_bytes(b"half")
+    temp_path(folder / names[0]).write_bytes(b"half")
     stamps = {n: (folder / n).stat().st_mtime_ns for n in names[1:]}
     assert sample_many(cfg)[1:] == (1, 3)
     assert (folder / names[0]).read_bytes() == first

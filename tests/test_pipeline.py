@@ -11,7 +11,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from segdiff import SegDiffPipeline
 from segdiff import pipeline as pipeline_module
-from segdiff.errors import CheckpointError, MaskError
+from segdiff.errors import ArgumentError, CheckpointError, MaskError
 from segdiff.models import PRESETS, ModelCard, build_unet
 from segdiff.pipeline import autocast_dtype
 
@@ -280,3 +280,12 @@ def test_device_lookups_do_not_grow_with_the_steps(monkeypatch, segdiff_pipe):
         sample(segdiff_pipe, square_masks(1), num_inference_steps=steps)
         counts.append(len(lookups))
     assert counts[0] == counts[1]
+
+
+def test_unknown_keyword_arguments_are_refused_and_torch_dtype_is_read_as_precision(tiny_model_dir):
+    with pytest.raises(ArgumentError, match=r"unknown keyword argument\(s\) num_clases"):
+        SegDiffPipeline.from_pretrained(tiny_model_dir, device="cpu", num_clases=4)
+    pipe = SegDiffPipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.float32)
+    assert pipe.precision == "fp32" and pipe.unet.dtype == torch.float32
+    with pytest.raises(ArgumentError, match="give one of them"):
+        SegDiffPipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.float16, precision="bf16")
