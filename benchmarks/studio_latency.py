@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 from segdiff import SegDiffPipeline  # noqa: E402
+from segdiff.data import read_mask  # noqa: E402
 from segdiff.models import ModelCard, build_unet  # noqa: E402
 from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS  # noqa: E402
 from segdiff.registry import Models  # noqa: E402
@@ -83,9 +84,10 @@ def click_to_gallery(url: str, mask: Path, repeats: int, **settings) -> float:
 
 def pipeline_seconds(pipe: SegDiffPipeline, mask: Path, repeats: int) -> float:
     """Median seconds of one default call drawing NUM_IMAGES images for `mask`, after a warm-up call."""
-    labels = np.asarray(PIL.Image.open(mask).convert("L").resize((pipe.card.img_size,) * 2, PIL.Image.NEAREST))
+    card = pipe.card
+    labels = read_mask(mask, card.num_classes, card.palette, size=card.img_size)
     pipe.set_progress_bar_config(disable=True)
-    call = lambda: pipe(labels.astype(np.int64), batch_size=NUM_IMAGES, output_type="np")  # noqa: E731
+    call = lambda: pipe(labels, batch_size=NUM_IMAGES, output_type="np")  # noqa: E731
     call()
     times = []
     for _ in range(repeats):

@@ -94,7 +94,9 @@ def frechet_distance(features_a, features_b) -> float:
     """
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ArgumentError(f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D), N, M >= 2")
+        raise ArgumentError(
+            f"features of shapes {a.shape} and {b.shape}, expected (N, D) and (M, D), N, M >= 2"
+        )
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T
@@ -232,7 +234,14 @@ def measure_quality(
                 "device": pipe.device.type,
                 "seed": seed,
                 "num_masks": n,
-                **({"upscale_steps": upscale_steps or card.upscaling.steps} if card.upscaling else {}),
+                **(
+                    {
+                        "upscale_sampler": card.upscaling.scheduler,
+                        "upscale_steps": upscale_steps or card.upscaling.steps,
+                    }
+                    if card.upscaling
+                    else {}
+                ),
             },
             "dice": _named(dice(pred, masks, k), names),
             "mean_dice": round_score(mean_dice(pred, masks, k)),
@@ -285,10 +294,10 @@ def _pair(mean_std: tuple[float, float]) -> dict[str, float]:
 
 def run_label(result: dict) -> str:
     """The key of one `measure_quality` result in `card.quality["runs"]`, e.g. "dpm++ 20 auto" (a cascade's
-    "dpm++ 12+4 auto": base steps + upscaler steps)."""
+    "dpm++ 12 + ddim 8 auto": the base's sampler and steps, then the upscaler's)."""
     s = result["settings"]
-    steps = f"{s['num_inference_steps']}" + (f"+{s['upscale_steps']}" if "upscale_steps" in s else "")
-    return f"{s['scheduler']} {steps} {s['precision']}"
+    upscaler = f" + {s['upscale_sampler']} {s['upscale_steps']}" if "upscale_steps" in s else ""
+    return f"{s['scheduler']} {s['num_inference_steps']}{upscaler} {s['precision']}"
 
 
 def quality_table(runs: dict[str, dict]) -> str:

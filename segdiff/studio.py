@@ -341,17 +341,14 @@ class Studio:
         return self._finish("sweep", images, masks, captions, record, mask, own, notices)
 
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
-        card = self.card
+        # One CPU generator per image: the pipeline draws each image's noise (both stages' for a cascade) from
+        # its own, on the CPU, so an image depends on its seed alone, on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (card.img_channels, self.size, self.size)
-        # Noise drawn per image on the CPU, so an image depends on its seed alone, on any device.
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, H, W)
         out = self.pipe(
             masks,
             num_inference_steps=settings.steps,
             sampler=settings.sampler,
             generator=generators,
-            latents=latents,
             image=image,
             strength=settings.strength if image is not None else 1.0,
             callback=progress,

@@ -22,6 +22,7 @@ from test_training import write_data
 import train_cli
 from segdiff import SegDiffPipeline
 from segdiff.models import PRESETS
+from segdiff.training import TrainConfig
 
 CLI = Path(train_cli.__file__).resolve()
 # One thread per process: the tiny models gain nothing from more, and the test machine's cores are shared.
@@ -112,9 +113,12 @@ def test_defaults_are_the_originals():
         "seg_dir": None, "model_type": "DDPM", "segmentation_guided": False, "segmentation_channel_mode": "single",
         "num_segmentation_classes": None, "train_batch_size": 32, "eval_batch_size": 8, "num_epochs": 200,
         "resume_epoch": None, "use_ablated_segmentations": False, "eval_noshuffle_dataloader": False,
-        "eval_mask_removal": False, "eval_blank_mask": False, "eval_sample_size": 1000, "preset": "paper",
+        "eval_mask_removal": False, "eval_blank_mask": False, "eval_sample_size": 1000,
     }  # fmt: skip
     assert {key: args[key] for key in expected} == expected
+    # No --preset: the original's network, or the attention-free upscaler for a cascade's second stage.
+    assert TrainConfig(output_dir="run", img_dir="img").preset == "paper"
+    assert TrainConfig(output_dir="run", img_dir="img", upscale_from="base").preset == "upscaler"
 
 
 # ---- the original commands, end to end ------------------------------------------------------------------
