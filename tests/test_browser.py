@@ -35,6 +35,7 @@ def read_archive(archive, folder):
 
 @pytest.mark.timeout(1200)
 def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again(studio_url, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -63,7 +64,18 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
                 editor.locator("button[aria-label='Brush']").click()  # the menu lies over the canvas
 
         def pick(rgb):
-            swatches().and_(editor.locator(f"[style*='rgb({rgb})']")).click()
+            # The swatch menu animates shut: seen open while closing, it is not reopened and the click waits
+            # forever. Short tries, each reopening the menu if it has gone, end that race.
+            swatch = editor.locator("menu.swatch button.color").and_(editor.locator(f"[style*='rgb({rgb})']"))
+            for _ in range(60):
+                try:
+                    swatches()
+                    swatch.click(timeout=5_000)
+                    break
+                except PlaywrightTimeout:
+                    continue
+            else:
+                raise AssertionError(f"the brush menu never offered rgb({rgb})")
             close_swatches()
 
         def palette_shown(count, rgb):  # the editor takes its new brush a moment after the rest of the page
