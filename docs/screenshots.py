@@ -51,11 +51,12 @@ def main() -> None:
             page.set_default_timeout(120_000)
             page.goto(f"http://127.0.0.1:{port}")
             page.locator("#mask-examples img").first.click()
-            page.wait_for_timeout(1500)  # the example reaches the canvas
+            page.wait_for_timeout(6000)  # the example reaches the canvas (slower for a 256 px model)
             results = page.locator("#results img")
 
             page.get_by_role("button", name="Generate", exact=True).click()
             results.nth(3).wait_for()
+            page.get_by_text("· Dice").nth(3).wait_for()  # the finished images, not the progress previews
             page.wait_for_timeout(800)
             page.screenshot(path=str(ROOT / "docs" / "studio.png"), full_page=True)
 
