@@ -46,7 +46,7 @@ PRESETS: dict[str, dict] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ),
-    "upscaler": dict(  # about 0.5 M: a cascade's second stage; no attention, so any image size runs
+    "upscaler": dict(  # about 1.1 M: a cascade's second stage; no attention, so any image size runs
         layers_per_block=1,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D",) * 3,
@@ -77,7 +77,7 @@ class Upscaling:
     max_noise_level: int = 250
     noise_level: int = 100
     steps: int = 4  # the upscaler's sampling steps at the model's default settings
-    scheduler: str = "dpm++"  # and its sampler, whatever the base's (see benchmarks/quality.py)
+    scheduler: str = "dpm++"  # and its sampler, whatever the base's (benchmarks/upscaler_sampling.py)
 
     def __post_init__(self):
         if self.unshuffle < 1 or self.low_res_size < 1:

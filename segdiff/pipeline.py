@@ -383,7 +383,8 @@ class SegDiffPipeline(DiffusionPipeline):
             def run(n: int) -> int:  # the steps SDEdit runs of n
                 return n if image is None else max(1, round(n * strength))
 
-            base_steps, total_steps = run(base_request), run(base_request) + run(num_inference_steps)
+            base_steps = run(base_request)
+            total_steps = base_steps + run(num_inference_steps)
             outer = callback
             low = self.base(
                 shrink_masks(masks, upscaling.low_res_size) if card.guided else None,

@@ -173,7 +173,7 @@ class TrainConfig:
             check_range("--crop_size", self.crop_size, 8, self.img_size)
             sizes.append(("--crop_size", self.crop_size))
         # An upscaler's UNet runs on pixel-unshuffled inputs: one more halving.
-        factor = 2 ** (halvings + (Upscaling().unshuffle.bit_length() - 1 if self.upscale_from else 0))
+        factor = 2**halvings * (Upscaling().unshuffle if self.upscale_from else 1)
         for flag, size in sizes:
             if size % factor:
                 raise ConfigError(
