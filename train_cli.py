@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from typing import get_args
 
 from accelerate import PartialState
@@ -22,7 +22,7 @@ from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_STEPS, SAMPLERS
 from segdiff.data import data_info
 from segdiff.evaluation import EvalConfig, evaluate, sample_many
-from segdiff.hub import check_repo_id, push
+from segdiff.hub import check_repo_id, is_hub_id, push
 from segdiff.models import PRESETS
 from segdiff.recipes import RECIPES, BetaSchedule, Prediction, Weighting
 from segdiff.training import TrainConfig, run_name, train
@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--mode",
         default="train",
-        choices=("train", "eval", "eval_many"),
+        choices=("train", "eval", "eval_many", "distill"),
         help="train a model; eval: one grid of samples beside their masks (OUTPUT_DIR/samples/eval_grid.png); "
-        "eval_many: --eval_sample_size samples saved one file each in OUTPUT_DIR/samples_many_{N}/",
+        "eval_many: --eval_sample_size samples saved one file each in OUTPUT_DIR/samples_many_{N}/; "
+        "distill (segdiff): train a few-step student of the model in --model_dir (see --student_steps)",
     )
     add(
         "--img_size",
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--model_dir",
-        help="eval/eval_many: the model to sample from, default the run folder; also opens an original run "
+        help="eval/eval_many/distill: the model to sample from or distill, default the run folder; also opens "
+        "an original run "
         "folder or a released NAME/unet/ checkpoint (pass --num_segmentation_classes for those), or a Hugging "
         "Face Hub id org/name",
     )
@@ -186,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--crop_size",
         type=int,
         help="with --upscale_from: the training crops' size (default: --img_size / 2)",
+    )
+    add(
+        "--student_steps",
+        type=int,
+        default=TRAIN_DEFAULTS["student_steps"],
+        help="distill: the student's sampling steps. The run trains them on the training data to land where "
+        "the teacher's --teacher_steps DDIM steps do (progressive distillation in one round), and writes the "
+        "teacher with its student in student/ to --output_dir (default: the teacher's folder + '-student'). "
+        "The student then draws at the model's default settings; asking for a sampler or steps uses the "
+        "teacher. For a cascade it distills the upscaler; distill its base model first",
+    )
+    add(
+        "--teacher_steps",
+        type=int,
+        help="distill: the teacher's DDIM steps the student learns from (default: 12; an upscaler's recorded "
+        "steps), a multiple of --student_steps",
     )
     add(
         "--mask_encoding",
@@ -346,7 +364,7 @@ _FLAG_OF = {
     "ablate": "use_ablated_segmentations",
 }
 _NOT_FLAGS = {"output_dir", "seg_dir", "num_classes", "class_names", "channels_last", "log_every", "command",
-              "extra_card"}  # fmt: skip
+              "extra_card", "distill_from"}  # fmt: skip
 # The defaults the flags share with TrainConfig, read from it rather than written twice.
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
@@ -423,6 +441,13 @@ def run(args: argparse.Namespace, command: str) -> None:
     if args.mode == "train":
         folder = train(train_config(args, output_dir, command))
         print(f"model saved to {folder}")
+    elif args.mode == "distill":
+        teacher = args.model_dir or output_dir
+        student_dir = args.output_dir if args.model_dir and args.output_dir else f"{teacher.rstrip('/')}-student"
+        if is_hub_id(teacher) and not (args.model_dir and args.output_dir):
+            student_dir = f"{teacher.split('/')[-1]}-student"
+        config = replace(train_config(args, student_dir, command), distill_from=teacher)
+        print(f"model and its {args.student_steps}-step student saved to {train(config)}")
         if args.push_to_hub and PartialState().is_main_process:
             print(f"uploaded to the Hub: {push(folder, hub_id, private=args.hub_private_repo)}")
     elif args.mode == "eval":

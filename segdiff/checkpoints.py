@@ -188,7 +188,7 @@ def save_checkpoint(
     if not accelerator.is_main_process:
         return final
     pipe = pipeline()
-    pipe.card.training.update(steps=state.step, seconds=round(state.seconds, 1))
+    pipe.card.last_training.update(steps=state.step, seconds=round(state.seconds, 1))
     pipe.save_pretrained(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -262,7 +262,8 @@ def _load_checkpoint(
         check_same_model(folder, accelerator.unwrap_model(unet), card)
         accelerator.load_state(str(folder))
         if ema is not None:
-            ema_unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+            trained = card.distilled.folder if card.distilled else "unet"  # a student's EMA is the student
+            ema_unet = UNet2DModel.from_pretrained(folder / trained, use_safetensors=True)
             ema.shadow_params = [p.detach().clone().to(accelerator.device) for p in ema_unet.parameters()]
             ema.optimization_step = state.ema_step
     except (CheckpointError, ConfigError):

@@ -86,6 +86,27 @@ class Upscaling:
             raise CheckpointError(f"upscaling {self}: expected 0 <= noise_level <= max_noise_level < 1000")
 
 
+@dataclass(frozen=True)
+class Student:
+    """A few-step student distilled from a model (`segdiff.distillation`); recorded in the teacher's card.
+
+    The student's UNet, in `folder`/ beside the teacher's unet/, draws in `steps` DDIM steps on the "trailing"
+    grid what the teacher draws in `teacher_steps` DDIM steps on the same grid.
+    """
+
+    steps: int = 2
+    teacher_steps: int = 12
+    folder: str = "student"
+    method: str = "progressive distillation"  # Salimans & Ho, 2022; one round of teacher_steps / steps
+    training: dict = field(default_factory=dict)  # command, steps, time, hardware
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= self.teacher_steps or self.teacher_steps % self.steps:
+            raise CheckpointError(
+                f"student {self.steps} steps for a teacher's {self.teacher_steps}: expected a divisor of it"
+            )
+
+
 def build_unet(
     preset: str, img_size: int, img_channels: int, cond_channels: int, upscaling: Upscaling | None = None
 ) -> UNet2DModel:
@@ -172,6 +193,7 @@ class ModelCard:
     quality: dict = field(default_factory=dict)  # measured Dice and realism, from segdiff.evaluation
     segmenter: str | None = None  # sub-folder holding the Dice segmenter, when the model has one
     upscale: dict = field(default_factory=dict)  # an upscaler's `Upscaling`; {} for one-stage models
+    student: dict = field(default_factory=dict)  # its few-step `Student`; {} for models without one
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -181,12 +203,12 @@ class ModelCard:
             self.class_names, self.colors = list(palette.names), [list(c) for c in palette.colors]
         if self.num_classes and not self.colors:
             self.colors = [list(c) for c in Palette.default(self.num_classes).colors]
-        if self.upscale:
+        for name, record in (("upscale", "upscaling"), ("student", "distilled")):
             try:
-                self.upscaling  # noqa: B018 - refuses a damaged record now, not mid-sampling
+                getattr(self, record)  # refuses a damaged record now, not mid-sampling
             except TypeError as e:
                 raise CheckpointError(
-                    f"model card: upscale {self.upscale} is not an upscaler record ({e})"
+                    f"model card: {name} {getattr(self, name)} is not a valid record ({e})"
                 ) from e
 
     @property
@@ -196,6 +218,15 @@ class ModelCard:
     @property
     def upscaling(self) -> Upscaling | None:
         return Upscaling(**self.upscale) if self.upscale else None
+
+    @property
+    def distilled(self) -> Student | None:
+        return Student(**self.student) if self.student else None
+
+    @property
+    def last_training(self) -> dict:
+        """The record of the model's last training run: its student's distillation, when it has one."""
+        return self.student.setdefault("training", {}) if self.student else self.training
 
     @property
     def cond_channels(self) -> int:

@@ -7,12 +7,14 @@ mask to the noisy image, predict the noise, and step the scheduler on the image 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,11 +33,12 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
+from .distillation import student_scheduler
 from .errors import ArgumentError, CheckpointError, MaskError
 from .files import clean_interrupted_saves, swap_in
 from .hub import model_folder
 from .masks import check_mask, encode, omit_classes
-from .models import CARD_FILE, ModelCard, denoise, low_res_condition, shrink, shrink_masks
+from .models import CARD_FILE, ModelCard, Upscaling, denoise, low_res_condition, shrink, shrink_masks
 
 # Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
@@ -71,8 +74,6 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 }
 assert set(SCHEDULERS) == set(SAMPLERS)
 DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # its name where "scheduler" was the word
-# Which of (eta, generator) each sampler's `step` takes, read once rather than at every call.
-_STEP_ARGUMENTS = {name: set(inspect.signature(cls.step).parameters) for name, (cls, _) in SCHEDULERS.items()}
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
 
 
@@ -120,12 +121,18 @@ class SegDiffPipeline(DiffusionPipeline):
         scheduler: the noise schedule the model was trained with; samplers are built from its config.
         card: the model card (classes, colours, encoding, size); `ModelCard` defaults when omitted.
         base: a cascade's first stage, when this pipeline's UNet is its upscaler (`card.upscale` says how).
+        student: a few-step UNet distilled from `unet` (`card.student` says how), used at the default settings.
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(
-        self, unet: UNet2DModel, scheduler, card: ModelCard | None = None, base: SegDiffPipeline | None = None
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        card: ModelCard | None = None,
+        base: SegDiffPipeline | None = None,
+        student: UNet2DModel | None = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -152,7 +159,16 @@ class SegDiffPipeline(DiffusionPipeline):
             )
         if base is not None:
             check_stages(base.card, self.card)
-        self.base = base
+        if (self.card.distilled is None) != (student is None):
+            raise CheckpointError(
+                f"a student needs its card's record and a card's record its student: card.student="
+                f"{self.card.student}, student={'given' if student else 'none'}"
+            )
+        if student is not None and _shape(student) != _shape(unet):
+            raise CheckpointError(
+                "the student's UNet is not shaped as its teacher's: a student of another model"
+            )
+        self.base, self.student = base, student
         self.precision: Precision = "fp32"
 
     # ---- opening and saving -------------------------------------------------------------------------
@@ -199,9 +215,12 @@ class SegDiffPipeline(DiffusionPipeline):
                 raise CheckpointError(
                     f"{path}: a cascade's upscaler whose base model {card.upscaling.base}/ is missing"
                 )
-            base = cls.from_pretrained(base_dir, device=device, precision=precision, channels_last=channels_last)
+            base = cls.from_pretrained(
+                base_dir, device=device, precision=precision, channels_last=channels_last
+            )
         unet = _load_unet(unet_dir).eval()
-        pipe = cls(unet=unet, scheduler=scheduler, card=card, base=base)
+        student = _load_unet(folder / card.distilled.folder).eval() if card.distilled else None
+        pipe = cls(unet=unet, scheduler=scheduler, card=card, base=base, student=student)
         pipe.to(torch.device(device) if device else default_device())
         return pipe.set_speed(precision=precision, channels_last=channels_last)
 
@@ -218,6 +237,8 @@ class SegDiffPipeline(DiffusionPipeline):
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             if self.base is not None:
                 self.base.save_pretrained(staging / self.card.upscaling.base)
+            if self.student is not None:
+                self.student.save_pretrained(staging / self.card.distilled.folder, safe_serialization=True)
             self.card.save(staging)
             for item in sorted(staging.iterdir(), key=lambda p: p.name == CARD_FILE):  # card last
                 swap_in(item, target / item.name)
@@ -244,14 +265,18 @@ class SegDiffPipeline(DiffusionPipeline):
         self.precision = precision
         if channels_last is None:
             channels_last = self.device.type == "cpu"
-        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if compile:
-            self.unet = torch.compile(self.unet)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for name in ("unet", "student"):
+            if (network := getattr(self, name)) is not None:
+                network.to(memory_format=memory_format)
+                setattr(self, name, torch.compile(network) if compile else network)
         return self
 
     def to(self, *args, **kwargs):
         if self.base is not None:
             self.base.to(*args, **kwargs)
+        if self.student is not None:
+            self.student.to(*args, **kwargs)
         return super().to(*args, **kwargs)
 
     def set_progress_bar_config(self, **kwargs):
@@ -314,8 +339,8 @@ class SegDiffPipeline(DiffusionPipeline):
         self,
         masks=None,
         omit: Sequence[int] = (),
-        num_inference_steps: int = DEFAULT_STEPS,
-        scheduler: str = DEFAULT_SCHEDULER,
+        num_inference_steps: int | None = None,
+        scheduler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -330,6 +355,10 @@ class SegDiffPipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
+        At the default settings (no steps, no sampler asked) a model with a distilled student draws with it, in
+        the student's few steps; others, and any asked setting, draw with the model itself, by default in
+        DEFAULT_STEPS steps of DEFAULT_SAMPLER.
+
         Args:
             masks: (H, W) or (B, H, W) int class ids (numpy, torch, PIL "L", or a list of them), H = W =
                 `card.img_size`. None for unconditional models. A single mask is repeated `batch_size` times.
@@ -337,7 +366,7 @@ class SegDiffPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps (>= 1); for a cascade, its base model's.
             scheduler: the sampler: "dpm++" (DPM-Solver++ 2M, the fast default), "unipc", "ddim" or "ddpm"; for a
                 cascade, its base model's (the upscaler runs the sampler and steps its card records).
-            eta: DDIM noise (0 = deterministic); ignored by other samplers.
+            eta: DDIM noise (0 = deterministic); ignored by other samplers and by students.
             generator: torch generator(s) for the initial noise and stochastic samplers.
             latents: (B, C, H, W) initial noise, drawn from `generator` when None; for a cascade, its base
                 model's, at the base's size.
@@ -347,7 +376,7 @@ class SegDiffPipeline(DiffusionPipeline):
                 pure noise (SDEdit), so the result keeps its look to a chosen degree.
             strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
             callback: called as `callback(step, total)` after every step (of both stages of a cascade).
-            upscale_steps: a cascade's upscaler steps; None for the number its card records.
+            upscale_steps: a cascade's upscaler steps; None for the number its card records (or its student's).
             sampler: the same choice as `scheduler`, by the word the CLIs and the studio use; wins when given.
         """
         scheduler = sampler if sampler is not None else scheduler
@@ -359,7 +388,7 @@ class SegDiffPipeline(DiffusionPipeline):
             raise ArgumentError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
         if not 0.0 < strength <= 1.0:
             raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
-        if scheduler not in SCHEDULERS:
+        if scheduler is not None and scheduler not in SCHEDULERS:
             raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
         if card.guided:
             if masks is None:
@@ -375,20 +404,20 @@ class SegDiffPipeline(DiffusionPipeline):
         if image is not None:
             image = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape)
 
+        def run(n: int) -> int:  # the steps SDEdit runs of n
+            return n if image is None else max(1, round(n * strength))
+
         noise_level = None
         if self.base is not None:
             upscaling = card.upscaling
-            base_request, num_inference_steps = num_inference_steps, upscale_steps or upscaling.steps
-
-            def run(n: int) -> int:  # the steps SDEdit runs of n
-                return n if image is None else max(1, round(n * strength))
-
-            base_steps = run(base_request)
-            total_steps = base_steps + run(num_inference_steps)
+            defaults = num_inference_steps is None and scheduler is None
+            stage = self._stage(upscale_steps if upscale_steps or not defaults else None, None, upscaling)
+            base_steps = run(self.base._stage(num_inference_steps, scheduler).steps)
+            total_steps = base_steps + run(stage.steps)
             outer = callback
             low = self.base(
                 shrink_masks(masks, upscaling.low_res_size) if card.guided else None,
-                num_inference_steps=base_request,
+                num_inference_steps=num_inference_steps,
                 scheduler=scheduler,
                 eta=eta,
                 generator=generator,
@@ -405,17 +434,18 @@ class SegDiffPipeline(DiffusionPipeline):
             cond = torch.cat([low, cond], dim=1)  # (B, C_img + C_mask, H, W)
             latents = None
             callback = outer and (lambda i, _: outer(base_steps + i, total_steps))
+        else:
+            stage = self._stage(num_inference_steps, scheduler)
 
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ArgumentError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
         x = self._denoise(
+            stage,
             latents.to(device, torch.float32),
             cond,
             noise_level,
-            num_inference_steps,
-            scheduler if self.base is None else card.upscaling.scheduler,
             eta,
             generator,
             image,
@@ -434,38 +464,68 @@ class SegDiffPipeline(DiffusionPipeline):
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
+    def _stage(self, steps: int | None, sampler: str | None, upscaling: Upscaling | None = None) -> _Stage:
+        """What draws at these settings: the student at the defaults (None, None) when there is one, else the
+        model with the sampler and steps asked, or its defaults (an upscaler's: those its card records)."""
+        if steps is None and sampler is None and self.student is not None:
+            return _Stage(self.student, student_scheduler(self.scheduler), self.card.distilled.steps)
+        if upscaling is not None:
+            sampler, steps = upscaling.scheduler, steps or upscaling.steps
+        return _Stage(self.unet, self.make_scheduler(sampler or DEFAULT_SAMPLER), steps or DEFAULT_STEPS)
+
     def _denoise(
-        self, x, cond, noise_level, num_inference_steps, scheduler, eta, generator, image, strength, callback
+        self, stage: _Stage, x, cond, noise_level, eta, generator, image, strength, callback
     ) -> torch.Tensor:
         """The sampling loop: noise `x` (B, C, H, W) -> images in [-1, 1], concatenating `cond` at every step
-        and stepping the scheduler on the image channels only. With `image`, SDEdit from `strength`."""
-        sampler = self.make_scheduler(scheduler)
-        sampler.set_timesteps(num_inference_steps, device=x.device)
+        and stepping the stage's sampler on the image channels only. With `image`, SDEdit from `strength`."""
+        sampler, steps = stage.sampler, stage.steps
+        sampler.set_timesteps(steps, device=x.device)
         timesteps = sampler.timesteps
         if image is not None:
-            start = num_inference_steps - max(1, round(num_inference_steps * strength))
+            start = steps - max(1, round(steps * strength))
             timesteps = timesteps[start * sampler.order :]
             if hasattr(sampler, "set_begin_index"):
                 sampler.set_begin_index(start * sampler.order)
             x = sampler.add_noise(image * 2 - 1, x, timesteps[:1])
         step_kwargs = {"eta": eta, "generator": generator}
-        step_kwargs = {k: v for k, v in step_kwargs.items() if k in _STEP_ARGUMENTS[scheduler]}
+        step_kwargs = {k: v for k, v in step_kwargs.items() if k in _step_arguments(type(sampler))}
         upscaling = self.card.upscaling
         autocast = self._autocast(x.device)
         for i, t in enumerate(self.progress_bar(timesteps)):
             with autocast:
-                prediction = denoise(self.unet, x, t, cond, upscaling, noise_level)
+                prediction = denoise(stage.unet, x, t, cond, upscaling, noise_level)
             x = sampler.step(prediction.float(), t, x, **step_kwargs).prev_sample
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x
 
 
+@dataclass
+class _Stage:
+    """One sampling run's network, its sampler and its number of steps."""
+
+    unet: UNet2DModel
+    sampler: object
+    steps: int
+
+
+@functools.cache
+def _step_arguments(scheduler_cls: type) -> frozenset[str]:
+    """Which of (eta, generator) a sampler's `step` takes, read once per class rather than at every call."""
+    return frozenset(inspect.signature(scheduler_cls.step).parameters)
+
+
+def _shape(unet: UNet2DModel) -> dict:
+    return {k: v for k, v in unet.config.items() if not k.startswith("_")}
+
+
 def _precision_of(torch_dtype, precision: Precision) -> Precision:
     """diffusers' `torch_dtype=` as a segdiff precision; refused where `precision` says otherwise."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     if torch_dtype not in names:
-        raise ArgumentError(f"torch_dtype={torch_dtype!r}, expected torch.float32, torch.bfloat16 or torch.float16")
+        raise ArgumentError(
+            f"torch_dtype={torch_dtype!r}, expected torch.float32, torch.bfloat16 or torch.float16"
+        )
     if precision not in ("auto", names[torch_dtype]):
         raise ArgumentError(f"torch_dtype={torch_dtype!r} and precision={precision!r}: give one of them")
     return names[torch_dtype]
@@ -570,4 +630,3 @@ def _load_unet(unet_dir: Path) -> UNet2DModel:
         return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{unet_dir}: cannot load the UNet ({e})") from e
-

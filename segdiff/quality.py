@@ -153,6 +153,9 @@ def detail(generated, real, low_res_size: int) -> dict:
 # ---- quality of a diffusion model ----------------------------------------------------------------------
 
 
+STUDENT = "student"  # measure_quality's name for a distilled model's default settings
+
+
 def measure_quality(
     pipe: SegDiffPipeline,
     segmenter: Segmenter,
@@ -181,6 +184,11 @@ def measure_quality(
     rounded to 4 digits, undefined ones stored as null.
     """
     card = pipe.card
+    student = scheduler == STUDENT
+    if student and card.distilled is None:
+        raise ArgumentError(f"scheduler={STUDENT!r}: the model has no distilled student")
+    if student:  # the model's default settings, which its student draws
+        num_inference_steps = card.distilled.steps
     mine = (segmenter.config.num_classes, segmenter.config.img_channels, segmenter.config.img_size)
     if mine[:2] != (card.num_classes, card.img_channels) or card.img_size % mine[2]:
         raise CheckpointError(
@@ -208,8 +216,8 @@ def measure_quality(
                 pipe(
                     masks[batch],
                     omit=omit,
-                    num_inference_steps=num_inference_steps,
-                    scheduler=scheduler,
+                    num_inference_steps=None if student else num_inference_steps,
+                    scheduler=None if student else scheduler,
                     generator=[noise_generator(seed, i) for i in range(n)[batch]],
                     output_type="np",
                     upscale_steps=upscale_steps,
@@ -408,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--model", required=True, help="a model folder SegDiffPipeline opens")
     evaluate.add_argument("--segmenter", help="a segmenter folder (default: the model's own)")
     evaluate.add_argument("--num_classes", type=int, help="K, for models of the original code")
-    evaluate.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
+    evaluate.add_argument(
+        "--scheduler", default=DEFAULT_SCHEDULER, help=f"a sampler, or {STUDENT!r}: a distilled model's student"
+    )
     evaluate.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     evaluate.add_argument("--precision", default="auto", choices=get_args(Precision))
     evaluate.add_argument("--num_masks", type=int, help="use the first N test masks (default: all)")

@@ -27,7 +27,7 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,13 +47,14 @@ from .checkpoints import (
     resume,
     save_checkpoint,
 )
-from .choices import SAMPLERS
+from .choices import DEFAULT_STEPS, SAMPLERS
 from .data import SegDataset
+from .distillation import Trajectory, distill_loss, segments
 from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for
 from .files import write_png, write_text
 from .masks import Encoding, Palette, ablate, encode
-from .models import PRESETS, ModelCard, Upscaling, build_unet, denoise, low_res_condition, shrink
+from .models import PRESETS, ModelCard, Student, Upscaling, build_unet, denoise, low_res_condition, shrink
 from .pipeline import SegDiffPipeline
 from .processes import announce, launched_processes
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
@@ -130,6 +131,11 @@ class TrainConfig:
     # on (None: half of img_size). Its UNet has no attention, so crops train it for whole images.
     upscale_from: str | None = None
     crop_size: int | None = None
+    # Distillation: a trained model (folder or Hub id) whose few-step student this run trains; the run folder
+    # then holds the teacher with its student in student/ (`segdiff.distillation`).
+    distill_from: str | None = None
+    student_steps: int = 2
+    teacher_steps: int | None = None  # None: DEFAULT_STEPS, or the steps an upscaler's card records
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
 
@@ -197,6 +203,8 @@ class TrainConfig:
             ("--num_inference_steps", self.num_inference_steps, 1, 1000),
             ("--dataloader_num_workers", self.dataloader_num_workers, 0, 256),
             ("--log_every", self.log_every, 1, 1_000_000),
+            ("--student_steps", self.student_steps, 1, 1000),
+            ("--teacher_steps", self.teacher_steps, 1, 1000),
         ):
             if value is not None:
                 check_range(flag, value, low, high)
@@ -241,14 +249,51 @@ def train(config: TrainConfig) -> Path:
     """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process).
 
     The main process holds the folder for the run: a second run there is refused, naming the first.
+    With `distill_from`, the run trains that model's few-step student instead (`segdiff.distillation`).
     """
+    teacher = None
+    if config.distill_from:
+        teacher = SegDiffPipeline.from_pretrained(
+            config.distill_from, num_classes=config.num_classes or None, device="cpu", precision="fp32"
+        )
+        config = _for_teacher(config, teacher.card)
     if os.environ.get("RANK", "0") != "0":  # the other processes of a launch write with the main one
-        return _train(config)
+        return _train(config, teacher)
     with hold_run_folder(config.output_dir):
-        return _train(config)
+        return _train(config, teacher)
 
 
-def _train(config: TrainConfig) -> Path:
+def _for_teacher(config: TrainConfig, card: ModelCard) -> TrainConfig:
+    """A distillation's settings: the teacher's size, classes, channels and encoding, refused where the data or
+    the flags disagree; ablated masks when the teacher learned them, so its student can omit classes too."""
+    source = f"--model_dir {config.distill_from}"
+    if card.guided and config.seg_dir is None:
+        raise ConfigError(
+            f"{source}: a segmentation-guided model; distilling it needs --segmentation_guided --seg_dir"
+        )
+    upscaling = card.upscaling
+    teacher_steps = config.teacher_steps or (upscaling.steps if upscaling else DEFAULT_STEPS)
+    if teacher_steps % config.student_steps:
+        raise ConfigError(
+            f"--student_steps {config.student_steps}: each student step stands for a whole number of teacher "
+            f"steps; expected a divisor of --teacher_steps {teacher_steps}"
+        )
+    flags = card.training.get("flags", {})
+    return replace(
+        config,
+        img_size=card.img_size,
+        img_channels=card.img_channels,
+        num_classes=card.num_classes,
+        class_names=tuple(card.class_names),
+        encoding=card.encoding if card.guided else config.encoding,
+        preset=card.preset or "paper",
+        teacher_steps=teacher_steps,
+        ablate=config.ablate or bool(flags.get("ablate")),
+        crop_size=config.crop_size or (card.img_size // 2 if upscaling else None),
+    )
+
+
+def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     out = Path(config.output_dir)
     launched = launched_processes()
     accelerator = Accelerator(
@@ -270,8 +315,13 @@ def _train(config: TrainConfig) -> Path:
     set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
     recipe = config.training_recipe
     base = _base_model(config, accelerator.device) if config.upscale_from else None
-    card = _card(config, base.card if base else None)
-    card.training.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        card = _student_card(config, teacher.card)
+    else:
+        card = _card(config, base.card if base else None)
+    record = card.last_training  # a student's record: its teacher's own stays as it was
+    record.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
     palette = card.palette if card.guided else None
     data = (config.img_dir, config.seg_dir)
     train_set = SegDataset(*data, "train", config.img_size, config.img_channels, config.num_classes, palette)
@@ -292,8 +342,8 @@ def _train(config: TrainConfig) -> Path:
     # Sharded across processes first: each process then runs len(loader) batches per epoch.
     loader = accelerator.prepare(loader)
     resuming = config.resume and latest_checkpoint(out) is not None
-    noise_scheduler = recipe.noise_scheduler(config.model_type)
-    unet = _initial_unet(config, card, noise_scheduler, out)
+    noise_scheduler = teacher.scheduler if teacher else recipe.noise_scheduler(config.model_type)
+    unet = _initial_unet(config, card, noise_scheduler, out, teacher)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = _optimizer(unet, recipe.peak_learning_rate(config.preset), accelerator.device)
@@ -339,9 +389,15 @@ def _train(config: TrainConfig) -> Path:
         accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
 
     def pipeline() -> SegDiffPipeline:
-        return _pipeline(accelerator, unet, ema, noise_scheduler, card, base)
+        return _pipeline(accelerator, unet, ema, noise_scheduler, card, base, teacher)
 
-    sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
+    # Grids show the model at the default settings when this run trains a student: the student itself.
+    sampler, steps = (
+        (None, None)
+        if teacher
+        else sampler_for(config.model_type, config.sampler, config.num_inference_steps)
+    )
+    objective = _objective(config, card, recipe, noise_scheduler, teacher)
 
     def save_grid(epochs_done: int) -> None:
         if grid_set is None:
@@ -356,7 +412,7 @@ def _train(config: TrainConfig) -> Path:
         write_png(grid, out / "samples" / f"{epochs_done - 1:04d}.png")
 
     def save_model(epochs_done: int, seconds: float) -> None:
-        card.training.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
+        record.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
         pipeline().save_pretrained(out)
 
     log = _CsvLog(out / "train_log.csv", state.step) if accelerator.is_main_process else None
@@ -376,16 +432,7 @@ def _train(config: TrainConfig) -> Path:
         unet.train()
         for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             with accelerator.accumulate(unet):
-                loss = _loss(
-                    unet,
-                    noise_scheduler,
-                    recipe,
-                    batch,
-                    card,
-                    config.ablate,
-                    config.channels_last,
-                    config.crop_size,
-                )
+                loss = objective(unet, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -434,43 +481,56 @@ def _train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         epochs_done = math.ceil(state.step / steps_per_epoch)
         save_grid(epochs_done)
-        card.training["finished"] = True
+        record["finished"] = True
         save_model(epochs_done, state.seconds)
     accelerator.wait_for_everyone()  # every process returns once the model is saved
     accelerator.end_training()
     return out
 
 
-def _loss(
-    unet,
-    noise_scheduler,
-    recipe: Recipe,
-    batch,
-    card: ModelCard,
-    ablated: bool,
-    channels_last: bool,
-    crop_size: int | None = None,
-) -> torch.Tensor:
-    images, masks = batch["image"], batch["mask"]  # (B, C, H, W) in [-1, 1], (B, H, W) int64
-    if ablated:
-        masks = ablate(masks, card.num_classes)
-    cond = encode(masks, card.encoding, card.num_classes)  # (B, C_mask, H, W)
-    upscaling, noise_level = card.upscaling, None
-    if upscaling is not None:
-        images, cond, noise_level = _upscaler_inputs(images, cond, upscaling, noise_scheduler, crop_size)
-    noise = torch.randn_like(images)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
-    noisy = noise_scheduler.add_noise(images, noise, t)
-    prediction = denoise(unet, noisy, t, cond, upscaling, noise_level, channels_last)
-    return recipe.loss(prediction, noise_scheduler, images, noise, t)
+def _objective(config: TrainConfig, card: ModelCard, recipe: Recipe, noise_scheduler, teacher):
+    """The loss of a batch, `objective(unet, batch)`: the diffusion loss, or a student's distillation loss."""
+    upscaling = card.upscaling
+    if teacher is not None:
+        trajectory = Trajectory(noise_scheduler, teacher.device)
+        grid = segments(noise_scheduler, card.distilled)
+        noise_level = upscaling.noise_level if upscaling else None  # the student serves the card's level only
+
+    def objective(unet, batch) -> torch.Tensor:
+        images, masks = batch["image"], batch["mask"]  # (B, C, H, W) in [-1, 1], (B, H, W) int64
+        if config.ablate:
+            masks = ablate(masks, card.num_classes)
+        cond = encode(masks, card.encoding, card.num_classes)  # (B, C_mask, H, W)
+        level = None
+        if upscaling is not None:
+            fixed = noise_level if teacher is not None else None
+            images, cond, level = _upscaler_inputs(
+                images, cond, upscaling, noise_scheduler, config.crop_size, fixed
+            )
+        if teacher is not None:
+            return distill_loss(unet, teacher.unet, trajectory, grid, images, cond, upscaling, level)
+        noise = torch.randn_like(images)
+        t = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device
+        )
+        noisy = noise_scheduler.add_noise(images, noise, t)
+        prediction = denoise(unet, noisy, t, cond, upscaling, level, config.channels_last)
+        return recipe.loss(prediction, noise_scheduler, images, noise, t)
+
+    return objective
 
 
-def _upscaler_inputs(images, cond, upscaling: Upscaling, noise_scheduler, crop_size: int):
+def _upscaler_inputs(
+    images, cond, upscaling: Upscaling, noise_scheduler, crop_size: int, level: int | None = None
+):
     """Real images (B, C, H, W) -> (random crops of them, the same crops of the upscaler's condition, the noise
     levels (B,)). The condition is the base model's view of each image (shrunk to its size, enlarged back and
-    noised to a random level) followed by the mask channels `cond`, as `SegDiffPipeline` builds it."""
+    noised to `level`, or a random level) followed by the mask channels `cond`, as `SegDiffPipeline` builds it."""
     b, c, size, _ = images.shape
-    level = torch.randint(0, upscaling.max_noise_level + 1, (b,), device=images.device)
+    if level is None:
+        level = torch.randint(0, upscaling.max_noise_level + 1, (b,), device=images.device)
+    else:
+        level = torch.full((b,), level, device=images.device)
     low = low_res_condition(
         shrink(images, upscaling.low_res_size), size, noise_scheduler, level, torch.randn_like(images)
     )
@@ -559,9 +619,31 @@ def _card(config: TrainConfig, base: ModelCard | None = None) -> ModelCard:
     return card
 
 
-def _initial_unet(config: TrainConfig, card: ModelCard, noise_scheduler, out: Path) -> UNet2DModel:
-    """A fresh UNet, or the saved one for --resume_epoch; refuses folders this run would damage."""
-    unet = build_unet(config.preset, config.img_size, config.img_channels, card.cond_channels, card.upscaling)
+def _student_card(config: TrainConfig, card: ModelCard) -> ModelCard:
+    """The teacher's card with the record of the student this run trains."""
+    flags = {k: v for k, v in asdict(config).items() if k not in ("command", "extra_card")}
+    training = {
+        "command": config.command,
+        "hardware": _hardware(),
+        "flags": flags,
+        "teacher": config.distill_from,
+    }
+    student = Student(steps=config.student_steps, teacher_steps=config.teacher_steps, training=training)
+    return replace(card, student=asdict(student))
+
+
+def _initial_unet(
+    config: TrainConfig, card: ModelCard, noise_scheduler, out: Path, teacher: SegDiffPipeline | None = None
+) -> UNet2DModel:
+    """A fresh UNet (a student: a copy of its teacher's), or the saved one for --resume_epoch; refuses folders
+    this run would damage."""
+    if teacher is not None:
+        unet = UNet2DModel.from_config(teacher.unet.config)
+        unet.load_state_dict(teacher.unet.state_dict())
+    else:
+        unet = build_unet(
+            config.preset, config.img_size, config.img_channels, card.cond_channels, card.upscaling
+        )
     check_same_model(out, unet, card)
     if config.resume or config.resume_epoch is not None:
         for folder in (out, latest_checkpoint(out)):
@@ -597,14 +679,18 @@ def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None
     return None
 
 
-def _pipeline(accelerator, unet, ema, noise_scheduler, card, base=None) -> SegDiffPipeline:
-    """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise."""
+def _pipeline(accelerator, unet, ema, noise_scheduler, card, base=None, teacher=None) -> SegDiffPipeline:
+    """The model as saved and sampled: EMA weights when EMA is on, the trained ones otherwise; a student is saved
+    with its teacher, which stays as it was."""
     model = accelerator.unwrap_model(unet, keep_torch_compile=False)
     if ema is not None:
         with torch.random.fork_rng(devices=[]):  # its random init must not move the training RNG
             model = UNet2DModel.from_config(model.config).to(accelerator.device)
         ema.copy_to(model.parameters())
-    pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card, base=base)
+    if teacher is not None:
+        pipe = SegDiffPipeline(teacher.unet, noise_scheduler, card, teacher.base, student=model.eval())
+    else:
+        pipe = SegDiffPipeline(unet=model.eval(), scheduler=noise_scheduler, card=card, base=base)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

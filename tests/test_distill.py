@@ -1,0 +1,174 @@
+"""Few-step students: a tiny teacher distilled for a few dozen steps saves its student beside it, reopens, is
+drawn at the defaults and skipped when steps are asked for, lands nearer its teacher than the teacher's own
+few steps do, keeps omit and SDEdit, resumes exactly, and bad settings are refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import config, steps_logged, write_data
+
+import train_cli
+from segdiff import CheckpointError, ConfigError, SegDiffPipeline
+from segdiff.training import train
+
+LEARN = dict(train_batch_size=8, learning_rate=3e-3, lr_warmup_steps=5, checkpointing_steps=1000)
+DISTILL = dict(student_steps=2, teacher_steps=4, train_batch_size=8, learning_rate=1e-3, lr_warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), size=32, counts=(16, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, data):
+    """(teacher folder, folder of the teacher with its 2-step student): 32 px, briefly trained and distilled."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher, student = root / "teacher", root / "teacher-student"
+    train(config(teacher, data, max_train_steps=60, ablate=True, **LEARN))
+    train(
+        config(
+            student, data, distill_from=str(teacher), max_train_steps=40, checkpointing_steps=1000, **DISTILL
+        )
+    )
+    return teacher, student
+
+
+def mask32() -> np.ndarray:
+    mask = np.zeros((32, 32), np.int64)
+    mask[4:28, 4:14] = 1
+    mask[8:24, 18:30] = 2
+    return mask
+
+
+def draw(pipe, **kwargs) -> np.ndarray:
+    steps = []
+    images = pipe(
+        mask32(),
+        batch_size=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        callback=lambda i, n: steps.append(n),
+        **kwargs,
+    ).images
+    return images, steps[-1]
+
+
+def test_the_student_lives_with_its_teacher_and_draws_at_the_defaults(models):
+    teacher_dir, folder = models
+    card = SegDiffPipeline.from_pretrained(folder, device="cpu").card
+    assert (card.distilled.steps, card.distilled.teacher_steps) == (2, 4)
+    assert card.distilled.method == "progressive distillation"
+    assert card.student["training"]["teacher"] == str(teacher_dir) and card.student["training"]["finished"]
+    assert (folder / "student" / "diffusion_pytorch_model.safetensors").is_file()
+    # The teacher is copied as it was: its weights and its own training record.
+    ours, theirs = (
+        load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (folder, teacher_dir)
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert card.training["steps"] == 60
+
+    pipe = SegDiffPipeline.from_pretrained(folder, device="cpu")
+    assert pipe.student is not None
+    student_images, student_steps = draw(pipe)
+    teacher_images, teacher_steps = draw(pipe, num_inference_steps=12)
+    assert (student_steps, teacher_steps) == (2, 12)  # asking for steps (or a sampler) uses the teacher
+    assert draw(pipe, sampler="dpm++")[1] == 12
+    teacher_only = SegDiffPipeline.from_pretrained(teacher_dir, device="cpu")
+    np.testing.assert_array_equal(teacher_images, draw(teacher_only, num_inference_steps=12)[0])
+    assert not np.array_equal(student_images, draw(teacher_only)[0])
+
+
+def test_the_student_lands_nearer_its_teachers_many_steps_than_the_teachers_few(models):
+    """What distillation is for: the student's 2 steps approximate the teacher's 4 on the same grid better
+    than 2 of the teacher's own steps do."""
+    pipe = SegDiffPipeline.from_pretrained(models[1], device="cpu")
+
+    def teacher_on_the_students_grid(steps: int) -> np.ndarray:
+        card = dataclasses.replace(pipe.card, student={"steps": steps, "teacher_steps": 4})
+        return draw(SegDiffPipeline(pipe.unet, pipe.scheduler, card, student=pipe.unet))[0]
+
+    target = teacher_on_the_students_grid(4)
+    student = draw(pipe)[0]
+    assert np.abs(student - target).mean() < np.abs(teacher_on_the_students_grid(2) - target).mean()
+
+
+def test_omit_and_sdedit_work_with_the_student(models):
+    pipe = SegDiffPipeline.from_pretrained(models[1], device="cpu")
+    mask = mask32()
+    kwargs = dict(batch_size=2, output_type="np")
+    omitted = pipe(mask, omit=[2], generator=torch.Generator().manual_seed(1), **kwargs).images
+    without = pipe(np.where(mask == 2, 0, mask), generator=torch.Generator().manual_seed(1), **kwargs).images
+    np.testing.assert_array_equal(omitted, without)
+
+    start = torch.zeros(1, 1, 32, 32)
+    start[..., 16:] = 1.0
+
+    def distance(strength: float) -> float:
+        out = pipe(
+            mask, image=start, strength=strength, generator=torch.Generator().manual_seed(0), output_type="pt"
+        )
+        return float((out.images - start).abs().mean())
+
+    assert distance(0.5) < distance(1.0)
+
+
+def test_distillation_resumes_exactly(tmp_path, data, models):
+    settings = dict(
+        distill_from=str(models[0]), checkpointing_steps=3, checkpoints_total_limit=None, ema=True
+    )
+    settings.update(DISTILL, max_train_steps=5, train_batch_size=4)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(config(full, data, **settings))
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    train(config(resumed, data, resume=True, **settings))
+    assert steps_logged(resumed) == [4, 5]
+    for name in ("checkpoint-5/model.safetensors", "student/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_bad_distillation_settings_are_refused(tmp_path, data, models, capsys):
+    teacher = str(models[0])
+    with pytest.raises(ConfigError, match=r"--student_steps 3: .* a divisor of --teacher_steps 4"):
+        train(config(tmp_path / "a", data, distill_from=teacher, student_steps=3, teacher_steps=4))
+    with pytest.raises(
+        ConfigError, match=r"segmentation-guided model; distilling it needs --segmentation_guided"
+    ):
+        train(config(tmp_path / "b", data, distill_from=teacher, seg_dir=None, num_classes=0))
+    with pytest.raises(CheckpointError, match=r"num_classes=4, but its card says 3"):
+        train(config(tmp_path / "c", data, distill_from=teacher, num_classes=4))
+    with pytest.raises(CheckpointError, match="no such model folder"):
+        train(config(tmp_path / "d", data, distill_from=str(tmp_path / "nowhere")))
+
+    img_dir, seg_dir = data
+    code = train_cli.main([
+        "--mode", "distill", "--model_dir", teacher, "--img_dir", str(img_dir), "--seg_dir", str(seg_dir),
+        "--segmentation_guided", "--num_segmentation_classes", "3", "--student_steps", "5",
+    ])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err == "error: --student_steps 5: each student step stands for a whole number of teacher steps; " \
+        "expected a divisor of --teacher_steps 12"  # fmt: skip
+
+
+def test_the_cli_writes_the_student_beside_a_copy_of_its_teacher(tmp_path, data, models):
+    teacher = tmp_path / "run"
+    shutil.copytree(models[0], teacher, ignore=shutil.ignore_patterns("checkpoint-*"))
+    img_dir, seg_dir = data
+    code = train_cli.main([
+        "--mode", "distill", "--model_dir", str(teacher), "--img_dir", str(img_dir), "--seg_dir", str(seg_dir),
+        "--segmentation_guided", "--num_segmentation_classes", "3", "--teacher_steps", "4",
+        "--max_train_steps", "2", "--train_batch_size", "4", "--save_image_epochs", "1",
+    ])  # fmt: skip
+    assert code == 0
+    out = tmp_path / "run-student"
+    pipe = SegDiffPipeline.from_pretrained(out, device="cpu")
+    assert pipe.card.distilled.steps == 2 and (out / "samples").is_dir()
+    assert not (teacher / "student").exists()  # the teacher's own folder is left as it was
