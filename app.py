@@ -59,6 +59,7 @@ CSS = """
 .legend span.swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px;
                       vertical-align: -2px; margin-right: 6px; border: 1px solid var(--border-color-primary); }
 .model-line { opacity: 0.8; font-size: 0.9em; }
+#preview img { width: 100%; height: 100%; object-fit: contain; padding: 36px 6px 6px; box-sizing: border-box; }
 #reroll { align-self: flex-end; margin-bottom: 8px; }
 .tips { font-size: 0.88em; opacity: 0.85; }
 """
@@ -165,12 +166,15 @@ def tips(studio: Studio) -> str:
 def editor_of(studio: Studio, mask=None) -> dict:
     """What the mask editor shows for a model: its canvas size, brush palette, and `mask` (None: blank).
 
-    A mask goes on the layer, over a black background, so the eraser takes it back to background.
+    A mask goes on the layer, over a black background, so the eraser takes it back to background. A blank
+    canvas has its layer too, transparent: the editor skips its first `change`, which is then the layer's
+    loading rather than the first stroke (the live preview follows `change`).
     """
     side, scale = studio.size * studio.canvas_scale, studio.canvas_scale
-    layers = [] if mask is None else [studio.layer(mask)]
+    blank = np.zeros((studio.size, studio.size), np.int64)
     return dict(
-        value={"background": studio.canvas(), "layers": layers, "composite": None},
+        value={"background": studio.canvas(), "layers": [studio.layer(blank if mask is None else mask)],
+               "composite": None},
         canvas_size=(side, side),
         brush=gr.Brush(
             colors=[studio.palette.hex(i) for i in range(len(studio.class_names))],
@@ -243,7 +247,7 @@ class Handlers:
         """The page's outputs of a run: gallery, settings, download button, the run kept for redrawing."""
         for notice in run.notices:
             gr.Info(notice)
-        return self.gallery_of(run, contours), run.settings, gr.DownloadButton(str(run.archive), visible=True), run
+        return self.gallery_of(run, contours), run.settings, gr.DownloadButton(value=str(run.archive), visible=True), run
 
     def returned(self, run: Run) -> tuple:
         """The API's outputs of a run: (image files with captions, settings, zip), plain values."""
@@ -452,6 +456,8 @@ def build_demo(models: Models) -> gr.Blocks:
             gpu(on.on_sweep), [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
             **private, **model,
         )
+        # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
+        # into it; its `input` comes sooner, with the canvas as it was before the stroke.
         gr.on(
             [editor.change, keep.change, seed.change], gpu(on.on_paint), [picker, editor, keep, seed], preview,
             trigger_mode="always_last", show_progress="hidden", **private, **previews,
