@@ -65,6 +65,16 @@ CSS = """
 """
 
 
+# How events run. The page's own events are private: any client can reach them, none is documented. Inputs
+# come raw (preprocess=False): gradio would decode every image at whatever size a request claims and round
+# numbers; the studio checks and reads each value itself. Sampling takes one lane, one job at a time (the
+# queue's default limit); previews have their own, so Generate never waits behind one and a stroke never waits
+# for Generate, and while one preview is drawn only the newest stroke since is drawn next (always_last).
+PRIVATE = dict(api_visibility="private")
+RAW = dict(preprocess=False)
+SAMPLING = dict(concurrency_id="model", **RAW)
+PREVIEWS = dict(concurrency_id="preview", concurrency_limit=1, **RAW)
+
 log = logging.getLogger("segdiff.studio")
 
 
@@ -201,8 +211,7 @@ class Handlers:
     `Settings`, and the mask, whether the API's uploaded file or the page's editor value. Page and API differ
     only in what they take and give back: the page paints, ticks the classes to keep, may bring a start image,
     and shows a gallery it can redraw; the API uploads a mask file, names the classes to omit, and gets plain
-    values (gradio_client would hand component updates back as they are). Events take their inputs raw
-    (preprocess=False): gradio would decode every image at whatever size a request claims and round numbers.
+    values (gradio_client would hand component updates back as they are).
     """
 
     def __init__(self, models: Models, editor: gr.ImageEditor):
@@ -421,65 +430,64 @@ def build_demo(models: Models) -> gr.Blocks:
                 with gr.Accordion("Settings of these results", open=False):
                     settings_json = gr.JSON(label="Settings", show_label=False)
 
-        # API-only inputs and outputs: a mask file instead of a canvas, class names to omit; the model is
-        # the picker's value, so a request that names none gets the launch default.
-        api_mask = gr.File(label="mask", visible=False)
-        api_omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
-        api_gallery = gr.Gallery(label="images", visible=False, format="png")
-        api_settings = gr.JSON(label="settings", visible=False)
-        api_archive = gr.File(label="archive", visible=False)
-        api_image = gr.Image(label="image", visible=False, format="png")
-        api_generate_btn = gr.Button(visible=False)
-        api_sweep_btn = gr.Button(visible=False)
-        api_preview_btn = gr.Button(visible=False)
-
         on = Handlers(models, editor)
         outputs = [gallery, settings_json, download, run_state]
-        api_outputs = [api_gallery, api_settings, api_archive]
-        private = dict(api_visibility="private")
-        raw = dict(preprocess=False)
-        model = dict(concurrency_id="model", **raw)  # one sampling job at a time (the queue's default limit)
-        # Previews have their own lane: Generate never waits behind one, and a stroke never waits for Generate.
-        # While one is drawn, only the newest of the strokes since is drawn next (always_last).
-        previews = dict(concurrency_id="preview", concurrency_limit=1, **raw)
         picker.change(
             on.switch, picker,
             [editor, legend, keep, examples, model_line, painting_tips, start_image, preview, *outputs],
-            **private, **raw,
+            **PRIVATE, **RAW,
         )
         generate_btn.click(
             gpu(on.on_generate),
             [picker, editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
-            outputs, **private, **model,
+            outputs, **PRIVATE, **SAMPLING,
         )
         sweep_btn.click(
             gpu(on.on_sweep), [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
-            **private, **model,
+            **PRIVATE, **SAMPLING,
         )
         # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
         # into it; its `input` comes sooner, with the canvas as it was before the stroke.
         gr.on(
             [editor.change, keep.change, seed.change], gpu(on.on_paint), [picker, editor, keep, seed], preview,
-            trigger_mode="always_last", show_progress="hidden", **private, **previews,
+            trigger_mode="always_last", show_progress="hidden", **PRIVATE, **PREVIEWS,
         )
-        contours.change(on.redraw, [run_state, contours], gallery, **private, queue=False)
-        reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **private, queue=False)
-        mask_file.upload(on.load_mask, [picker, mask_file], editor, **private, **raw)
-        examples.click(on.load_example, [picker, examples], editor, **private, **raw)
-        api_generate_btn.click(
-            gpu(on.generate), [api_mask, api_omit, seed, steps, num_images, sampler, picker], api_outputs,
-            api_name="generate", **model,
-        )
-        api_sweep_btn.click(
-            gpu(on.sweep), [api_mask, seed, steps, sampler, picker], api_outputs, api_name="sweep", **model,
-        )
-        api_preview_btn.click(
-            gpu(on.preview), [api_mask, api_omit, seed, picker], api_image, api_name="preview", **previews,
-        )
+        contours.change(on.redraw, [run_state, contours], gallery, **PRIVATE, queue=False)
+        reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **PRIVATE, queue=False)
+        mask_file.upload(on.load_mask, [picker, mask_file], editor, **PRIVATE, **RAW)
+        examples.click(on.load_example, [picker, examples], editor, **PRIVATE, **RAW)
+        add_api(on, picker, seed, steps, num_images, sampler)
     # One sampling job at a time: a second would only halve the speed of both on a small machine.
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
+
+
+def add_api(on: Handlers, picker, seed, steps, num_images, sampler) -> None:
+    """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
+
+    They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
+    inputs their defaults, and the model is the picker's value, so a request that names none gets the launch
+    default.
+    """
+    mask = gr.File(label="mask", visible=False)
+    omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
+    results = [
+        gr.Gallery(label="images", visible=False, format="png"),
+        gr.JSON(label="settings", visible=False),
+        gr.File(label="archive", visible=False),
+    ]
+    image = gr.Image(label="image", visible=False, format="png")
+    gr.Button(visible=False).click(
+        gpu(on.generate), [mask, omit, seed, steps, num_images, sampler, picker], results, api_name="generate",
+        **SAMPLING,
+    )
+    gr.Button(visible=False).click(
+        gpu(on.sweep), [mask, seed, steps, sampler, picker], results, api_name="sweep", **SAMPLING
+    )
+    gr.Button(visible=False).click(
+        gpu(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS
+    )
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
