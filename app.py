@@ -24,7 +24,7 @@ from gradio.exceptions import InvalidPathError
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from segdiff.errors import check_integer
+from segdiff.errors import DataLayoutError, check_integer
 from segdiff.hub import is_hub_id
 from segdiff.registry import Models
 from segdiff.runs import Run
@@ -46,6 +46,7 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
+KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
 SAMPLER_LABELS = {
     "dpm++": "DPM++ 2M (fast)",
     "unipc": "UniPC (fast)",
@@ -82,9 +83,10 @@ log = logging.getLogger("segdiff.studio")
 # Each reaches into gradio internals that a minor release may move; check them first when gradio is upgraded.
 # - `refuse_foreign_files` wraps `Blocks.preprocess_data`, which refuses a file no upload created (InvalidPathError,
 #   or pydantic's ValidationError for a malformed one) before any handler runs; the client would see `{"error": null}`.
-# - `painted_blobs` reads `ImageEditor.blob_storage`: a browser's painting reaches the server as PNG blobs ahead of
-#   the event, whose raw value names them by `id`; once an event has updated the editor, the session holds its own
-#   copy of the component (`LocalContext.blocks_config`).
+# - `painted` reads `ImageEditor.blob_storage`: a browser's painting reaches the server as PNG blobs ahead of the
+#   event, whose raw value names them by `id`; once an event has updated the editor, the session holds its own
+#   copy of the component (`LocalContext.blocks_config`). While an event listens to the editor, the browser
+#   sends each stroke's blobs, and most are never named by a value: gradio keeps them all, we keep the newest.
 # - `path_of` reads a raw (preprocess=False) file value: gradio's FileData as a dict.
 
 
@@ -106,12 +108,13 @@ def refuse_foreign_files(demo: gr.Blocks) -> None:
     demo.preprocess_data = checked
 
 
-def painted_blobs(editor: gr.ImageEditor, value_id: str):
-    """The PNG blobs a browser's painting sent ahead of the editor's value, popped from this session's editor;
-    None if gone."""
+def painted(editor: gr.ImageEditor) -> dict:
+    """This session's PNG blobs of painted canvases by id, trimmed to the newest KEEP_PAINTED."""
     session = LocalContext.blocks_config.get(None)
-    holder = session.blocks.get(editor._id, editor) if session else editor
-    return holder.blob_storage.pop(value_id, None)
+    blobs = (session.blocks.get(editor._id, editor) if session else editor).blob_storage
+    for stale in list(blobs)[:-KEEP_PAINTED]:  # oldest first: the dict holds them in the order they came
+        blobs.pop(stale, None)
+    return blobs
 
 
 def path_of(file) -> str | None:
@@ -233,9 +236,13 @@ class Handlers:
             if path_of(value) is None:
                 raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
             return studio.mask_from_file(path_of(value))
+        held = painted(self.editor)
         if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
-            blobs = painted_blobs(self.editor, value["id"])
-            files = (None, (), None) if blobs is None else (blobs.background, blobs.layers, blobs.composite)
+            blobs = held.pop(value["id"], None)
+            if blobs is None:
+                raise DataLayoutError("canvas: the painting sent with this request is no longer on the server "
+                                      "(the request waited too long); paint a stroke and try again")
+            files = (blobs.background, blobs.layers, blobs.composite)
         else:
             layers = [path_of(f) for f in value.get("layers") or ()]
             files = (path_of(value.get("background")), layers, path_of(value.get("composite")))

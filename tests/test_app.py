@@ -11,6 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import numpy as np
 import PIL.Image
@@ -118,6 +119,16 @@ def test_live_preview_of_a_blank_or_unreadable_canvas_is_quiet(client, tmp_path,
         kept = client.predict("tiny-breast", noise, CLASS_NAMES[1:], 1, fn_index=index)  # no error raised
     assert "value" not in kept  # an update that sets nothing: the last preview stays
     assert any("no preview: painted mask" in r.getMessage() for r in caplog.records)
+
+
+def test_painted_canvases_are_held_newest_first_and_a_lost_one_is_said(client):
+    editor = gr.ImageEditor()  # the browser sends each stroke's canvas; most are never asked for
+    editor.blob_storage.update({str(i): i for i in range(app.KEEP_PAINTED + 10)})
+    assert list(app.painted(editor)) == [str(i) for i in range(10, app.KEEP_PAINTED + 10)]
+    lost = {"id": "gone", "background": None, "layers": [], "composite": None}
+    with pytest.raises(AppError, match=r"canvas: the painting sent with this request is no longer on the server"):
+        client.predict("tiny-breast", lost, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+                       fn_index=private_endpoint(client, "on_generate"))
 
 
 # ---- the model picker ------------------------------------------------------------------------------------
