@@ -30,14 +30,17 @@ from segdiff.registry import Models
 from segdiff.runs import Run
 from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
 
-try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
+try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorators change nothing
     import spaces
 
     gpu = spaces.GPU(duration=60)
+    gpu_briefly = spaces.GPU(duration=10)  # a preview: a shorter claim waits less in ZeroGPU's queue
 except ImportError:
 
     def gpu(fn):
         return fn
+
+    gpu_briefly = gpu
 
 
 HERE = Path(__file__).resolve().parent
@@ -456,7 +459,7 @@ def build_demo(models: Models) -> gr.Blocks:
         # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
         # into it; its `input` comes sooner, with the canvas as it was before the stroke.
         gr.on(
-            [editor.change, keep.change, seed.change], gpu(on.on_paint), [picker, editor, keep, seed], preview,
+            [editor.change, keep.change, seed.change], gpu_briefly(on.on_paint), [picker, editor, keep, seed], preview,
             trigger_mode="always_last", show_progress="hidden", **PRIVATE, **PREVIEWS,
         )
         contours.change(on.redraw, [run_state, contours], gallery, **PRIVATE, queue=False)
@@ -493,7 +496,7 @@ def add_api(on: Handlers, picker, seed, steps, num_images, sampler) -> None:
         gpu(on.sweep), [mask, seed, steps, sampler, picker], results, api_name="sweep", **SAMPLING
     )
     gr.Button(visible=False).click(
-        gpu(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS
+        gpu_briefly(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS
     )
 
 
