@@ -2,8 +2,9 @@
 
     python app.py [--model PATH|org/name] [--num_classes K] [--host 127.0.0.1] [--port 7860]
 
-UI only: every action is one call into `segdiff.studio`. The picker offers every bundled model (and the one
-given by --model); each loads once, on first use, and stays loaded (`segdiff.registry`).
+Layout and wiring only: every action is one call into `segdiff.studio`. The picker offers every bundled model
+(and the one given by --model); each loads once, on first use, and stays loaded (`segdiff.registry`). A
+preview redraws after each stroke; the API's `/generate`, `/sweep` and `/preview` take a mask file.
 """
 
 from __future__ import annotations
@@ -16,26 +17,30 @@ import signal
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pydantic
 from gradio.context import LocalContext
 from gradio.exceptions import InvalidPathError
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from segdiff.errors import check_integer
+from segdiff.errors import DataLayoutError, check_integer
 from segdiff.hub import is_hub_id
 from segdiff.registry import Models
 from segdiff.runs import Run
-from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Studio
+from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
 
-try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorator changes nothing
+try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorators change nothing
     import spaces
 
     gpu = spaces.GPU(duration=60)
+    gpu_briefly = spaces.GPU(duration=10)  # a preview: a shorter claim waits less in ZeroGPU's queue
 except ImportError:
 
     def gpu(fn):
         return fn
+
+    gpu_briefly = gpu
 
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +49,7 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
+KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
 SAMPLER_LABELS = {
     "dpm++": "DPM++ 2M (fast)",
     "unipc": "UniPC (fast)",
@@ -52,17 +58,73 @@ SAMPLER_LABELS = {
 }
 THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate")
 CSS = """
-#results img, #mask-examples img { image-rendering: pixelated; }
+#results img, #mask-examples img, #preview img { image-rendering: pixelated; }
 .legend { display: flex; flex-wrap: wrap; gap: 6px 14px; font-size: 0.9em; }
 .legend span.swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px;
                       vertical-align: -2px; margin-right: 6px; border: 1px solid var(--border-color-primary); }
 .model-line { opacity: 0.8; font-size: 0.9em; }
+#preview img { width: 100%; height: 100%; object-fit: contain; padding: 36px 6px 6px; box-sizing: border-box; }
 #reroll { align-self: flex-end; margin-bottom: 8px; }
 .tips { font-size: 0.88em; opacity: 0.85; }
 """
 
 
+# How events run. The page's own events are private: any client can reach them, none is documented. Inputs
+# come raw (preprocess=False): gradio would decode every image at whatever size a request claims and round
+# numbers; the studio checks and reads each value itself. Sampling takes one lane, one job at a time (the
+# queue's default limit); previews have their own, so Generate never waits behind one and a stroke never waits
+# for Generate, and while one preview is drawn only the newest stroke since is drawn next (always_last).
+PRIVATE = dict(api_visibility="private")
+RAW = dict(preprocess=False)
+SAMPLING = dict(concurrency_id="model", **RAW)
+PREVIEWS = dict(concurrency_id="preview", concurrency_limit=1, **RAW)
+
 log = logging.getLogger("segdiff.studio")
+
+
+# ---- private Gradio workarounds: written against gradio 6.x (tested on 6.31.0, the Space's sdk_version) ----
+# Each reaches into gradio internals that a minor release may move; check them first when gradio is upgraded.
+# - `refuse_foreign_files` wraps `Blocks.preprocess_data`, which refuses a file no upload created (InvalidPathError,
+#   or pydantic's ValidationError for a malformed one) before any handler runs; the client would see `{"error": null}`.
+# - `painted` reads `ImageEditor.blob_storage`: a browser's painting reaches the server as PNG blobs ahead of the
+#   event, whose raw value names them by `id`; once an event has updated the editor, the session holds its own
+#   copy of the component (`LocalContext.blocks_config`). While an event listens to the editor, the browser
+#   sends each stroke's blobs, and most are never named by a value: gradio keeps them all, we keep the newest.
+# - `path_of` reads a raw (preprocess=False) file value: gradio's FileData as a dict.
+
+
+def refuse_foreign_files(demo: gr.Blocks) -> None:
+    """Say in words why gradio refuses a request's file before any handler runs."""
+    preprocess = demo.preprocess_data
+
+    @functools.wraps(preprocess)
+    async def checked(block_fn, *args, **kwargs):
+        try:
+            return await preprocess(block_fn, *args, **kwargs)
+        except InvalidPathError as e:  # a path on the server that no upload created
+            raise refusal("only files uploaded to this server are accepted, not paths on it; "
+                          "upload the file first (gradio_client: handle_file(path))", block_fn.name) from e
+        except pydantic.ValidationError as e:
+            raise refusal("a file input holds something else; expected an uploaded file "
+                          "(gradio_client: handle_file(path))", block_fn.name) from e
+
+    demo.preprocess_data = checked
+
+
+def painted(editor: gr.ImageEditor) -> dict:
+    """This session's PNG blobs of painted canvases by id, trimmed to the newest KEEP_PAINTED."""
+    session = LocalContext.blocks_config.get(None)
+    blobs = (session.blocks.get(editor._id, editor) if session else editor).blob_storage
+    for stale in list(blobs)[:-KEEP_PAINTED]:  # oldest first: the dict holds them in the order they came
+        blobs.pop(stale, None)
+    return blobs
+
+
+def path_of(file) -> str | None:
+    return file["path"] if isinstance(file, dict) else None
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
 
 
 def refusal(message: str, action: str) -> gr.Error:
@@ -93,37 +155,7 @@ def user_errors(fn):
     return wrapper
 
 
-# ---- private Gradio workarounds: written against gradio 6.x (the Space runs sdk_version 6.31.0) ---------
-# Both reach into gradio internals; check them first when gradio is upgraded.
-
-
-def refuse_foreign_files(demo: gr.Blocks) -> None:
-    """Say in words why gradio refuses a request's file before any handler runs (else: `{"error": null}`)."""
-    preprocess = demo.preprocess_data
-
-    @functools.wraps(preprocess)
-    async def checked(block_fn, *args, **kwargs):
-        try:
-            return await preprocess(block_fn, *args, **kwargs)
-        except InvalidPathError as e:  # a path on the server that no upload created
-            raise refusal("only files uploaded to this server are accepted, not paths on it; "
-                          "upload the file first (gradio_client: handle_file(path))", block_fn.name) from e
-        except pydantic.ValidationError as e:
-            raise refusal("a file input holds something else; expected an uploaded file "
-                          "(gradio_client: handle_file(path))", block_fn.name) from e
-
-    demo.preprocess_data = checked
-
-
-def painted_blobs(editor: gr.ImageEditor, value_id: str):
-    """The PNG blobs a browser's painting sent ahead of the editor's value, popped from this session's
-    editor (once the picker has updated it, the session holds its own copy of the component); None if gone."""
-    session = LocalContext.blocks_config.get(None)
-    holder = session.blocks.get(editor._id, editor) if session else editor
-    return holder.blob_storage.pop(value_id, None)
-
-
-# ---- the page -------------------------------------------------------------------------------------------
+# ---- what the page shows ------------------------------------------------------------------------------------
 
 
 def legend_html(studio: Studio) -> str:
@@ -139,7 +171,8 @@ def tips(studio: Studio) -> str:
     return (
         f"**Painting.** Pick a class colour from the brush's palette; black paints background and the eraser "
         f"takes paint off. The canvas is {side} px: each {scale} x {scale} block becomes one of the model's "
-        f"{studio.size} x {studio.size} pixels, the class covering most of it.\n\n"
+        f"{studio.size} x {studio.size} pixels, the class covering most of it. The preview redraws after each "
+        "stroke at the seed shown, with the model's default sampler.\n\n"
         "**Omitting** a class hands its pixels to the model, which may draw that tissue anywhere or nowhere. "
         "**Ablation sweep** renders one noise with all classes kept, then each one omitted in turn. Every PNG "
         "carries its seed, steps, sampler, omitted classes and model in its metadata."
@@ -149,12 +182,15 @@ def tips(studio: Studio) -> str:
 def editor_of(studio: Studio, mask=None) -> dict:
     """What the mask editor shows for a model: its canvas size, brush palette, and `mask` (None: blank).
 
-    A mask goes on the layer, over a black background, so the eraser takes it back to background.
+    A mask goes on the layer, over a black background, so the eraser takes it back to background. A blank
+    canvas has its layer too, transparent: the editor skips its first `change`, which is then the layer's
+    loading rather than the first stroke (the live preview follows `change`).
     """
     side, scale = studio.size * studio.canvas_scale, studio.canvas_scale
-    layers = [] if mask is None else [studio.layer(mask)]
+    blank = np.zeros((studio.size, studio.size), np.int64)
     return dict(
-        value={"background": studio.canvas(), "layers": layers, "composite": None},
+        value={"background": studio.canvas(), "layers": [studio.layer(blank if mask is None else mask)],
+               "composite": None},
         canvas_size=(side, side),
         brush=gr.Brush(
             colors=[studio.palette.hex(i) for i in range(len(studio.class_names))],
@@ -167,52 +203,81 @@ def editor_of(studio: Studio, mask=None) -> dict:
     )
 
 
-def build_demo(models: Models) -> gr.Blocks:
-    """The studio's page over a registry of models; the picker switches between them."""
-    first = models.get()
+def progress_to(progress: gr.Progress):
+    return lambda step, total: progress((step, total), desc="denoising", unit="steps")
 
-    # The sampling events take their inputs raw (preprocess=False): gradio would decode every image at
-    # whatever size a request claims and round numbers; the studio checks and reads each value itself.
-    def path_of(file):
-        return file["path"] if isinstance(file, dict) else None
 
-    def mask_of(studio: Studio, value):
-        """The editor's raw value -> class ids; its images still undecoded until the studio checks them."""
-        if not value:
-            return studio.mask_from_editor()
+# ---- handlers -----------------------------------------------------------------------------------------------
+
+
+class Handlers:
+    """The page's events and the API's endpoints over a registry of models.
+
+    Each request is read one way (`request`): the model by name, raw settings checked once into typed
+    `Settings`, and the mask, whether the API's uploaded file or the page's editor value. Page and API differ
+    only in what they take and give back: the page paints, ticks the classes to keep, may bring a start image,
+    and shows a gallery it can redraw; the API uploads a mask file, names the classes to omit, and gets plain
+    values (gradio_client would hand component updates back as they are).
+    """
+
+    def __init__(self, models: Models, editor: gr.ImageEditor):
+        self.models, self.editor = models, editor
+
+    # ---- reading a request ----
+
+    def request(self, model, mask, **raw) -> tuple[Studio, np.ndarray, list[str], Settings]:
+        """(the studio, the mask's class ids, notices for the user, typed settings) of one request."""
+        studio = self.models.get(model)
+        settings = studio.settings(**raw)
+        labels, notices = self.mask_of(studio, mask)
+        return studio, labels, notices, settings
+
+    def mask_of(self, studio: Studio, value) -> tuple[np.ndarray, list[str]]:
+        """The API's uploaded file or the editor's raw value -> (class ids, notices); images stay undecoded until
+        the studio has checked them."""
+        if value is None or "path" in value:
+            if path_of(value) is None:
+                raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
+            return studio.mask_from_file(path_of(value))
+        held = painted(self.editor)
         if value.get("id") is not None:  # a browser's painting arrives first as PNG blobs the editor holds
-            blobs = painted_blobs(editor, value["id"])
+            blobs = held.pop(value["id"], None)
             if blobs is None:
-                return studio.mask_from_editor()
-            return studio.mask_from_editor(blobs.background, blobs.layers, blobs.composite)
-        layers = [path_of(f) for f in value.get("layers") or ()]
-        return studio.mask_from_editor(path_of(value.get("background")), layers, path_of(value.get("composite")))
+                raise DataLayoutError("canvas: the painting sent with this request is no longer on the server "
+                                      "(the request waited too long); paint a stroke and try again")
+            files = (blobs.background, blobs.layers, blobs.composite)
+        else:
+            layers = [path_of(f) for f in value.get("layers") or ()]
+            files = (path_of(value.get("background")), layers, path_of(value.get("composite")))
+        return studio.mask_from_editor(*files), []
 
-    def start_of(studio: Studio, image):
-        return studio.start_image(path_of(image)) if path_of(image) else None
+    def run(self, kind: str, model, mask, image, progress: gr.Progress, **raw) -> Run:
+        """`kind` ("generate" or "sweep") of one request, its results complete and written."""
+        studio, labels, notices, settings = self.request(model, mask, **raw)
+        start = studio.start_image(path_of(image)) if path_of(image) else None
+        return getattr(studio, kind)(labels, settings, start, progress_to(progress), notices)
 
-    def progress_to(progress):
-        return lambda step, total: progress((step, total), desc="denoising", unit="steps")
-
-    def gallery_of(run: Run, contours: bool):
+    def gallery_of(self, run: Run, contours: bool) -> gr.Gallery:
         # Up to 4 results as a 2 x 2 grid of large images; more as rows of 4.
-        items = models.get(run.settings["model"]).gallery(run, contours)
+        items = self.models.get(run.settings["model"]).gallery(run, contours)
         return gr.Gallery(items, columns=2 if len(run.images) <= 4 else 4)
 
-    def shown(run: Run, contours: bool):
+    def shown(self, run: Run, contours: bool) -> tuple:
+        """The page's outputs of a run: gallery, settings, download button, the run kept for redrawing."""
         for notice in run.notices:
             gr.Info(notice)
-        return (
-            gallery_of(run, contours),
-            run.settings,
-            gr.DownloadButton(value=str(run.archive), visible=True),
-            run,
-        )
+        return self.gallery_of(run, contours), run.settings, gr.DownloadButton(value=str(run.archive), visible=True), run
+
+    def returned(self, run: Run) -> tuple:
+        """The API's outputs of a run: (image files with captions, settings, zip), plain values."""
+        return self.models.get(run.settings["model"]).gallery(run), run.settings, str(run.archive)
+
+    # ---- the page ----
 
     @user_errors
-    def switch(name):
-        studio = models.get(name)
-        names, examples = studio.class_names, models.examples(name)
+    def switch(self, model):
+        studio = self.models.get(model)
+        names, examples = studio.class_names, self.models.examples(model)
         return (
             gr.ImageEditor(**editor_of(studio)),
             legend_html(studio),
@@ -221,68 +286,81 @@ def build_demo(models: Models) -> gr.Blocks:
             studio.summary(),
             tips(studio),
             gr.Image(value=None, image_mode="L" if studio.card.img_channels == 1 else "RGB"),
+            None,
             gr.Gallery(value=None),
             None,
             gr.DownloadButton(visible=False),
             None,
         )
 
-    def loaded(studio: Studio, path):
+    def loaded(self, studio: Studio, path) -> gr.ImageEditor:
         mask, notices = studio.mask_from_file(path)
         for notice in notices:
             gr.Warning(notice)
         return gr.ImageEditor(**editor_of(studio, mask))
 
     @user_errors
-    def load_mask(name, file):
-        return loaded(models.get(name), path_of(file)) if path_of(file) else gr.skip()
+    def load_mask(self, model, file):
+        return self.loaded(self.models.get(model), path_of(file)) if path_of(file) else gr.skip()
 
     @user_errors
-    def load_example(name, index):
-        examples = models.examples(name)
+    def load_example(self, model, index):
+        examples = self.models.examples(model)
         index = check_integer("example", index, 0, len(examples) - 1)
-        return loaded(models.get(name), examples[index])
+        return self.loaded(self.models.get(model), examples[index])
 
-    @gpu
     @user_errors
-    def on_generate(name, value, keep, seed, steps, num_images, sampler, image, strength, contours,
+    def on_generate(self, model, editor, keep, seed, steps, num_images, sampler, image, strength, contours,
                     progress=gr.Progress()):  # noqa: B008
-        studio = models.get(name)
-        settings = studio.settings(keep=keep or [], seed=seed, steps=steps, num_images=num_images,
-                                   sampler=sampler, strength=strength)
-        run = studio.generate(mask_of(studio, value), settings, start_of(studio, image), progress_to(progress))
-        return shown(run, contours)
+        run = self.run("generate", model, editor, image, progress, keep=keep or [], seed=seed, steps=steps,
+                       num_images=num_images, sampler=sampler, strength=strength)
+        return self.shown(run, contours)
 
-    @gpu
     @user_errors
-    def on_sweep(name, value, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
-        studio = models.get(name)
-        settings = studio.settings(seed=seed, steps=steps, num_images=1, sampler=sampler, strength=strength)
-        run = studio.sweep(mask_of(studio, value), settings, start_of(studio, image), progress_to(progress))
-        return shown(run, contours)
+    def on_sweep(self, model, editor, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
+        run = self.run("sweep", model, editor, image, progress, seed=seed, steps=steps, sampler=sampler,
+                       strength=strength)
+        return self.shown(run, contours)
 
-    def redraw(run, contours):
-        return gallery_of(run, contours) if run is not None else gr.skip()
+    def on_paint(self, model, editor, keep, seed):
+        """The live preview after a stroke (or a change of the kept classes or the seed), quietly: a blank
+        canvas shows none, and a mask or setting that cannot be read keeps the last one, without a message at
+        every stroke (Generate says what is wrong)."""
+        try:
+            studio, labels, _, settings = self.request(model, editor, keep=keep or [], seed=seed)
+            return studio.preview(labels, settings.omit, settings.seed) if labels.any() else None
+        except SegdiffError as e:
+            log.info("segdiff studio: no preview: %s", e)
+        except Exception:
+            log.exception("segdiff studio: internal error in the preview")
+        return gr.skip()
 
-    def api_run(kind, model, mask, omit, seed, steps, num_images, sampler, progress):
-        studio = models.get(model)
-        if path_of(mask) is None:
-            raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
-        settings = studio.settings(omit=omit, seed=seed, steps=steps, num_images=num_images, sampler=sampler)
-        labels, notices = studio.mask_from_file(path_of(mask))
-        run = getattr(studio, kind)(labels, settings, progress=progress_to(progress), notices=notices)
-        return studio.gallery(run), run.settings, str(run.archive)
+    def redraw(self, run, contours):
+        return self.gallery_of(run, contours) if run is not None else gr.skip()
 
-    @gpu
+    # ---- the API ----
+
     @user_errors
-    def generate(mask, omit, seed, steps, num_images, sampler, model, progress=gr.Progress()):  # noqa: B008
-        return api_run("generate", model, mask, omit, seed, steps, num_images, sampler, progress)
+    def generate(self, mask, omit, seed, steps, num_images, sampler, model, progress=gr.Progress()):  # noqa: B008
+        return self.returned(self.run("generate", model, mask, None, progress, omit=omit, seed=seed, steps=steps,
+                                      num_images=num_images, sampler=sampler))
 
-    @gpu
     @user_errors
-    def sweep(mask, seed, steps, sampler, model, progress=gr.Progress()):  # noqa: B008
-        return api_run("sweep", model, mask, [], seed, steps, 1, sampler, progress)
+    def sweep(self, mask, seed, steps, sampler, model, progress=gr.Progress()):  # noqa: B008
+        return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler))
 
+    @user_errors
+    def preview(self, mask, omit, seed, model):
+        studio, labels, _, settings = self.request(model, mask, omit=omit, seed=seed)
+        return studio.preview(labels, settings.omit, settings.seed)
+
+
+# ---- the page -----------------------------------------------------------------------------------------------
+
+
+def build_demo(models: Models) -> gr.Blocks:
+    """The studio's page and API over a registry of models; the picker switches between them."""
+    first = models.get()
     with gr.Blocks(title="segdiff studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(
             "# segdiff studio\n"
@@ -323,10 +401,14 @@ def build_demo(models: Models) -> gr.Blocks:
                 painting_tips = gr.Markdown(tips(first), elem_classes="tips")
             with gr.Column(scale=6, min_width=380):
                 names = first.class_names
-                keep = gr.CheckboxGroup(
-                    names[1:], value=names[1:], label="Keep",
-                    info="Ticked classes are followed exactly; unticked ones are omitted, and the model may invent them.",
-                )
+                with gr.Row(equal_height=False):
+                    preview = gr.Image(label="Preview", height=260, format="png", interactive=False,
+                                       buttons=[], elem_id="preview", scale=1, min_width=180)
+                    keep = gr.CheckboxGroup(
+                        names[1:], value=names[1:], label="Keep", scale=1, min_width=180,
+                        info="Ticked classes are followed exactly; unticked ones are omitted, and the model may "
+                             "invent them.",
+                    )
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                     steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
@@ -358,48 +440,64 @@ def build_demo(models: Models) -> gr.Blocks:
                 with gr.Accordion("Settings of these results", open=False):
                     settings_json = gr.JSON(label="Settings", show_label=False)
 
-        # API-only inputs and outputs: a mask file instead of a canvas, class names to omit; the model is
-        # the picker's value, so a request that names none gets the launch default.
-        api_mask = gr.File(label="mask", visible=False)
-        api_omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
-        api_gallery = gr.Gallery(label="images", visible=False, format="png")
-        api_settings = gr.JSON(label="settings", visible=False)
-        api_archive = gr.File(label="archive", visible=False)
-        api_generate_btn = gr.Button(visible=False)
-        api_sweep_btn = gr.Button(visible=False)
-
+        on = Handlers(models, editor)
         outputs = [gallery, settings_json, download, run_state]
-        private = dict(api_visibility="private")
-        raw = dict(preprocess=False)
-        model = dict(concurrency_id="model", **raw)
         picker.change(
-            switch, picker,
-            [editor, legend, keep, examples, model_line, painting_tips, start_image, *outputs], **private, **raw,
+            on.switch, picker,
+            [editor, legend, keep, examples, model_line, painting_tips, start_image, preview, *outputs],
+            **PRIVATE, **RAW,
         )
         generate_btn.click(
-            on_generate, [picker, editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
-            outputs, **private, **model,
+            gpu(on.on_generate),
+            [picker, editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
+            outputs, **PRIVATE, **SAMPLING,
         )
         sweep_btn.click(
-            on_sweep, [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
-            **private, **model,
+            gpu(on.on_sweep), [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
+            **PRIVATE, **SAMPLING,
         )
-        contours.change(redraw, [run_state, contours], gallery, **private, queue=False)
-        reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **private, queue=False)
-        mask_file.upload(load_mask, [picker, mask_file], editor, **private, **raw)
-        examples.click(load_example, [picker, examples], editor, **private, **raw)
-        api_generate_btn.click(
-            generate, [api_mask, api_omit, seed, steps, num_images, sampler, picker],
-            [api_gallery, api_settings, api_archive], api_name="generate", **model,
+        # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
+        # into it; its `input` comes sooner, with the canvas as it was before the stroke.
+        gr.on(
+            [editor.change, keep.change, seed.change], gpu_briefly(on.on_paint), [picker, editor, keep, seed], preview,
+            trigger_mode="always_last", show_progress="hidden", **PRIVATE, **PREVIEWS,
         )
-        api_sweep_btn.click(
-            sweep, [api_mask, seed, steps, sampler, picker], [api_gallery, api_settings, api_archive],
-            api_name="sweep", **model,
-        )
+        contours.change(on.redraw, [run_state, contours], gallery, **PRIVATE, queue=False)
+        reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **PRIVATE, queue=False)
+        mask_file.upload(on.load_mask, [picker, mask_file], editor, **PRIVATE, **RAW)
+        examples.click(on.load_example, [picker, examples], editor, **PRIVATE, **RAW)
+        add_api(on, picker, seed, steps, num_images, sampler)
     # One sampling job at a time: a second would only halve the speed of both on a small machine.
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
+
+
+def add_api(on: Handlers, picker, seed, steps, num_images, sampler) -> None:
+    """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
+
+    They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
+    inputs their defaults, and the model is the picker's value, so a request that names none gets the launch
+    default.
+    """
+    mask = gr.File(label="mask", visible=False)
+    omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
+    results = [
+        gr.Gallery(label="images", visible=False, format="png"),
+        gr.JSON(label="settings", visible=False),
+        gr.File(label="archive", visible=False),
+    ]
+    image = gr.Image(label="image", visible=False, format="png")
+    gr.Button(visible=False).click(
+        gpu(on.generate), [mask, omit, seed, steps, num_images, sampler, picker], results, api_name="generate",
+        **SAMPLING,
+    )
+    gr.Button(visible=False).click(
+        gpu(on.sweep), [mask, seed, steps, sampler, picker], results, api_name="sweep", **SAMPLING
+    )
+    gr.Button(visible=False).click(
+        gpu_briefly(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS
+    )
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):

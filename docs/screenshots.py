@@ -2,8 +2,8 @@
 
     python docs/screenshots.py          # writes docs/studio.png and docs/sweep.png
 
-Loads the model's first example mask (assets/examples/<model>/), generates four images at the default
-settings, then runs the ablation sweep.
+Loads the model's first example mask (assets/examples/<model>/), waits for its live preview, generates four
+images at the default settings, then runs the ablation sweep.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
             page.goto(f"http://127.0.0.1:{port}")
             page.locator("#mask-examples img").first.click()
             page.wait_for_timeout(6000)  # the example reaches the canvas (slower for a 256 px model)
+            page.locator("#preview img").wait_for()  # its preview, drawn without a click
             results = page.locator("#results img")
 
             page.get_by_role("button", name="Generate", exact=True).click()

@@ -2,7 +2,8 @@
 
 The app wires widgets to these and nothing else; no gradio here. A `Studio` holds one opened model and
 turns a painted canvas or an uploaded file into a mask, samples images from it (`generate`), renders the
-same noise with each class omitted in turn (`sweep`), and writes every result with its settings.
+same noise with each class omitted in turn (`sweep`), writes every result with its settings, and draws one
+quick image at the model's default settings while a mask is being painted (`preview`).
 
 Canvas resolution: a 64 px mask is too small to paint on, so the canvas is `canvas_scale` times the model's
 size (about 512 px). Its composite is snapped to the palette at full resolution first (the canvas
@@ -61,7 +62,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that fixes a result, besides the mask: seed i + k draws the noise of image k."""
+    """Everything that fixes a result, besides the mask: seed i + k draws the noise of image k.
+
+    Checked when made, so a `Settings` always holds typed values in range: a request's raw JSON may hold
+    anything, and the first value that is off is refused by name (ConfigError). Whole floats (3.0, as JSON
+    numbers may arrive) become ints; 2.9, True, "7" and None are refused, never rounded. `omit` is checked
+    against a model's classes where a model applies it (`Studio`).
+    """
 
     seed: int = 0
     steps: int = DEFAULT_STEPS
@@ -70,19 +77,20 @@ class Settings:
     num_images: int = 4
     strength: float = 1.0  # with a start image: the fraction of the schedule run from it
 
-    def check(self, num_classes: int) -> None:
-        """Raise ConfigError (MaskError for `omit`) naming the first setting out of range."""
-        check_integer("seed", self.seed, 0, MAX_SEED)
-        check_integer("steps", self.steps, 1, MAX_STEPS)
-        check_integer("num_images", self.num_images, 1, MAX_IMAGES)
+    def __post_init__(self):
+        typed = dict(
+            seed=check_integer("seed", self.seed, 0, MAX_SEED),
+            steps=check_integer("steps", self.steps, 1, MAX_STEPS),
+            num_images=check_integer("num_images", self.num_images, 1, MAX_IMAGES),
+        )
         if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
-        bad = [c for c in self.omit if not 1 <= c < num_classes]
-        if bad:
-            raise MaskError(f"omit={list(self.omit)}: {bad[0]} is not a class id 1..{num_classes - 1}")
+        typed.update(strength=float(strength), omit=tuple(self.omit))
+        for name, value in typed.items():  # frozen: the typed values replace the raw ones once, here
+            object.__setattr__(self, name, value)
 
 
 class Studio:
@@ -148,9 +156,7 @@ class Studio:
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
             omit = [c for c in range(1, self.card.num_classes) if c not in kept]
-        settings = Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength)
-        settings.check(self.card.num_classes)
-        return replace(settings, seed=int(seed), steps=int(steps), num_images=int(num_images))
+        return Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength)
 
     def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
         """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
@@ -296,21 +302,22 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
-        notices: Sequence[str] | None = None,
+        notices: Sequence[str] = (),
     ) -> Run:
         """`settings.num_images` images under one mask; image k is drawn from seed + k.
 
-        `notices`: what the request was told so far (a resized mask file); given, the settings written
-        with the results record them after it, with the run's own.
+        `notices`: what the request was told so far (a resized mask file); the settings written with the
+        results record them, then the run's own.
         """
-        settings.check(self.card.num_classes)
+        self._check_omit(settings.omit)
         seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
         kept = np.asarray(omit_classes(mask, settings.omit))
         images = self._sample([kept] * len(seeds), seeds, settings, image, progress)
         omitted = [self.class_names[c] for c in settings.omit]
         record = self._record("generate", settings, image, omit=omitted, seeds=seeds)
+        own = [{"seed": s} for s in seeds]
         captions = [f"seed {s}" for s in seeds]
-        return self._finish("generate", images, [kept] * len(seeds), captions, record, mask, [], notices)
+        return self._finish("generate", images, [kept] * len(seeds), captions, own, record, mask, [*notices])
 
     def sweep(
         self,
@@ -318,27 +325,39 @@ class Studio:
         settings: Settings,
         image: torch.Tensor | None = None,
         progress: Progress | None = None,
-        notices: Sequence[str] | None = None,
+        notices: Sequence[str] = (),
     ) -> Run:
         """One noise, all classes kept, then each class present in the mask omitted in turn (`notices`: as
-        for `generate`)."""
+        for `generate`); `settings.omit` and `num_images` are not used."""
         settings = replace(settings, omit=(), num_images=1)
-        settings.check(self.card.num_classes)
         present = [c for c in range(1, self.card.num_classes) if (mask == c).any()]
         variants = [(), *((c,) for c in present)]
         masks = [np.asarray(omit_classes(mask, v)) for v in variants]
         images = self._sample(masks, [settings.seed] * len(variants), settings, image, progress)
         captions = ["all classes kept", *(f"without {self.class_names[c]}" for c in present)]
-        record = self._record(
-            "sweep",
-            settings,
-            image,
-            seeds=[settings.seed],
-            variants=[[self.class_names[c] for c in v] for v in variants],
-        )
+        omitted = [[self.class_names[c] for c in v] for v in variants]
+        record = self._record("sweep", settings, image, seeds=[settings.seed], variants=omitted)
+        own = [{"seed": settings.seed, "omit": names} for names in omitted]
         absent = [n for c, n in enumerate(self.class_names) if c and c not in present]
-        own = [f"not in the mask, so not swept: {', '.join(absent)}"] if absent else []
-        return self._finish("sweep", images, masks, captions, record, mask, own, notices)
+        if absent:
+            notices = [*notices, f"not in the mask, so not swept: {', '.join(absent)}"]
+        return self._finish("sweep", images, masks, captions, own, record, mask, [*notices])
+
+    def preview(self, mask: np.ndarray, omit: Sequence[int] = (), seed: int = 0) -> PIL.Image.Image:
+        """One image of `mask` with `omit` left to the model, from the noise of `seed`, drawn at the model's
+        default settings (its few-step student when it has one): a quick look while the mask is painted.
+
+        The mask and omitted classes are checked as `generate` checks them; nothing is written.
+        """
+        seed = check_integer("seed", seed, 0, MAX_SEED)
+        self._check_omit(omit)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return self.pipe(mask, omit=omit, generator=generator, output_type="pil").images[0]
+
+    def _check_omit(self, omit: Sequence[int]) -> None:
+        bad = [c for c in omit if not 1 <= c < self.card.num_classes]
+        if bad:
+            raise MaskError(f"omit={list(omit)}: {bad[0]} is not a class id 1..{self.card.num_classes - 1}")
 
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
         # One CPU generator per image: the pipeline draws each image's noise (both stages' for a cascade) from
@@ -370,22 +389,24 @@ class Studio:
             "classes": self.class_names,
         }
 
-    def _finish(self, kind, images, masks, captions, record, mask, own_notices, notices) -> Run:
-        """The run, its settings complete (notices included when asked for), then written."""
-        run = Run(kind, images, masks, captions, record, new_run_folder(self.results, kind), notices=own_notices)
-        if notices is not None:
-            record["notices"] = [*notices, *own_notices]
+    def _finish(self, kind, images, masks, captions, own, record, mask, notices) -> Run:
+        """Complete the record (notices, Dice) and captions, then write them: what is written is what the run
+        holds. `own`: what each image's settings hold besides the run's."""
+        record["notices"] = notices
         if self.segmenter is not None:
             # `masks` hold the kept classes only, so scoring every class of them scores the kept ones.
             dice = faithfulness(
                 self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes)
             )
             record["dice_kept"] = [None if math.isnan(d) else round(d, 4) for d in dice]
-            run.captions = [
-                c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)
-            ]
-        write_run(run, mask)
-        return run
+            captions = [c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)]
+        pngs = [
+            (f"{kind}_{k:02d}_seed{o['seed']}.png", image, {**record, **o, "image": k, "caption": caption})
+            for k, (image, caption, o) in enumerate(zip(images, captions, own, strict=True))
+        ]
+        folder = new_run_folder(self.results, kind)
+        files, archive = write_run(folder, pngs, mask, record, f"segdiff_{kind}_seed{record['seed']}.zip")
+        return Run(kind, images, masks, captions, record, folder, files, archive, notices)
 
     # ---- results out --------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The studio's named API endpoints through gradio_client, against the app launched in this process."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import numpy as np
 import PIL.Image
@@ -86,6 +88,47 @@ def test_bad_upload_is_an_error_naming_it_and_the_server_keeps_serving(client, m
         generate(client, mask_png, steps=500)
     gallery, _, _ = generate(client, mask_png)
     assert len(images_of(gallery)) == 2
+
+
+@pytest.mark.parametrize("model, size", [("tiny-breast", 64), ("tiny-small", 32)])
+def test_preview_returns_one_image_of_the_model_size(client, tmp_path, model, size):
+    mask = np.zeros((size, size), np.uint8)
+    mask[4:-4, 4:-4] = 1
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    preview = lambda **kw: client.predict(  # noqa: E731
+        mask=handle_file(str(tmp_path / "mask.png")), model=model, api_name="/preview", **{"seed": 3, **kw}
+    )
+    image = np.asarray(PIL.Image.open(preview()))
+    assert image.shape == (size, size)
+    assert np.array_equal(np.asarray(PIL.Image.open(preview())), image)  # the preview seed fixes it
+    assert not np.array_equal(np.asarray(PIL.Image.open(preview(seed=4))), image)
+    with pytest.raises(AppError, match=r"omit: 'tumour' is not a class"):
+        preview(omit=["tumour"])
+
+
+def test_live_preview_of_a_blank_or_unreadable_canvas_is_quiet(client, tmp_path, caplog):
+    index = private_endpoint(client, "on_paint")
+    blank = client.predict("tiny-breast", {"background": None, "layers": [], "composite": None}, CLASS_NAMES[1:], 1,
+                           fn_index=index)
+    assert blank is None  # nothing painted: no preview
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (512, 512, 4), dtype=np.uint8)).save(tmp_path / "noise.png")
+    caplog.clear()
+    noise = {"background": None, "layers": [], "composite": handle_file(str(tmp_path / "noise.png"))}
+    with caplog.at_level(logging.INFO, logger="segdiff.studio"):
+        kept = client.predict("tiny-breast", noise, CLASS_NAMES[1:], 1, fn_index=index)  # no error raised
+    assert "value" not in kept  # an update that sets nothing: the last preview stays
+    assert any("no preview: painted mask" in r.getMessage() for r in caplog.records)
+
+
+def test_painted_canvases_are_held_newest_first_and_a_lost_one_is_said(client):
+    editor = gr.ImageEditor()  # the browser sends each stroke's canvas; most are never asked for
+    editor.blob_storage.update({str(i): i for i in range(app.KEEP_PAINTED + 10)})
+    assert list(app.painted(editor)) == [str(i) for i in range(10, app.KEEP_PAINTED + 10)]
+    lost = {"id": "gone", "background": None, "layers": [], "composite": None}
+    with pytest.raises(AppError, match=r"canvas: the painting sent with this request is no longer on the server"):
+        client.predict("tiny-breast", lost, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+                       fn_index=private_endpoint(client, "on_generate"))
 
 
 # ---- the model picker ------------------------------------------------------------------------------------

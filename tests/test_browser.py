@@ -94,6 +94,16 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             page.mouse.move(cx + x1, cy + y1, steps=4)  # each move redraws the canvas: slow on a busy CPU
             page.mouse.up()
 
+        def preview_after(previous):
+            """The preview's address once it shows an image other than `previous` (None: none yet), and its width."""
+            page.wait_for_function(
+                "previous => { const img = document.querySelector('#preview img');"
+                " return img && img.src && img.src !== previous && img.complete && img.naturalWidth > 0; }",
+                arg=previous,
+            )
+            image = page.locator("#preview img")
+            return image.get_attribute("src"), image.evaluate("img => img.naturalWidth")
+
         def generate_and_download(name, count=4):
             page.get_by_role("button", name="Generate", exact=True).click()
             images = page.locator("#results img")
@@ -110,8 +120,11 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
         pick("230, 25, 75")  # breast
         for dy in (-60, -30, 0, 30, 60):
             stroke(-140, dy, 140, dy)
+        painted, width = preview_after(None)  # the strokes alone drew it: Generate is not clicked yet
+        assert width == 64 and page.locator("#results img").count() == 0
         pick("60, 180, 75")  # vessels
         stroke(-110, -90, 110, 90)
+        preview_after(painted)  # the new stroke redrew it
         page.get_by_label("vessels", exact=True).uncheck()
         settings, mask = generate_and_download("studio")
         assert set(np.unique(mask)) == {0, 1, 2}  # both painted colours arrived as their classes
@@ -127,6 +140,7 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
         pick("60, 180, 75")  # fetal head
         for dy in (-40, 0, 40):
             stroke(-100, dy, 100, dy)
+        assert preview_after(painted)[1] == 32  # the switched model's own size
         settings, mask = generate_and_download("switched")
         browser.close()
     assert settings["model"] == "tiny-small" and settings["omit"] == []

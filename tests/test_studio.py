@@ -157,6 +157,29 @@ def test_sweep_renders_one_noise_with_each_present_class_omitted(studio, mask):
     assert sweep.settings["variants"] == [[], ["breast"], ["vessels"]]
 
 
+def test_preview_is_one_image_at_the_model_defaults_fixed_by_its_seed(studio, mask, monkeypatch):
+    calls, written = [], set(studio.results.iterdir())
+    pipe = studio.pipe
+    monkeypatch.setattr(studio, "pipe", lambda *a, **kw: calls.append(kw) or pipe(*a, **kw))
+    first = studio.preview(mask, seed=4)
+    assert isinstance(first, PIL.Image.Image) and first.size == (64, 64)
+    assert np.array_equal(np.asarray(studio.preview(mask, seed=4)), np.asarray(first))
+    assert not np.array_equal(np.asarray(studio.preview(mask, omit=(2,), seed=4)), np.asarray(first))
+    assert not np.array_equal(np.asarray(studio.preview(mask, seed=5)), np.asarray(first))
+    # The model's own defaults: a model with a few-step student draws the preview with it.
+    assert all("num_inference_steps" not in kw and "sampler" not in kw and "scheduler" not in kw for kw in calls)
+    assert set(studio.results.iterdir()) == written  # a preview writes nothing
+
+
+def test_preview_checks_the_mask_and_settings_as_generate_does(studio, mask):
+    with pytest.raises(MaskError, match=r"omit=\[4\]: 4 is not a class id 1\.\.3"):
+        studio.preview(mask, omit=(4,))
+    with pytest.raises(ConfigError, match=r"^seed 1\.5: expected an integer"):
+        studio.preview(mask, seed=1.5)
+    with pytest.raises(MaskError, match=r"expected class ids 0\.\.3"):
+        studio.preview(mask * 2)
+
+
 def test_start_image_pulls_the_result_towards_it(studio, mask):
     image = torch.zeros(1, 1, 64, 64)
     image[..., 32:, :] = 1.0
@@ -192,18 +215,18 @@ def test_gallery_outlines_are_drawn_at_display_size(studio, mask):
 
 
 @pytest.mark.parametrize(
-    "settings, match",
+    "values, match",
     [
-        (Settings(steps=101), r"steps 101: expected a value in 1\.\.100"),
-        (Settings(num_images=9), r"num_images 9: expected a value in 1\.\.8"),
-        (Settings(sampler="euler"), r"sampler 'euler'"),
-        (Settings(seed=-1), r"seed -1"),
-        (Settings(omit=(0,)), r"omit=\[0\]: 0 is not a class id 1\.\.3"),
+        (dict(steps=101), r"steps 101: expected a value in 1\.\.100"),
+        (dict(num_images=9), r"num_images 9: expected a value in 1\.\.8"),
+        (dict(sampler="euler"), r"sampler 'euler'"),
+        (dict(seed=-1), r"seed -1"),
+        (dict(omit=(0,)), r"omit=\[0\]: 0 is not a class id 1\.\.3"),
     ],
 )
-def test_settings_out_of_range_are_refused_by_value(studio, mask, settings, match):
+def test_settings_out_of_range_are_refused_by_value(studio, mask, values, match):
     with pytest.raises(ValueError, match=match):
-        studio.generate(mask, settings)
+        studio.generate(mask, Settings(**values))
 
 
 def test_omit_names_and_ids(studio):

@@ -1,0 +1,164 @@
+"""Preview latency: how soon the studio's preview follows a stroke, and what a preview costs against Generate.
+
+The studio is launched in this process on one model. Through gradio_client, exactly as a client would:
+`/preview` (upload the mask, one image at the model's defaults, download it) against a default `/generate`
+(4 images at the default sampler and steps, written with their settings and a zip, downloaded), both timed
+in the same run; their ratio is printed. With --browser, headless Chromium paints strokes on the canvas and
+times each from the mouse's release to the new preview image having loaded on the page.
+
+    python benchmarks/preview_latency.py                                        # the bundled 64 px model
+    python benchmarks/preview_latency.py --model assets/models/psfhs-ultrasound-256 --browser
+
+Targets (issue 19): stroke to preview <= 0.3 s at 64 px and <= 1 s at 256 px on a 2-core CPU; a `/preview`
+call <= 0.3x a default 4-image `/generate`. The load average is printed before and after: numbers taken while
+another job uses the CPU are slower than the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import PIL.Image
+import torch
+from gradio_client import Client, handle_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from studio_latency import NUM_IMAGES, mask_file  # noqa: E402  (beside this script)
+
+import app  # noqa: E402
+from segdiff import SegDiffPipeline  # noqa: E402
+from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS  # noqa: E402
+from segdiff.registry import Models  # noqa: E402
+from segdiff.studio import Studio  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]  # fmt: skip
+# Records, in the page, each stroke's release and each preview image's load (performance.now() times).
+WATCH = """() => {
+  window.strokes = []; window.loads = [];
+  document.addEventListener('pointerup', e => window.strokes.push(e.timeStamp), true);
+  document.querySelector('#preview').addEventListener(
+    'load', e => window.loads.push({t: performance.now(), src: e.target.src}), true);
+}"""
+
+
+def median_seconds(call, repeats: int) -> float:
+    """Median seconds of `call(k)` for k in 1..repeats, after one warm-up call (k = 0)."""
+    call(0)
+    times = []
+    for k in range(1, repeats + 1):
+        start = time.perf_counter()
+        call(k)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def through_client(url: str, mask: Path, repeats: int) -> tuple[float, float]:
+    """Median seconds of one `/preview` and of one default 4-image `/generate`, each to the files downloaded."""
+    client = Client(url, verbose=False)
+
+    def preview(k):  # a new seed each time: no cache anywhere can answer it
+        PIL.Image.open(client.predict(mask=handle_file(str(mask)), omit=[], seed=k, api_name="/preview")).load()
+
+    def generate(k):
+        gallery, _, _ = client.predict(
+            mask=handle_file(str(mask)), omit=[], seed=k, num_images=NUM_IMAGES, steps=DEFAULT_STEPS,
+            sampler=DEFAULT_SAMPLER, api_name="/generate",
+        )
+        for item in gallery:
+            PIL.Image.open(item["image"]).load()
+
+    return median_seconds(preview, repeats), median_seconds(generate, repeats)
+
+
+def in_browser(url: str, strokes: int) -> list[float]:
+    """Seconds from each stroke's release to its new preview loaded on the page, one stroke at a time."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(300_000)
+        page.goto(url)
+        canvas = page.locator("#mask-editor canvas").first
+        canvas.wait_for()
+        page.wait_for_timeout(2000)  # the canvas settles
+        page.evaluate(WATCH)
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        latencies = []
+        for k in range(strokes + 1):  # stroke 0 warms up
+            y = cy - 120 + 240 * k / max(strokes, 1)  # each stroke paints new rows: a new mask, a new image
+            seen = page.evaluate("window.loads.length")
+            page.mouse.move(cx - 150, y)
+            page.mouse.down()
+            page.mouse.move(cx + 150, y, steps=4)
+            page.mouse.up()
+            page.wait_for_function("seen => window.loads.length > seen", arg=seen)
+            page.wait_for_timeout(1500)  # later loads of the same stroke's previews have arrived
+            released = page.evaluate("window.strokes[window.strokes.length - 1]")
+            first = page.evaluate("released => window.loads.find(l => l.t > released).t", released)
+            if k:
+                latencies.append((first - released) / 1000)
+        browser.close()
+    return latencies
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=app.MODELS / "psfhs-ultrasound-64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--browser", action="store_true", help="also paint in headless Chromium")
+    parser.add_argument("--strokes", type=int, default=5, help="strokes painted with --browser")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    pipe = SegDiffPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    studio = Studio(pipe, args.model)
+    demo = app.build_demo(Models.of(studio))
+    app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mask = mask_file(args.model.name, Path(tmp), pipe.card.img_size)
+            labels, _ = studio.mask_from_file(mask)
+            # On a worker thread, as gradio runs handlers: beside another busy process the main thread's
+            # OpenMP pool was seen to sample 3x slower than a worker thread's.
+            with ThreadPoolExecutor(1) as worker:
+                bare = median_seconds(
+                    lambda k: worker.submit(studio.preview, labels, (), k).result(), args.repeats
+                )
+            preview, generate = through_client(demo.local_url, mask, args.repeats)
+        strokes = in_browser(demo.local_url, args.strokes) if args.browser else []
+    finally:
+        demo.close()
+
+    device = f"cpu ({torch.get_num_threads()} threads)" if pipe.device.type == "cpu" else pipe.device.type
+    print(f"model {args.model.name}, {pipe.card.img_size} px, {device}, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    print(f"  /preview (1 image at the model's defaults), median of {args.repeats}: {preview:6.3f} s"
+          f"  (sampling alone, Studio.preview: {bare:.3f} s)")
+    print(f"  /generate ({NUM_IMAGES} images, {DEFAULT_SAMPLER} {DEFAULT_STEPS} steps), median of {args.repeats}: "
+          f"{generate:6.3f} s")
+    print(f"  ratio /preview : /generate = {preview / generate:.3f}  (target <= 0.3)")
+    if strokes:
+        shown = " ".join(f"{s:.3f}" for s in strokes)
+        print(f"  browser, stroke released to preview loaded: median {statistics.median(strokes):.3f} s, "
+              f"max {max(strokes):.3f} s over {len(strokes)} strokes ({shown})")
+
+
+if __name__ == "__main__":
+    main()
