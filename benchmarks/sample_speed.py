@@ -131,6 +131,15 @@ def main(argv=None):
     rows["+ channels_last"] = ours(channels_last, "auto")
     if default_unet is channels_last:
         default = "+ channels_last"
+    if pipe.student is not None:  # a distilled model's defaults: its few-step student, in the same layout
+        pipe.student.to(memory_format=torch.channels_last if default_unet is channels_last else torch.contiguous_format)
+
+        def student():
+            pipe.unet, pipe.precision = default_unet, "auto"
+            pipe(masks, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+        default = f"+ student: {pipe.card.distilled.steps} steps (model defaults)"
+        rows[default] = student
     for layout in args.compile_layout if args.compile else ():  # compiled GroupNorms may take channels-last
         unet = channels_last if layout == "channels_last" else contiguous
         rows[f"defaults + torch.compile ({layout})"] = ours(torch.compile(copy.deepcopy(unet)), "auto")
@@ -156,7 +165,8 @@ def main(argv=None):
         mark = "  <- segdiff defaults" if name == default else ""
         print(f"  {name:<48} {rate:8.2f} images/s   x{rate / base:5.2f}{mark}")
     layout = "channels-last" if default_unet is channels_last else "contiguous"
-    print(f"segdiff defaults ({args.scheduler} {args.steps}, {dtype or 'fp32'}, {layout}) vs original: "
+    sampler = f"student {pipe.card.distilled.steps}" if pipe.student is not None else f"{args.scheduler} {args.steps}"
+    print(f"segdiff defaults ({sampler}, {dtype or 'fp32'}, {layout}) vs original: "
           f"{rates[default]:.2f} / {base:.2f} images/s = x{rates[default] / base:.2f} "
           f"(median of {args.rounds} alternating rounds)")  # fmt: skip
     if device.type == "cuda":

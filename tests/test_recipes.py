@@ -17,7 +17,7 @@ from segdiff.masks import encode
 from segdiff.models import ModelCard, build_unet
 from segdiff.pipeline import SCHEDULERS
 from segdiff.recipes import RECIPES, Recipe
-from segdiff.training import _loss, train
+from segdiff.training import TrainConfig, _objective, train
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_original_recipe_is_the_original_loss_to_the_bit():
     assert (recipe.peak_learning_rate("small"), recipe.lr_warmup_steps, recipe.ema) == (1e-4, 500, False)
     unet = tiny_unet()
     torch.manual_seed(1)
-    ours = _loss(unet, scheduler, recipe, b, card, ablated=False, channels_last=False)
+    config = TrainConfig(output_dir="run", img_dir="img", seg_dir="mask", num_classes=3, img_size=16, preset="tiny")
+    ours = _objective(config, card, recipe, scheduler, teacher=None)(unet, b)
 
     # The original training step, written out as the original code does it.
     torch.manual_seed(1)
