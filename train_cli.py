@@ -433,21 +433,22 @@ def run(args: argparse.Namespace, command: str) -> None:
     )
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError(f"--output_dir {output_dir}: a file, not a folder; expected a folder (new, or a run to resume)")
-    if args.push_to_hub and args.mode != "train":
-        raise ConfigError(f"--push_to_hub with --mode {args.mode}: pushing uploads a trained model; use --mode train, "
+    if args.push_to_hub and args.mode not in ("train", "distill"):
+        raise ConfigError(f"--push_to_hub with --mode {args.mode}: pushing uploads a trained model; use --mode train or distill, "
                           "or python -m segdiff.hub push MODEL_DIR org/name")  # fmt: skip
     if args.push_to_hub:  # checked now, not after hours of training
         hub_id = check_repo_id(args.hub_model_id or os.path.basename(os.path.abspath(output_dir)))
-    if args.mode == "train":
-        folder = train(train_config(args, output_dir, command))
-        print(f"model saved to {folder}")
-    elif args.mode == "distill":
-        teacher = args.model_dir or output_dir
-        student_dir = args.output_dir if args.model_dir and args.output_dir else f"{teacher.rstrip('/')}-student"
-        if is_hub_id(teacher) and not (args.model_dir and args.output_dir):
-            student_dir = f"{teacher.split('/')[-1]}-student"
-        config = replace(train_config(args, student_dir, command), distill_from=teacher)
-        print(f"model and its {args.student_steps}-step student saved to {train(config)}")
+    if args.mode in ("train", "distill"):
+        if args.mode == "train":
+            folder = train(train_config(args, output_dir, command))
+            print(f"model saved to {folder}")
+        else:
+            teacher = args.model_dir or output_dir
+            student_dir = args.output_dir if args.model_dir and args.output_dir else f"{teacher.rstrip('/')}-student"
+            if is_hub_id(teacher) and not (args.model_dir and args.output_dir):
+                student_dir = f"{teacher.split('/')[-1]}-student"
+            folder = train(replace(train_config(args, student_dir, command), distill_from=teacher))
+            print(f"model and its {args.student_steps}-step student saved to {folder}")
         if args.push_to_hub and PartialState().is_main_process:
             print(f"uploaded to the Hub: {push(folder, hub_id, private=args.hub_private_repo)}")
     elif args.mode == "eval":
