@@ -49,6 +49,7 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
+EDITOR_HEIGHT = 572  # pixels on screen, the toolbar included; the editor zooms its canvas to fit
 KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
 SAMPLER_LABELS = {
     "dpm++": "DPM++ 2M (fast)",
@@ -199,7 +200,7 @@ def editor_of(studio: Studio, mask=None) -> dict:
             default_size=3 * scale,
         ),
         eraser=gr.Eraser(default_size=3 * scale),
-        height=side + 60,
+        height=EDITOR_HEIGHT,
     )
 
 

@@ -95,14 +95,14 @@ def in_browser(url: str, strokes: int) -> list[float]:
         page.wait_for_timeout(2000)  # the canvas settles
         page.evaluate(WATCH)
         box = canvas.bounding_box()
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        left, right = box["x"] + 0.2 * box["width"], box["x"] + 0.8 * box["width"]
         latencies = []
         for k in range(strokes + 1):  # stroke 0 warms up
-            y = cy - 120 + 240 * k / max(strokes, 1)  # each stroke paints new rows: a new mask, a new image
+            y = box["y"] + box["height"] * (0.25 + 0.5 * k / max(strokes, 1))  # new rows: a new mask, a new image
             seen = page.evaluate("window.loads.length")
-            page.mouse.move(cx - 150, y)
+            page.mouse.move(left, y)
             page.mouse.down()
-            page.mouse.move(cx + 150, y, steps=4)
+            page.mouse.move(right, y, steps=4)
             page.mouse.up()
             page.wait_for_function("seen => window.loads.length > seen", arg=seen)
             page.wait_for_timeout(1500)  # later loads of the same stroke's previews have arrived

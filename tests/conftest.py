@@ -44,6 +44,12 @@ def save_tiny_model(folder, size: int, class_names: list[str]):
     return folder
 
 
+def sdedit_distance(pipe, mask, start: torch.Tensor, strength: float) -> float:
+    """Mean absolute distance from `start` of the image `pipe` draws from it at `strength` (seed 0)."""
+    out = pipe(mask, image=start, strength=strength, generator=torch.Generator().manual_seed(0), output_type="pt")
+    return float((out.images - start).abs().mean())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """64 px, 4 classes: the studio's default model in the tests."""

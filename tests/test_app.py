@@ -157,13 +157,13 @@ def test_switching_model_brings_its_canvas_palette_classes_and_examples(client):
     updates = client.predict("tiny-small", fn_index=private_endpoint(client, "switch"))
     editor, legend, keep, examples = updates[:4]
     assert editor["brush"]["colors"] == [Palette.default(3).hex(i) for i in range(3)]
-    assert editor["canvas_size"] == [512, 512] and editor["brush"]["default_size"] == 3 * 16
+    assert editor["canvas_size"] == [256, 256] and editor["brush"]["default_size"] == 3 * 8
     assert all(name in legend for name in SMALL_CLASS_NAMES)
     assert [c[0] for c in keep["choices"]] == SMALL_CLASS_NAMES[1:] and keep["value"] == SMALL_CLASS_NAMES[1:]
     assert len(examples["samples"]) == 1
     loaded = client.predict("tiny-small", 0, fn_index=private_endpoint(client, "load_example"))
     layer = np.asarray(PIL.Image.open(loaded["value"]["layers"][0]))  # the client fetched it: a local path
-    assert layer.shape == (512, 512, 4) and layer[256, 256, 3] == 255  # the 32 px square, 16 x 16 per pixel
+    assert layer.shape == (256, 256, 4) and layer[128, 128, 3] == 255  # the 32 px square, 8 x 8 per pixel
     with pytest.raises(AppError, match=r"example 1: expected a value in 0\.\.0"):
         client.predict("tiny-small", 1, fn_index=private_endpoint(client, "load_example"))
 

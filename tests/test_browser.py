@@ -50,7 +50,7 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             canvas = editor.locator("canvas").first
             canvas.wait_for()
             box = canvas.bounding_box()
-            # The image sits centred in the canvas element, shown at about 95% of its 512 px.
+            # The image sits centred in the canvas element, zoomed to fit: about 490 px on screen.
             return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
         def swatches():  # the brush's colour menu, opened if it is closed

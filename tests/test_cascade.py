@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_CLASS_NAMES, save_tiny_model
+from conftest import SMALL_CLASS_NAMES, save_tiny_model, sdedit_distance
 from PIL import Image
 from safetensors.torch import load_file
 from test_training import config, steps_logged, write_data
@@ -95,13 +95,7 @@ def test_sdedit_runs_through_both_stages(cascade):
     start = torch.zeros(1, 1, 64, 64)
     start[..., :, 32:] = 1.0  # half black, half white: nothing the model would draw from this mask
 
-    def distance(strength: float) -> float:
-        out = pipe(
-            mask, image=start, strength=strength, generator=torch.Generator().manual_seed(0), output_type="pt"
-        )
-        return float((out.images - start).abs().mean())
-
-    assert distance(0.2) < distance(1.0)
+    assert sdedit_distance(pipe, mask, start, 0.2) < sdedit_distance(pipe, mask, start, 1.0)
 
 
 def test_the_upscaler_resumes_exactly(tmp_path, data, cascade):

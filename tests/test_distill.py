@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import sdedit_distance
 from safetensors.torch import load_file
 from test_training import config, steps_logged, write_data
 
@@ -110,13 +111,7 @@ def test_omit_and_sdedit_work_with_the_student(models):
     start = torch.zeros(1, 1, 32, 32)
     start[..., 16:] = 1.0
 
-    def distance(strength: float) -> float:
-        out = pipe(
-            mask, image=start, strength=strength, generator=torch.Generator().manual_seed(0), output_type="pt"
-        )
-        return float((out.images - start).abs().mean())
-
-    assert distance(0.5) < distance(1.0)
+    assert sdedit_distance(pipe, mask, start, 0.5) < sdedit_distance(pipe, mask, start, 1.0)
 
 
 def test_distillation_resumes_exactly(tmp_path, data, models):
