@@ -411,7 +411,8 @@ class SegDiffPipeline(DiffusionPipeline):
         if self.base is not None:
             upscaling = card.upscaling
             defaults = num_inference_steps is None and scheduler is None
-            stage = self._stage(upscale_steps if upscale_steps or not defaults else None, None, upscaling)
+            # Any setting asked draws with the upscaler itself, at its card's steps unless they are asked too.
+            stage = self._stage(upscale_steps or (None if defaults else upscaling.steps), None, upscaling)
             base_steps = run(self.base._stage(num_inference_steps, scheduler).steps)
             total_steps = base_steps + run(stage.steps)
             outer = callback

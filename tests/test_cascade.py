@@ -121,6 +121,32 @@ def test_the_upscaler_resumes_exactly(tmp_path, data, cascade):
     assert (resumed / "base" / "unet").is_dir()
 
 
+def test_a_cascades_upscaler_gets_a_student_that_draws_at_the_defaults(tmp_path, data, cascade):
+    """`--mode distill` on a cascade distils its upscaler (at the card's noise level, on crops); the base
+    and the upscaler itself are kept as they were, and the student draws only at the default settings."""
+    folder, out = cascade[1], tmp_path / "cascade-student"
+    settings = dict(distill_from=str(folder), student_steps=2, teacher_steps=4, max_train_steps=6)
+    train(config(out, data, checkpointing_steps=1000, **settings))
+    for name in ("unet/diffusion_pytorch_model.safetensors", "base/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(folder / name), load_file(out / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    pipe = SegDiffPipeline.from_pretrained(out, device="cpu")
+    assert pipe.student is not None and pipe.card.distilled.steps == 2 and pipe.card.img_size == 64
+    mask = np.zeros((64, 64), np.int64)
+    mask[8:56, 8:30] = 1
+
+    def steps(**kwargs) -> int:
+        seen = []
+        pipe(mask, callback=lambda i, n: seen.append(n), output_type="np", **kwargs)
+        return seen[-1]
+
+    base_steps = pipe.base._stage(None, None).steps
+    assert steps() == base_steps + 2  # the upscaler's student
+    assert steps(upscale_steps=4) == base_steps + 4  # asked for: the upscaler itself
+    assert steps(num_inference_steps=3) == 3 + pipe.card.upscaling.steps  # any setting asked: no students
+
+
 def test_a_cascade_with_a_missing_or_mismatched_stage_is_refused(tmp_path, cascade):
     folder = cascade[1]
     broken = tmp_path / "broken"
