@@ -187,8 +187,18 @@ def measure_quality(
     student = scheduler == STUDENT
     if student and card.distilled is None:
         raise ArgumentError(f"scheduler={STUDENT!r}: the model has no distilled student")
-    if student:  # the model's default settings, which its student draws
-        num_inference_steps = card.distilled.steps
+    if student and upscale_steps:
+        raise ArgumentError(
+            f"upscale_steps={upscale_steps}: scheduler={STUDENT!r} measures the default settings, "
+            "whose steps are the students'"
+        )
+    upscaler = card.upscaling and (card.upscaling.scheduler, upscale_steps or card.upscaling.steps)
+    if student:  # the model's default settings: its student, and a cascade's base's student where it has one
+        first = pipe.base.card if pipe.base is not None else card
+        scheduler, num_inference_steps = (
+            (STUDENT, first.distilled.steps) if first.distilled else (DEFAULT_SCHEDULER, DEFAULT_STEPS)
+        )
+        upscaler = card.upscaling and (STUDENT, card.distilled.steps)
     mine = (segmenter.config.num_classes, segmenter.config.img_channels, segmenter.config.img_size)
     if mine[:2] != (card.num_classes, card.img_channels) or card.img_size % mine[2]:
         raise CheckpointError(
@@ -242,14 +252,7 @@ def measure_quality(
                 "device": pipe.device.type,
                 "seed": seed,
                 "num_masks": n,
-                **(
-                    {
-                        "upscale_sampler": card.upscaling.scheduler,
-                        "upscale_steps": upscale_steps or card.upscaling.steps,
-                    }
-                    if card.upscaling
-                    else {}
-                ),
+                **({"upscale_sampler": upscaler[0], "upscale_steps": upscaler[1]} if upscaler else {}),
             },
             "dice": _named(dice(pred, masks, k), names),
             "mean_dice": round_score(mean_dice(pred, masks, k)),

@@ -1,5 +1,6 @@
 """The Dice ruler: Dice and KID on hand-made data, segmenter training and files, quality runs, the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -9,10 +10,18 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from segdiff import SegDiffPipeline
-from segdiff.errors import CheckpointError, ImageError, MaskError
+from segdiff.errors import ArgumentError, CheckpointError, ImageError, MaskError
 from segdiff.models import PRESETS, ModelCard
 from segdiff.phantoms import write_dataset
-from segdiff.quality import faithfulness, frechet_distance, kid, load_test_set, main, measure_quality
+from segdiff.quality import (
+    faithfulness,
+    frechet_distance,
+    kid,
+    load_test_set,
+    main,
+    measure_quality,
+    run_label,
+)
 from segdiff.segmenter import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -239,6 +248,21 @@ def test_measure_quality_is_reproducible_and_json_ready(model_dir, segmenter_dir
     # the noise belongs to the mask index, not the batch: batching differently changes nothing
     other = measure_quality(pipe, segmenter, masks, images, batch_size=3, omit_each=False, **settings)
     assert other["dice"] == result["dice"] and other["omit"] == {}
+
+
+def test_measure_quality_of_a_student_records_the_default_settings(model_dir, segmenter_dir, phantoms):
+    teacher = SegDiffPipeline.from_pretrained(model_dir)
+    segmenter = Segmenter.from_pretrained(segmenter_dir)
+    masks, images, _ = real_test_set(phantoms)
+    settings = dict(scheduler="student", precision="fp32", progress=False, omit_each=False)
+    with pytest.raises(ArgumentError, match="the model has no distilled student"):
+        measure_quality(teacher, segmenter, masks, images, **settings)
+    card = dataclasses.replace(teacher.card, student={"steps": 2, "teacher_steps": 4})
+    pipe = SegDiffPipeline(teacher.unet, teacher.scheduler, card, student=teacher.unet)
+    result = measure_quality(pipe, segmenter, masks, images, **settings)
+    assert run_label(result) == "student 2 fp32"
+    with pytest.raises(ArgumentError, match="upscale_steps=4"):
+        measure_quality(pipe, segmenter, masks, images, upscale_steps=4, **settings)
 
 
 def test_evaluate_cli_writes_the_card_and_reuses_its_segmenter(model_dir, segmenter_dir, phantoms, capsys):
