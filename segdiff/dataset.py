@@ -51,13 +51,13 @@ class Settings:
     layout: str = "original"
     seed: int = 0
     batch_size: int = 16
-    steps: int = DEFAULT_STEPS
-    scheduler: str = DEFAULT_SCHEDULER
+    steps: int | None = None  # None with scheduler None: the model's defaults (its student, if it has one)
+    scheduler: str | None = None
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
             raise ConfigError(f"--n {self.n}: expected a number of pairs >= 1")
-        if self.batch_size < 1 or self.steps < 1:
+        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
             raise ConfigError(f"--batch_size {self.batch_size}, --steps {self.steps}: expected both >= 1")
         if self.deform not in DEFORM_LEVELS:
             raise ConfigError(f"--deform {self.deform}: expected one of {', '.join(DEFORM_LEVELS)}")
@@ -151,6 +151,13 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
     write_json(out / "dataset.json", info)
 
 
+def _sampling(settings: Settings, card) -> str:
+    """What draws the images, in words: the model's student at its defaults, else a sampler and steps."""
+    if settings.steps is None and settings.scheduler is None and card.distilled:
+        return f"the model's student, {card.distilled.steps} steps"
+    return f"{settings.scheduler or DEFAULT_SCHEDULER}, {settings.steps or DEFAULT_STEPS} steps"
+
+
 def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
     """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
     the same settings.
@@ -179,6 +186,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
         "data_credit": card.dataset or {"note": "the model card names no data set"},
         "class_names": card.class_names,
         "settings": asdict(settings),
+        "sampling": _sampling(settings, card),
         "deformation_bounds": deformation_bounds(),
         "complete": False,
         "pairs": records,
@@ -239,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_argument("--seed", type=int, default=0, help="pair i depends only on (seed, i) (default: 0)")
     synth.add_argument("--batch_size", type=int, default=16, help="images drawn at once (default: 16)")
     synth.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})"
-    )
+        "--steps", type=int, help=f"sampling steps (default: the model's defaults: its few-step student "
+        f"where it has one, else {DEFAULT_SCHEDULER} {DEFAULT_STEPS})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         settings = Settings(

@@ -77,6 +77,7 @@ def test_both_layouts_are_complete_and_reopen_with_the_data_reader(small_model_d
     names = [f"syn_{i:05d}" for i in range(5)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["settings"]["layout"] == layout
+    assert manifest["sampling"] == "dpm++, 2 steps"  # asked for; without --steps, the model's defaults
     assert [p["name"] for p in manifest["pairs"]] == names
     assert {p["source"] for p in manifest["pairs"]} <= {f"case_{i}.png" for i in range(3)}
     assert all(p["deformation"]["used"] == "mild" for p in manifest["pairs"])
