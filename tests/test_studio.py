@@ -46,7 +46,7 @@ def test_mask_loaded_into_a_layer_reads_back_from_background_and_layers(studio, 
     layer = studio.layer(mask)
     assert layer[0, 0, 3] == 0 and layer[layer.shape[0] // 2, layer.shape[1] // 2, 3] == 255
     stroke = np.zeros_like(layer)
-    stroke[:8, :, :] = (*studio.palette.colors[3], 255)  # painted over the top rows of the canvas
+    stroke[: studio.canvas_scale, :, :] = (*studio.palette.colors[3], 255)  # painted over one model row
     expected = mask.copy()
     expected[:1] = 3
     assert np.array_equal(studio.mask_from_canvas(opaque(studio.canvas()), [layer, stroke]), expected)
