@@ -169,11 +169,15 @@ def legend_html(studio: Studio) -> str:
 
 def tips(studio: Studio) -> str:
     side, scale = studio.size * studio.canvas_scale, studio.canvas_scale
+    canvas = (
+        f"The canvas is {side} px: each {scale} x {scale} block becomes one of the model's {studio.size} x "
+        f"{studio.size} pixels, the class covering most of it." if scale > 1
+        else f"The canvas is the model's {side} x {side} pixels."
+    )  # fmt: skip
     return (
         f"**Painting.** Pick a class colour from the brush's palette; black paints background and the eraser "
-        f"takes paint off. The canvas is {side} px: each {scale} x {scale} block becomes one of the model's "
-        f"{studio.size} x {studio.size} pixels, the class covering most of it. The preview redraws after each "
-        "stroke at the seed shown, with the model's default sampler.\n\n"
+        f"takes paint off. {canvas} The preview redraws after each stroke at the "
+        "seed shown, at the model's default settings (its few-step student, where it has one).\n\n"
         "**Omitting** a class hands its pixels to the model, which may draw that tissue anywhere or nowhere. "
         "**Ablation sweep** renders one noise with all classes kept, then each one omitted in turn. Every PNG "
         "carries its seed, steps, sampler, omitted classes and model in its metadata."
