@@ -63,26 +63,35 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             if editor.locator("menu.swatch").is_visible():
                 editor.locator("button[aria-label='Brush']").click()  # the menu lies over the canvas
 
+        def brush():  # the colour the brush paints with: its menu marks that swatch selected
+            colours = swatches().evaluate_all(
+                "buttons => buttons.filter(b => b.classList.contains('selected')).map(b => b.style.backgroundColor)"
+            )
+            close_swatches()
+            return colours
+
         def pick(rgb):
             # The swatch menu animates shut: seen open while closing, it is not reopened and the click waits
-            # forever. Short tries, each reopening the menu if it has gone, end that race.
+            # forever. Short tries, each reopening the menu if it has gone, end that race; the brush is read back.
             swatch = editor.locator("menu.swatch button.color").and_(editor.locator(f"[style*='rgb({rgb})']"))
             for _ in range(60):
                 try:
                     swatches()
                     swatch.click(timeout=5_000)
-                    break
                 except PlaywrightTimeout:
                     continue
-            else:
-                raise AssertionError(f"the brush menu never offered rgb({rgb})")
-            close_swatches()
+                close_swatches()
+                if brush() == [f"rgb({rgb})"]:
+                    return
+            raise AssertionError(f"the brush never took rgb({rgb})")
 
-        def palette_shown(count, rgb):  # the editor takes its new brush a moment after the rest of the page
+        def palette_shown(count, rgb, default):
+            """Whether the editor took a new brush: `count` colours, `rgb` among them, and the brush reset to
+            `default`. It takes them a moment after the rest of the page; a colour picked before the reset is lost."""
             for _ in range(120):
                 colours = swatches().evaluate_all("buttons => buttons.map(b => b.style.backgroundColor)")
                 close_swatches()
-                if len(colours) == count and f"rgb({rgb})" in colours:
+                if len(colours) == count and f"rgb({rgb})" in colours and brush() == [f"rgb({default})"]:
                     return True
                 page.wait_for_timeout(500)
             return False
@@ -136,7 +145,7 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
         page.locator("#model-picker input").click()
         page.get_by_role("option", name="tiny-small").click()
         page.get_by_label("fetal head", exact=True).wait_for()
-        assert palette_shown(3, "60, 180, 75")
+        assert palette_shown(3, "60, 180, 75", default="230, 25, 75")  # the class 1 colour
         pick("60, 180, 75")  # fetal head
         for dy in (-40, 0, 40):
             stroke(-100, dy, 100, dy)
