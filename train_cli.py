@@ -57,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Bad input exits with status 2 and one line saying what is wrong.",
         formatter_class=_Help,
     )
-    add = parser.add_argument_group(
-        "the original main.py flags (same names, defaults and meanings)"
-    ).add_argument
+    _original_flags(parser.add_argument_group("the original main.py flags (same names, defaults and meanings)"))
+    _model_flags(parser.add_argument_group("the model and its folders (segdiff)"))
+    _recipe_flags(parser.add_argument_group("how the model learns (segdiff)"))
+    _run_flags(parser.add_argument_group("the training run (segdiff)"))
+    _sampling_flags(parser.add_argument_group("sampling and few-step students (segdiff)"))
+    _hub_flags(parser.add_argument_group("the Hugging Face Hub (segdiff)"))
+    return parser
+
+
+def _original_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--mode",
         default="train",
@@ -158,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval_many: number of samples; guided models draw one per test mask, at most this many",
     )
 
-    add = parser.add_argument_group("segdiff flags").add_argument
+
+def _model_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--output_dir",
         help="run folder; default: the original's name {model_type}-{dataset}-{img_size}[-segguided][-ablated] "
@@ -190,22 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --upscale_from: the training crops' size (default: --img_size / 2)",
     )
     add(
-        "--student_steps",
-        type=int,
-        default=TRAIN_DEFAULTS["student_steps"],
-        help="distill: the student's sampling steps. The run trains them on the training data to land where "
-        "the teacher's --teacher_steps DDIM steps do (progressive distillation in one round), and writes the "
-        "teacher with its student in student/ to --output_dir (default: the teacher's folder + '-student'). "
-        "The student then draws at the model's default settings; asking for a sampler or steps uses the "
-        "teacher. For a cascade it distills the upscaler; distill its base model first",
-    )
-    add(
-        "--teacher_steps",
-        type=int,
-        help="distill: the teacher's DDIM steps the student learns from (default: 12; an upscaler's recorded "
-        "steps), a multiple of --student_steps",
-    )
-    add(
         "--mask_encoding",
         default=TRAIN_DEFAULTS["encoding"],
         choices=("onehot", "original"),
@@ -220,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="K class names, background first, for the model card (default: background, class 1, ...)",
     )
+
+
+def _recipe_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--recipe",
         default=TRAIN_DEFAULTS["recipe"],
@@ -257,16 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear warm-up steps before the cosine decay (default: the recipe's)",
     )
     add(
-        "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        help="train: numeric precision (default: accelerate's configuration, else fp32 as the original); "
-        "bf16 is fastest on recent GPUs. eval: default bf16/fp16 on GPUs, fp32 on CPUs without native bf16",
-    )
-    add(
         "--ema",
         action=argparse.BooleanOptionalAction,
         help="keep an exponential moving average of the weights (diffusers EMAModel) and save it as the model "
         "(default: the recipe's)",
+    )
+
+
+def _run_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        help="train: numeric precision (default: accelerate's configuration, else fp32 as the original); "
+        "bf16 is fastest on recent GPUs. eval: default bf16/fp16 on GPUs, fp32 on CPUs without native bf16",
     )
     add(
         "--checkpointing_steps",
@@ -327,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=TRAIN_DEFAULTS["save_model_epochs"],
         help="save the model to OUTPUT_DIR every this many epochs, and at the end",
     )
+
+
+def _sampling_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add(
         "--sampler",
         choices=sorted(SAMPLERS),
@@ -346,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the samples then follow the full mask that names their file",
     )
     add(
+        "--student_steps",
+        type=int,
+        default=TRAIN_DEFAULTS["student_steps"],
+        help="distill: the student's sampling steps. The run trains them on the training data to land where "
+        "the teacher's --teacher_steps DDIM steps do (progressive distillation in one round), and writes the "
+        "teacher with its student in student/ to --output_dir (default: the teacher's folder + '-student'). "
+        "The student then draws at the model's default settings; asking for a sampler or steps uses the "
+        "teacher. For a cascade it distills the upscaler; distill its base model first",
+    )
+    add(
+        "--teacher_steps",
+        type=int,
+        help="distill: the teacher's DDIM steps the student learns from (default: 12; an upscaler's recorded "
+        "steps), a multiple of --student_steps",
+    )
+
+
+def _hub_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add(
         "--push_to_hub",
         action="store_true",
         help="train: upload the finished model (without checkpoints) to the Hugging Face Hub, its card as "
@@ -353,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--hub_model_id", help="the Hub repository to push to, org/name (default: the run folder's name, yours)")
     add("--hub_private_repo", action="store_true", help="create the Hub repository private")
-    return parser
 
 
 # TrainConfig's fields that the original flags set under other names; the other fields share their flag's
