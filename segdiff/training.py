@@ -295,21 +295,7 @@ def _for_teacher(config: TrainConfig, card: ModelCard) -> TrainConfig:
 
 def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     out = Path(config.output_dir)
-    launched = launched_processes()
-    accelerator = Accelerator(
-        # Without a GPU, accelerate joins the processes of a launch (over gloo) only when told `cpu`; else
-        # each would train alone, all of them writing the same run folder.
-        cpu=launched > 1 and not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    if launched > 1 and accelerator.num_processes == 1:
-        raise ConfigError(
-            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate did not join them, so "
-            "each would train alone into the same folder; to join them on CPUs, set ACCELERATE_USE_CPU=1"
-        )
+    accelerator = _accelerator(config, out)
     announce(accelerator)
     _fast_backends(accelerator.device)
     set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
@@ -327,20 +313,7 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     train_set = SegDataset(*data, "train", config.img_size, config.img_channels, config.num_classes, palette)
     grid_set = _grid_set(config, palette)
     order = EpochOrder(len(train_set), config.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=config.train_batch_size,
-        sampler=order,
-        # Partial batches only where the set is smaller than one global batch.
-        drop_last=len(train_set) > config.train_batch_size * accelerator.num_processes,
-        num_workers=config.dataloader_num_workers,
-        persistent_workers=config.dataloader_num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        # The loader draws a seed per pass; from the global RNG, a resumed run's draws would shift.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    # Sharded across processes first: each process then runs len(loader) batches per epoch.
-    loader = accelerator.prepare(loader)
+    loader = _loader(config, train_set, order, accelerator)
     resuming = config.resume and latest_checkpoint(out) is not None
     noise_scheduler = teacher.scheduler if teacher else recipe.noise_scheduler(config.model_type)
     unet = _initial_unet(config, card, noise_scheduler, out, teacher)
@@ -415,14 +388,7 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
         record.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
         pipeline().save_pretrained(out)
 
-    log = _CsvLog(out / "train_log.csv", state.step) if accelerator.is_main_process else None
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        unit="step",
-        desc="train",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress = _Progress(accelerator, out / "train_log.csv", state.step, total_steps)
     started, seconds_before = time.time(), state.seconds
     loss_sum, loss_steps = 0.0, 0  # a tensor once added to: summed on the device, no wait per step
     while state.step < total_steps:
@@ -451,15 +417,9 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
                 loss_value = accelerator.gather(loss_sum / loss_steps).mean().item()  # waits for the device
                 loss_sum, loss_steps = 0.0, 0
             state.seconds = seconds_before + time.time() - started
-            bar.update(1)
+            progress.update()
             if logging:
-                lr = lr_scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                accelerator.log({"loss": loss_value, "lr": lr}, step=state.step)
-                if log is not None:
-                    log.write(
-                        step=state.step, epoch=epoch, loss=loss_value, lr=lr, seconds=round(state.seconds, 3)
-                    )
+                progress.log(state.step, epoch, loss_value, lr_scheduler.get_last_lr()[0], state.seconds)
             if state.step % config.checkpointing_steps == 0 or state.step == total_steps:
                 save_checkpoint(
                     accelerator,
@@ -477,7 +437,7 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
                 save_grid(epochs_done)
             if epochs_done % config.save_model_epochs == 0:
                 save_model(epochs_done, state.seconds)
-    bar.close()
+    progress.close()
     if accelerator.is_main_process:
         epochs_done = math.ceil(state.step / steps_per_epoch)
         save_grid(epochs_done)
@@ -486,6 +446,42 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     accelerator.wait_for_everyone()  # every process returns once the model is saved
     accelerator.end_training()
     return out
+
+
+def _accelerator(config: TrainConfig, out: Path) -> Accelerator:
+    launched = launched_processes()
+    accelerator = Accelerator(
+        # Without a GPU, accelerate joins the processes of a launch (over gloo) only when told `cpu`; else
+        # each would train alone, all of them writing the same run folder.
+        cpu=launched > 1 and not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate did not join them, so "
+            "each would train alone into the same folder; to join them on CPUs, set ACCELERATE_USE_CPU=1"
+        )
+    return accelerator
+
+
+def _loader(config: TrainConfig, train_set: SegDataset, order: EpochOrder, accelerator: Accelerator):
+    """The training batches in `order`, sharded across the processes: each then runs len(loader) an epoch."""
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=config.train_batch_size,
+        sampler=order,
+        # Partial batches only where the set is smaller than one global batch.
+        drop_last=len(train_set) > config.train_batch_size * accelerator.num_processes,
+        num_workers=config.dataloader_num_workers,
+        persistent_workers=config.dataloader_num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
+        # The loader draws a seed per pass; from the global RNG, a resumed run's draws would shift.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return accelerator.prepare(loader)
 
 
 def _objective(config: TrainConfig, card: ModelCard, recipe: Recipe, noise_scheduler, teacher):
@@ -695,12 +691,23 @@ def _pipeline(accelerator, unet, ema, noise_scheduler, card, base=None, teacher=
     return pipe
 
 
-class _CsvLog:
-    """The training curve as CSV; on resume, rows past the checkpoint's step are dropped first."""
+class _Progress:
+    """A run's progress: the bar, the trackers (TensorBoard), and the curve as OUT/train_log.csv, from which a
+    resumed run first drops the rows past its checkpoint's step."""
 
     FIELDS = ("step", "epoch", "loss", "lr", "seconds")
 
-    def __init__(self, path: Path, start_step: int):
+    def __init__(self, accelerator: Accelerator, path: Path, start_step: int, total_steps: int):
+        self.accelerator, self.file = accelerator, None
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            desc="train",
+            disable=not accelerator.is_local_main_process,
+        )
+        if not accelerator.is_main_process:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if path.exists():
@@ -718,9 +725,20 @@ class _CsvLog:
         self.file = open(path, "a", newline="")  # noqa: SIM115 - lives as long as the run
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
 
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.file.flush()
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def log(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+        self.accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if self.file is not None:
+            self.writer.writerow(dict(step=step, epoch=epoch, loss=loss, lr=lr, seconds=round(seconds, 3)))
+            self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _scalar(value) -> bool:
