@@ -53,35 +53,44 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             # The image sits centred in the canvas element, zoomed to fit: about 490 px on screen.
             return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
 
-        def swatches():  # the brush's colour menu, opened if it is closed
-            if not editor.locator("menu.swatch").is_visible():
+        # The brush's colour menu animates shut: seen open while closing, it is not reopened, and a wait for its
+        # buttons lasts forever. Every use of it is therefore a short try, repeated (reopening it if it has gone).
+        menu = editor.locator("menu.swatch")
+
+        def open_swatches():
+            if not menu.is_visible():
                 editor.locator("button[aria-label='Color']").click()
-                editor.locator("menu.swatch button.color").first.wait_for()
-            return editor.locator("menu.swatch button.color")
+            menu.locator("button.color").first.wait_for(timeout=5_000)
 
         def close_swatches():
-            if editor.locator("menu.swatch").is_visible():
+            if menu.is_visible():
                 editor.locator("button[aria-label='Brush']").click()  # the menu lies over the canvas
 
-        def brush():  # the colour the brush paints with: its menu marks that swatch selected
-            colours = swatches().evaluate_all(
-                "buttons => buttons.filter(b => b.classList.contains('selected')).map(b => b.style.backgroundColor)"
-            )
-            close_swatches()
-            return colours
-
-        def pick(rgb):
-            # The swatch menu animates shut: seen open while closing, it is not reopened and the click waits
-            # forever. Short tries, each reopening the menu if it has gone, end that race; the brush is read back.
-            swatch = editor.locator("menu.swatch button.color").and_(editor.locator(f"[style*='rgb({rgb})']"))
+        def brush():
+            """(the palette's colours, the one the brush paints with: its menu marks that swatch selected)."""
             for _ in range(60):
                 try:
-                    swatches()
+                    open_swatches()
+                except PlaywrightTimeout:
+                    continue
+                swatches = menu.locator("button.color").evaluate_all(
+                    "buttons => buttons.map(b => [b.style.backgroundColor, b.classList.contains('selected')])"
+                )
+                close_swatches()
+                if swatches:  # else read from a menu gone meanwhile
+                    return [c for c, _ in swatches], [c for c, selected in swatches if selected]
+            raise AssertionError("the brush menu never opened")
+
+        def pick(rgb):
+            swatch = menu.locator("button.color").and_(editor.locator(f"[style*='rgb({rgb})']"))
+            for _ in range(60):
+                try:
+                    open_swatches()
                     swatch.click(timeout=5_000)
                 except PlaywrightTimeout:
                     continue
                 close_swatches()
-                if brush() == [f"rgb({rgb})"]:
+                if brush()[1] == [f"rgb({rgb})"]:
                     return
             raise AssertionError(f"the brush never took rgb({rgb})")
 
@@ -89,9 +98,8 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
             """Whether the editor took a new brush: `count` colours, `rgb` among them, and the brush reset to
             `default`. It takes them a moment after the rest of the page; a colour picked before the reset is lost."""
             for _ in range(120):
-                colours = swatches().evaluate_all("buttons => buttons.map(b => b.style.backgroundColor)")
-                close_swatches()
-                if len(colours) == count and f"rgb({rgb})" in colours and brush() == [f"rgb({default})"]:
+                colours, selected = brush()
+                if len(colours) == count and f"rgb({rgb})" in colours and selected == [f"rgb({default})"]:
                     return True
                 page.wait_for_timeout(500)
             return False
