@@ -50,6 +50,7 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
 EDITOR_HEIGHT = 572  # pixels on screen, the toolbar included; the editor zooms its canvas to fit
+GUIDANCE_SLIDER_MAX = 8  # mask guidance past this saturates images; the API takes up to MAX_GUIDANCE
 KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
 SAMPLER_LABELS = {
     "dpm++": "DPM++ 2M (fast)",
@@ -315,16 +316,17 @@ class Handlers:
         return self.loaded(self.models.get(model), examples[index])
 
     @user_errors
-    def on_generate(self, model, editor, keep, seed, steps, num_images, sampler, image, strength, contours,
+    def on_generate(self, model, editor, keep, seed, steps, num_images, sampler, guidance, image, strength, contours,
                     progress=gr.Progress()):  # noqa: B008
         run = self.run("generate", model, editor, image, progress, keep=keep or [], seed=seed, steps=steps,
-                       num_images=num_images, sampler=sampler, strength=strength)
+                       num_images=num_images, sampler=sampler, guidance_scale=guidance, strength=strength)
         return self.shown(run, contours)
 
     @user_errors
-    def on_sweep(self, model, editor, seed, steps, sampler, image, strength, contours, progress=gr.Progress()):  # noqa: B008
+    def on_sweep(self, model, editor, seed, steps, sampler, guidance, image, strength, contours,
+                 progress=gr.Progress()):  # noqa: B008
         run = self.run("sweep", model, editor, image, progress, seed=seed, steps=steps, sampler=sampler,
-                       strength=strength)
+                       guidance_scale=guidance, strength=strength)
         return self.shown(run, contours)
 
     def on_paint(self, model, editor, keep, seed):
@@ -346,13 +348,14 @@ class Handlers:
     # ---- the API ----
 
     @user_errors
-    def generate(self, mask, omit, seed, steps, num_images, sampler, model, progress=gr.Progress()):  # noqa: B008
+    def generate(self, mask, omit, seed, steps, num_images, sampler, guidance, model, progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("generate", model, mask, None, progress, omit=omit, seed=seed, steps=steps,
-                                      num_images=num_images, sampler=sampler))
+                                      num_images=num_images, sampler=sampler, guidance_scale=guidance))
 
     @user_errors
-    def sweep(self, mask, seed, steps, sampler, model, progress=gr.Progress()):  # noqa: B008
-        return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler))
+    def sweep(self, mask, seed, steps, sampler, guidance, model, progress=gr.Progress()):  # noqa: B008
+        return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler,
+                                      guidance_scale=guidance))
 
     @user_errors
     def preview(self, mask, omit, seed, model):
@@ -422,6 +425,11 @@ def build_demo(models: Models) -> gr.Blocks:
                     sampler = gr.Dropdown(choices, value=DEFAULT_SAMPLER, label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
+                guidance = gr.Slider(
+                    1, GUIDANCE_SLIDER_MAX, value=1, step=0.5, label="Mask guidance",
+                    info="Above 1, images follow the kept classes more closely (each step costs two passes); "
+                         "for models trained with mask ablation. 1: none.",
+                )
                 with gr.Accordion("Start from a real image (anatomical similarity)", open=False):
                     start_image = gr.Image(
                         type="filepath", label="Real image", sources=["upload"], height=180,
@@ -454,12 +462,12 @@ def build_demo(models: Models) -> gr.Blocks:
         )
         generate_btn.click(
             gpu(on.on_generate),
-            [picker, editor, keep, seed, steps, num_images, sampler, start_image, strength, contours],
+            [picker, editor, keep, seed, steps, num_images, sampler, guidance, start_image, strength, contours],
             outputs, **PRIVATE, **SAMPLING,
         )
         sweep_btn.click(
-            gpu(on.on_sweep), [picker, editor, seed, steps, sampler, start_image, strength, contours], outputs,
-            **PRIVATE, **SAMPLING,
+            gpu(on.on_sweep), [picker, editor, seed, steps, sampler, guidance, start_image, strength, contours],
+            outputs, **PRIVATE, **SAMPLING,
         )
         # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
         # into it; its `input` comes sooner, with the canvas as it was before the stroke.
@@ -471,14 +479,14 @@ def build_demo(models: Models) -> gr.Blocks:
         reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **PRIVATE, queue=False)
         mask_file.upload(on.load_mask, [picker, mask_file], editor, **PRIVATE, **RAW)
         examples.click(on.load_example, [picker, examples], editor, **PRIVATE, **RAW)
-        add_api(on, picker, seed, steps, num_images, sampler)
+        add_api(on, picker, seed, steps, num_images, sampler, guidance)
     # One sampling job at a time: a second would only halve the speed of both on a small machine.
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
 
 
-def add_api(on: Handlers, picker, seed, steps, num_images, sampler) -> None:
+def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance) -> None:
     """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
 
     They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
@@ -494,11 +502,11 @@ def add_api(on: Handlers, picker, seed, steps, num_images, sampler) -> None:
     ]
     image = gr.Image(label="image", visible=False, format="png")
     gr.Button(visible=False).click(
-        gpu(on.generate), [mask, omit, seed, steps, num_images, sampler, picker], results, api_name="generate",
+        gpu(on.generate), [mask, omit, seed, steps, num_images, sampler, guidance, picker], results, api_name="generate",
         **SAMPLING,
     )
     gr.Button(visible=False).click(
-        gpu(on.sweep), [mask, seed, steps, sampler, picker], results, api_name="sweep", **SAMPLING
+        gpu(on.sweep), [mask, seed, steps, sampler, guidance, picker], results, api_name="sweep", **SAMPLING
     )
     gr.Button(visible=False).click(
         gpu_briefly(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS

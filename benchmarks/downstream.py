@@ -3,14 +3,15 @@ and synthetic pairs alone, scored by Dice on real patients.
 
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
         [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
-        [--segmenter_steps 2000]
+        [--segmenter_steps 2000] [--guidance_scale 1]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 \\
-        --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR]
+        --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR] \\
+        [--guidance_scale 1]
 
 The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
 those N alone (the bundled PSFHS model's flags: `small` preset, `fast` recipe, mask ablation, batch 16, bf16
 where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on mildly deformed copies
-of the N masks (`python -m segdiff.dataset synthesize`). The project's segmenter (`segdiff.quality
+of the N masks (`python -m segdiff.dataset synthesize`, at --guidance_scale). The project's segmenter (`segdiff.quality
 train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the best Dice on the real val split kept) is
 trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, and
 scored by mean Dice on the real test split (pubic symphysis, fetal head). Printed: mean +- standard deviation
@@ -106,7 +107,8 @@ def train_generator(args, data: Path, out: Path, seed: int) -> Path:
 
 
 def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Path:
-    settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed)
+    settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed,
+                        guidance_scale=args.guidance_scale)  # fmt: skip
     result = synthesize(settings, out)
     if result["drawn"]:
         rate = result["drawn"] / result["seconds"]
@@ -114,6 +116,11 @@ def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Pa
             f"drew {result['drawn']} pairs into {out.name}: {rate:.2f} pairs/s, {result['threads']} thread(s)"
         )
     return out
+
+
+def guided(args) -> str:
+    """The part of a folder name that tells guided pairs from unguided ones."""
+    return f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
 
 
 def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
@@ -136,7 +143,7 @@ def test_dice(segmenter: Segmenter, test: SegDataset) -> dict:
 def train_on_synthetic(args, test: SegDataset) -> None:
     work, data = Path(args.work), Path(args.data)
     model = args.train_on_synthetic
-    name = f"synthetic-{Path(model).name}-{args.synthetic}"
+    name = f"synthetic-{Path(model).name}-{args.synthetic}{guided(args)}"
     pairs = draw_pairs(args, model, data / "mask" / "all" / "train", work / "pairs" / name, seed=0)
     synthetic = segment(args, link_folder(work / "data" / name, data, synthetic_pairs(pairs)),
                         work / "segmenters" / name, seed=0)  # fmt: skip
@@ -166,7 +173,7 @@ def table(args, test: SegDataset) -> None:
                 args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
             )
             pairs = draw_pairs(args, generator, real / "mask" / "all" / "train",
-                               work / "pairs" / f"{generator.name}-syn{args.synthetic}", seed)  # fmt: skip
+                               work / "pairs" / f"{generator.name}-syn{args.synthetic}{guided(args)}", seed)  # fmt: skip
             synthetic = synthetic_pairs(pairs)
             folders = {
                 CONDITIONS[0]: real,
@@ -180,18 +187,21 @@ def table(args, test: SegDataset) -> None:
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
                 print(f"N={n} seed {seed} {condition}: test mean Dice {score['mean_dice']:.4f}", flush=True)
-    (work / "table.json").write_text(json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n")
-    print(report(scores, args.synthetic))
+    (work / f"table{guided(args)}.json").write_text(
+        json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n"
+    )
+    guidance = f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+    print(report(scores, args.synthetic, guidance))
 
 
-def report(scores: dict[int, dict[str, list[float]]], m: int) -> str:
+def report(scores: dict[int, dict[str, list[float]]], m: int, guidance: str = "") -> str:
     """Mean +- standard deviation over the seeds per N and condition, and the gain of (b) over (a)."""
 
     def cell(values: list[float]) -> str:
         spread = np.std(values, ddof=1) if len(values) > 1 else math.nan
         return f"{np.mean(values):.4f} +- {spread:.4f} ({len(values)})"
 
-    lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs"]
+    lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs{guidance}"]
     lines.append(" | ".join(["N".rjust(5), *(c.ljust(24) for c in CONDITIONS), "b - a"]))
     for n, by_condition in scores.items():
         gain = np.array(by_condition[CONDITIONS[1]]) - np.array(by_condition[CONDITIONS[0]])
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
     parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="mask guidance of the drawing")
     parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
     parser.add_argument(
         "--generator_precision",

@@ -12,7 +12,10 @@ drawn in fixed batches and every file is written under a temporary name and rena
 with the same arguments, writes the files an uninterrupted one would.
 
     python -m segdiff.dataset synthesize MODEL OUT --masks MASK_DIR [--n N] [--deform none|mild|strong]
-        [--layout original|nnunet] [--seed S] [--batch_size B] [--steps STEPS]
+        [--layout original|nnunet] [--seed S] [--batch_size B] [--steps STEPS] [--guidance_scale W]
+
+Mask guidance (--guidance_scale above 1) makes images follow their masks more closely, so the pairs agree better:
+on PSFHS, a segmenter trained on them alone comes closer to one trained on the real pairs (docs/dataset.md).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ from .errors import ConfigError, DataLayoutError, SegdiffError
 from .evaluation import noise_generator, write_sample
 from .files import write_json, write_png
 from .masks import DEFORM_LEVELS, deform_keeping_classes, deformation_bounds
-from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline
+from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline, check_guidance
 
 LAYOUTS = ("original", "nnunet")
 MANIFEST = "manifest.json"
@@ -53,6 +56,7 @@ class Settings:
     batch_size: int = 16
     steps: int | None = None  # None with scheduler None: the model's defaults (its student, if it has one)
     scheduler: str | None = None
+    guidance_scale: float = 1.0  # mask guidance; 1 = none
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
@@ -63,6 +67,10 @@ class Settings:
             raise ConfigError(f"--deform {self.deform}: expected one of {', '.join(DEFORM_LEVELS)}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout {self.layout}: expected one of {', '.join(LAYOUTS)}")
+        if not 1 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise ConfigError(
+                f"--guidance_scale {self.guidance_scale}: expected 1 (none) to {MAX_GUIDANCE:g}"
+            )
 
 
 def pair_name(index: int, n: int) -> str:
@@ -119,8 +127,11 @@ def _check_folder(out: Path, manifest: dict) -> None:
             before = json.loads(path.read_text())["settings"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
+        defaults = {f.name: f.default for f in fields(Settings)}  # of settings added since that run
         changed = [
-            f"{k} {before.get(k)!r} -> {v!r}" for k, v in manifest["settings"].items() if before.get(k) != v
+            f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}"
+            for k, v in manifest["settings"].items()
+            if before.get(k, defaults.get(k)) != v
         ]
         if changed:
             raise DataLayoutError(
@@ -152,10 +163,13 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
 
 
 def _sampling(settings: Settings, card) -> str:
-    """What draws the images, in words: the model's student at its defaults, else a sampler and steps."""
+    """What draws the images, in words: the model's student at its defaults, else a sampler and steps; and
+    the mask guidance, when there is some."""
     if settings.steps is None and settings.scheduler is None and card.distilled:
-        return f"the model's student, {card.distilled.steps} steps"
-    return f"{settings.scheduler or DEFAULT_SCHEDULER}, {settings.steps or DEFAULT_STEPS} steps"
+        words = f"the model's student, {card.distilled.steps} steps"
+    else:
+        words = f"{settings.scheduler or DEFAULT_SCHEDULER}, {settings.steps or DEFAULT_STEPS} steps"
+    return words + (f", mask guidance {settings.guidance_scale:g}" if settings.guidance_scale != 1 else "")
 
 
 def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
@@ -171,6 +185,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
     card = pipe.card
     if not card.guided:
         raise ConfigError(f"{settings.model}: an unconditional model; expected a segmentation-guided one")
+    check_guidance(settings.guidance_scale, card.guided)
     if settings.layout == "nnunet" and card.img_channels not in (1, 3):
         raise ConfigError(f"--layout nnunet: {card.img_channels}-channel images cannot be PNGs; use original")
     names, masks = read_masks(settings.masks, pipe)
@@ -211,6 +226,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
             scheduler=settings.scheduler,
             generator=[noise_generator(settings.seed, i) for i in batch],
             output_type="np",
+            guidance_scale=settings.guidance_scale,
         ).images  # (B, H, W, C) float in [0, 1]
         for i, image in zip(batch, images, strict=True):
             write_sample(image, out / records[i]["image"])
@@ -250,11 +266,15 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, help=f"sampling steps (default: the model's defaults: its few-step student "
         f"where it has one, else {DEFAULT_SCHEDULER} {DEFAULT_STEPS})",
     )  # fmt: skip
+    synth.add_argument(
+        "--guidance_scale", type=float, default=1.0, help="mask guidance: above 1, images follow their masks "
+        "more closely, at twice the cost per step (default: 1, none; 3 on PSFHS, docs/dataset.md)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         settings = Settings(
             model=str(args.model), masks=str(args.masks), n=args.n, deform=args.deform, layout=args.layout,
-            seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+            seed=args.seed, batch_size=args.batch_size, steps=args.steps, guidance_scale=args.guidance_scale,
         )  # fmt: skip
         result = synthesize(settings, args.out, progress=True)
     except SegdiffError as e:

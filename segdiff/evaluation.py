@@ -29,7 +29,7 @@ from .files import write_bytes, write_png
 from .hub import is_hub_id
 from .masks import ablate, omit_classes, tile
 from .models import ModelCard
-from .pipeline import DEFAULT_STEPS, SegDiffPipeline
+from .pipeline import DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline
 from .processes import processes
 
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
@@ -63,6 +63,7 @@ class EvalConfig:
     eval_sample_size: int = 1000
     sampler: str | None = None
     num_inference_steps: int | None = None
+    guidance_scale: float = 1.0  # mask guidance; 1 = none
     shuffle: bool = True  # which test masks the grid shows and eval_many uses when N < the test set
     ablated_masks: bool = False  # the original's random class removal at sampling time
     mask_removal: bool = False
@@ -83,6 +84,12 @@ class EvalConfig:
         check_range("--seed", self.seed, 0, 2**20)
         if self.num_inference_steps is not None:
             check_range("--num_inference_steps", self.num_inference_steps, 1, 1000)
+        check_range("--guidance_scale", self.guidance_scale, 1, MAX_GUIDANCE)
+        if self.guidance_scale != 1 and self.seg_dir is None:
+            raise ConfigError(
+                f"--guidance_scale {self.guidance_scale:g}: mask guidance needs a segmentation-guided model: "
+                "add --segmentation_guided --seg_dir SEG_DIR"
+            )
         if self.seg_dir is None and (self.mask_removal or self.blank_mask or self.ablated_masks):
             raise ConfigError(
                 "--eval_mask_removal, --eval_blank_mask and --eval_ablated_masks need a segmentation-guided "
@@ -149,7 +156,9 @@ def evaluate(config: EvalConfig) -> list[Path]:
             figures["eval_blank_mask.png"] = [torch.zeros_like(masks)]
     n = config.eval_batch_size if masks is None else masks.shape[0]
     batches = [batch for states in figures.values() for batch in (states or [None])]
-    samples = _sample_shared(state, pipe, batches, list(range(n)), sampler, steps, config.seed)
+    samples = _sample_shared(
+        state, pipe, batches, list(range(n)), sampler, steps, config.seed, config.guidance_scale
+    )
     if state.is_main_process:
         for name, states in figures.items():
             batch = [samples.pop(0) for _ in states or [None]]
@@ -210,7 +219,9 @@ def sample_many(config: EvalConfig) -> tuple[Path, int, int]:
                         for m, (i, _) in zip(masks, batch, strict=True)
                     ]
                 )
-        images = _sample(pipe, masks, [i for i, _ in batch], sampler, steps, config.seed)
+        images = _sample(
+            pipe, masks, [i for i, _ in batch], sampler, steps, config.seed, config.guidance_scale
+        )
         for (_, name), image in zip(batch, images, strict=True):
             if name in wanted:
                 write_sample(image, folder / name)
@@ -330,7 +341,9 @@ def noise_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 2 + stream) << 32) + index)
 
 
-def _sample(pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed: int) -> np.ndarray:
+def _sample(
+    pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed: int, guidance_scale: float = 1.0
+) -> np.ndarray:
     """One sample per index (and mask), each from its own generator. -> (B, H, W, C) float in [0, 1]."""
     return pipe(
         masks if pipe.card.guided else None,
@@ -339,23 +352,31 @@ def _sample(pipe, masks, indices: Sequence[int], sampler: str, steps: int, seed:
         scheduler=sampler,
         num_inference_steps=steps,
         output_type="np",
+        guidance_scale=guidance_scale,
     ).images
 
 
 def _sample_shared(
-    state: PartialState, pipe, batches: list, indices: Sequence[int], sampler: str, steps: int, seed: int
+    state: PartialState,
+    pipe,
+    batches: list,
+    indices: Sequence[int],
+    sampler: str,
+    steps: int,
+    seed: int,
+    guidance_scale: float = 1.0,
 ) -> list[np.ndarray] | None:
     """`_sample` of each batch of masks, the batches shared out between the processes of a launch.
 
     -> on the main process the samples of every batch, in order ((B, H, W, C) each); None elsewhere.
     """
     if state.num_processes == 1:
-        return [_sample(pipe, masks, indices, sampler, steps, seed) for masks in batches]
+        return [_sample(pipe, masks, indices, sampler, steps, seed, guidance_scale) for masks in batches]
     per_process = -(-len(batches) // state.num_processes)
     shape = (len(indices), pipe.card.img_size, pipe.card.img_size, pipe.card.img_channels)
     mine = torch.zeros(per_process, *shape, device=state.device)  # padded so every process sends as many
     for slot, masks in enumerate(batches[state.process_index :: state.num_processes]):
-        mine[slot] = torch.from_numpy(_sample(pipe, masks, indices, sampler, steps, seed))
+        mine[slot] = torch.from_numpy(_sample(pipe, masks, indices, sampler, steps, seed, guidance_scale))
     everyone = gather(mine).cpu().numpy()  # (processes x per_process, B, H, W, C), by process
     if not state.is_main_process:
         return None

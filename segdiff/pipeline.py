@@ -2,6 +2,11 @@
 
 Sampling (Konz et al., MICCAI 2024): start from Gaussian noise; at every step concatenate the encoded
 mask to the noisy image, predict the noise, and step the scheduler on the image channels only.
+
+Mask guidance (`guidance_scale` > 1) is classifier-free guidance (Ho & Salimans, 2022) with the blank mask as
+the unconditional input: a model trained with mask ablation has learned the all-background mask as "any
+anatomy", so eps = eps(blank) + w * (eps(mask) - eps(blank)) pushes each image towards its mask. It costs a
+second UNet pass per step.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from .models import CARD_FILE, ModelCard, Upscaling, denoise, low_res_condition,
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
 # steps (seen on the demo model: DDIM clean, DPM-Solver++ pure salt and pepper). With sample_max_value 1,
 # dynamic thresholding is exactly clipping x0 to [-1, 1].
+MAX_GUIDANCE = 20.0  # beyond this, images saturate long before they follow the mask any closer
+
 _MULTISTEP = {"timestep_spacing": "linspace", "thresholding": True, "sample_max_value": 1.0}
 
 
@@ -352,6 +359,7 @@ class SegDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         upscale_steps: int | None = None,
         sampler: str | None = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
@@ -378,6 +386,9 @@ class SegDiffPipeline(DiffusionPipeline):
             callback: called as `callback(step, total)` after every step (of both stages of a cascade).
             upscale_steps: a cascade's upscaler steps; None for the number its card records (or its student's).
             sampler: the same choice as `scheduler`, by the word the CLIs and the studio use; wins when given.
+            guidance_scale: mask guidance w in [1, MAX_GUIDANCE]; 1 = none. Above 1, each step also predicts for
+                the blank mask and extrapolates away from it, so images follow their masks more closely
+                (meant for models trained with mask ablation; for a cascade, its base model is guided).
         """
         scheduler = sampler if sampler is not None else scheduler
         card = self.card
@@ -390,6 +401,7 @@ class SegDiffPipeline(DiffusionPipeline):
             raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
+        check_guidance(guidance_scale, card.guided)
         if card.guided:
             if masks is None:
                 raise MaskError("this model is segmentation-guided: pass masks")
@@ -400,6 +412,9 @@ class SegDiffPipeline(DiffusionPipeline):
             masks = torch.zeros(batch_size, card.img_size, card.img_size, dtype=torch.long)
         device = self._execution_device  # once: the lookup walks every module, ~3 ms on a CPU
         cond = encode(masks, card.encoding, card.num_classes).to(device)  # (B, C_mask, H, W)
+        blank = None
+        if guidance_scale != 1:
+            blank = encode(torch.zeros_like(masks), card.encoding, card.num_classes).to(device)
         shape = (batch_size, card.img_channels, card.img_size, card.img_size)
         if image is not None:
             image = torch.as_tensor(image, dtype=torch.float32, device=device).expand(shape)
@@ -428,12 +443,13 @@ class SegDiffPipeline(DiffusionPipeline):
                 image=None if image is None else shrink(image, upscaling.low_res_size),
                 strength=strength,
                 callback=outer and (lambda i, _: outer(i, total_steps)),
+                guidance_scale=guidance_scale,
             ).images  # (B, C, h, w) in [0, 1]
             noise_level = torch.full((batch_size,), upscaling.noise_level, device=device)
             aug = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             low = low_res_condition(low * 2 - 1, card.img_size, self.scheduler, noise_level, aug)
             cond = torch.cat([low, cond], dim=1)  # (B, C_img + C_mask, H, W)
-            latents = None
+            latents, blank = None, None  # the base stage was guided; the upscaler follows its image
             callback = outer and (lambda i, _: outer(base_steps + i, total_steps))
         else:
             stage = self._stage(num_inference_steps, scheduler)
@@ -446,6 +462,7 @@ class SegDiffPipeline(DiffusionPipeline):
             stage,
             latents.to(device, torch.float32),
             cond,
+            Guidance(blank, guidance_scale) if blank is not None else None,
             noise_level,
             eta,
             generator,
@@ -475,10 +492,11 @@ class SegDiffPipeline(DiffusionPipeline):
         return _Stage(self.unet, self.make_scheduler(sampler or DEFAULT_SAMPLER), steps or DEFAULT_STEPS)
 
     def _denoise(
-        self, stage: _Stage, x, cond, noise_level, eta, generator, image, strength, callback
+        self, stage: _Stage, x, cond, guidance, noise_level, eta, generator, image, strength, callback
     ) -> torch.Tensor:
         """The sampling loop: noise `x` (B, C, H, W) -> images in [-1, 1], concatenating `cond` at every step
-        and stepping the stage's sampler on the image channels only. With `image`, SDEdit from `strength`."""
+        and stepping the stage's sampler on the image channels only. With `guidance`, each prediction is
+        extrapolated away from the blank mask's; with `image`, SDEdit from `strength`."""
         sampler, steps = stage.sampler, stage.steps
         sampler.set_timesteps(steps, device=x.device)
         timesteps = sampler.timesteps
@@ -494,11 +512,36 @@ class SegDiffPipeline(DiffusionPipeline):
         autocast = self._autocast(x.device)
         for i, t in enumerate(self.progress_bar(timesteps)):
             with autocast:
-                prediction = denoise(stage.unet, x, t, cond, upscaling, noise_level)
+                if guidance is None:
+                    prediction = denoise(stage.unet, x, t, cond, upscaling, noise_level)
+                else:
+                    both = denoise(stage.unet, torch.cat([x, x]), t, torch.cat([cond, guidance.blank]))
+                    prediction = guidance.combine(*both.float().chunk(2))
             x = sampler.step(prediction.float(), t, x, **step_kwargs).prev_sample
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x
+
+
+@dataclass
+class Guidance:
+    """Mask guidance: the blank mask's encoding (B, C_mask, H, W) and the scale w."""
+
+    blank: torch.Tensor
+    scale: float
+
+    def combine(self, conditional: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
+        return blank + self.scale * (conditional - blank)
+
+
+def check_guidance(scale, guided: bool) -> None:
+    """A usable mask guidance scale, or an ArgumentError naming what was wrong."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= MAX_GUIDANCE:
+        raise ArgumentError(
+            f"guidance_scale={scale!r}, expected a number from 1 (no guidance) to {MAX_GUIDANCE:g}"
+        )
+    if scale != 1 and not guided:
+        raise ArgumentError(f"guidance_scale={scale}: an unconditional model has no mask to be guided by")
 
 
 @dataclass

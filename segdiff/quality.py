@@ -171,6 +171,7 @@ def measure_quality(
     baseline_images=None,
     progress: bool = True,
     upscale_steps: int | None = None,
+    guidance_scale: float = 1.0,
 ) -> dict:
     """Faithfulness and realism of `pipe` on test masks, as a JSON-ready dict for `ModelCard.quality`.
 
@@ -181,7 +182,7 @@ def measure_quality(
     against the masks; with `omit_each`, for each class c present, the Dice of the kept classes (not c,
     not background) when c is omitted; the segmenter's Dice on the real images (the ceiling); KID of the
     generated images against the real ones, beside KID(baseline_images, real_images). Dice values are
-    rounded to 4 digits, undefined ones stored as null.
+    rounded to 4 digits, undefined ones stored as null. `guidance_scale`: the pipeline's mask guidance.
     """
     card = pipe.card
     student = scheduler == STUDENT
@@ -231,6 +232,7 @@ def measure_quality(
                     generator=[noise_generator(seed, i) for i in range(n)[batch]],
                     output_type="np",
                     upscale_steps=upscale_steps,
+                    guidance_scale=guidance_scale,
                 ).images
             )
             bar.update(len(out[-1]))
@@ -253,6 +255,7 @@ def measure_quality(
                 "seed": seed,
                 "num_masks": n,
                 **({"upscale_sampler": upscaler[0], "upscale_steps": upscaler[1]} if upscaler else {}),
+                **({"guidance_scale": guidance_scale} if guidance_scale != 1 else {}),
             },
             "dice": _named(dice(pred, masks, k), names),
             "mean_dice": round_score(mean_dice(pred, masks, k)),
@@ -305,10 +308,12 @@ def _pair(mean_std: tuple[float, float]) -> dict[str, float]:
 
 def run_label(result: dict) -> str:
     """The key of one `measure_quality` result in `card.quality["runs"]`, e.g. "dpm++ 20 auto" (a cascade's
-    "dpm++ 12 + ddim 8 auto": the base's sampler and steps, then the upscaler's)."""
+    "dpm++ 12 + ddim 8 auto": the base's sampler and steps, then the upscaler's; "dpm++ 12 auto guided 3"
+    with mask guidance)."""
     s = result["settings"]
     upscaler = f" + {s['upscale_sampler']} {s['upscale_steps']}" if "upscale_steps" in s else ""
-    return f"{s['scheduler']} {s['num_inference_steps']}{upscaler} {s['precision']}"
+    guided = f" guided {s['guidance_scale']:g}" if "guidance_scale" in s else ""
+    return f"{s['scheduler']} {s['num_inference_steps']}{upscaler} {s['precision']}{guided}"
 
 
 def quality_table(runs: dict[str, dict]) -> str:
@@ -420,9 +425,14 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--segmenter", help="a segmenter folder (default: the model's own)")
     evaluate.add_argument("--num_classes", type=int, help="K, for models of the original code")
     evaluate.add_argument(
-        "--scheduler", default=DEFAULT_SCHEDULER, help=f"a sampler, or {STUDENT!r}: a distilled model's student"
+        "--scheduler",
+        default=DEFAULT_SCHEDULER,
+        help=f"a sampler, or {STUDENT!r}: a distilled model's student",
     )
     evaluate.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    evaluate.add_argument(
+        "--guidance_scale", type=float, default=1.0, help="mask guidance (default: 1, none)"
+    )
     evaluate.add_argument("--precision", default="auto", choices=get_args(Precision))
     evaluate.add_argument("--num_masks", type=int, help="use the first N test masks (default: all)")
     evaluate.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
@@ -468,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size or 16,
             omit_each=not args.no_omit,
             baseline_images=baseline,
+            guidance_scale=args.guidance_scale,
         )
         print(quality_table({run_label(result): result}))
         if args.write_card:

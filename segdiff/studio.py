@@ -41,7 +41,7 @@ from .errors import (
 )
 from .files import write_png
 from .masks import omit_classes, overlay
-from .pipeline import SegDiffPipeline
+from .pipeline import MAX_GUIDANCE, SegDiffPipeline
 from .quality import faithfulness
 from .runs import Run, new_run_folder, write_run
 from .segmenter import Segmenter
@@ -79,6 +79,7 @@ class Settings:
     omit: tuple[int, ...] = ()  # class ids the model may invent
     num_images: int = 4
     strength: float = 1.0  # with a start image: the fraction of the schedule run from it
+    guidance_scale: float = 1.0  # mask guidance; 1 = none
 
     def __post_init__(self):
         typed = dict(
@@ -91,7 +92,18 @@ class Settings:
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
-        typed.update(strength=float(strength), omit=tuple(self.omit))
+        guidance = self.guidance_scale
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not 1 <= guidance <= MAX_GUIDANCE
+        ):
+            raise ConfigError(
+                f"guidance_scale {guidance!r}: expected a value from 1 (none) to {MAX_GUIDANCE:g}"
+            )
+        typed.update(
+            strength=float(strength), omit=tuple(self.omit), guidance_scale=float(self.guidance_scale)
+        )
         for name, value in typed.items():  # frozen: the typed values replace the raw ones once, here
             object.__setattr__(self, name, value)
 
@@ -150,6 +162,7 @@ class Studio:
         sampler=DEFAULT_SAMPLER,
         strength=1.0,
         keep=None,
+        guidance_scale=1.0,
     ) -> Settings:
         """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
 
@@ -159,7 +172,7 @@ class Studio:
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
             omit = [c for c in range(1, self.card.num_classes) if c not in kept]
-        return Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength)
+        return Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength, guidance_scale)
 
     def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
         """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
@@ -375,6 +388,7 @@ class Studio:
             strength=settings.strength if image is not None else 1.0,
             callback=progress,
             output_type="np",
+            guidance_scale=settings.guidance_scale,
         ).images  # (B, H, W, C) float in [0, 1]
         return list((out * 255).round().astype(np.uint8))
 
@@ -384,6 +398,7 @@ class Studio:
             "model": self.name,
             "sampler": settings.sampler,
             "steps": settings.steps,
+            "guidance_scale": settings.guidance_scale,
             "seed": settings.seed,
             **extra,
             "start_image_strength": settings.strength if image is not None else None,
@@ -402,7 +417,9 @@ class Studio:
                 self.segmenter, np.stack(images), np.stack(masks), range(1, self.card.num_classes)
             )
             record["dice_kept"] = [None if math.isnan(d) else round(d, 4) for d in dice]
-            captions = [c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)]
+            captions = [
+                c if math.isnan(d) else f"{c} · Dice {d:.2f}" for c, d in zip(captions, dice, strict=True)
+            ]
         pngs = [
             (f"{kind}_{k:02d}_seed{o['seed']}.png", image, {**record, **o, "image": k, "caption": caption})
             for k, (image, caption, o) in enumerate(zip(images, captions, own, strict=True))

@@ -56,6 +56,11 @@ def test_generate_returns_images_with_their_settings(client, mask_png):
     assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"]
     assert settings["omit"] == ["vessels"] and settings["seeds"] == [5, 6] and settings["model"] == "tiny-breast"
     assert archive.endswith(".zip")
+    assert settings["guidance_scale"] == 1.0  # the slider's default: no mask guidance
+    _, guided, _ = generate(client, mask_png, seed=5, guidance=2.5)
+    assert guided["guidance_scale"] == 2.5
+    with pytest.raises(AppError, match=r"guidance_scale 40: expected a value from 1 \(none\) to 20"):
+        generate(client, mask_png, guidance=40)
 
 
 def test_same_seed_same_image_and_omission_changes_it(client, mask_png):
@@ -127,7 +132,7 @@ def test_painted_canvases_are_held_newest_first_and_a_lost_one_is_said(client):
     assert list(app.painted(editor)) == [str(i) for i in range(10, app.KEEP_PAINTED + 10)]
     lost = {"id": "gone", "background": None, "layers": [], "composite": None}
     with pytest.raises(AppError, match=r"canvas: the painting sent with this request is no longer on the server"):
-        client.predict("tiny-breast", lost, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+        client.predict("tiny-breast", lost, CLASS_NAMES[1:], 1, 1, 1, "dpm++", 1, None, 1.0, False,
                        fn_index=private_endpoint(client, "on_generate"))
 
 
@@ -230,7 +235,7 @@ def test_a_canvas_past_the_limit_is_refused_from_its_header_and_costs_no_memory(
 
     def paint(path):
         editor = {"background": None, "layers": [], "composite": handle_file(str(path))}
-        return client.predict("tiny-breast", editor, CLASS_NAMES[1:], 1, 1, 1, "dpm++", None, 1.0, False,
+        return client.predict("tiny-breast", editor, CLASS_NAMES[1:], 1, 1, 1, "dpm++", 1, None, 1.0, False,
                               fn_index=index)
 
     def canvas(name, side, mode="RGBA"):  # flat images: a few KB of PNG, however many pixels
@@ -300,7 +305,7 @@ def test_refusals_name_the_value_in_one_log_line_without_a_traceback(client, mas
 def test_a_path_on_the_server_is_refused_in_words(studio_url, caplog):
     url = f"{studio_url.rstrip('/')}/gradio_api/call/generate"
     server_file = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}
-    event = httpx.post(url, json={"data": [server_file, [], 1, 1, 1, "dpm++", "tiny-breast"]}).json()["event_id"]
+    event = httpx.post(url, json={"data": [server_file, [], 1, 1, 1, "dpm++", 1, "tiny-breast"]}).json()["event_id"]
     reply = httpx.get(f"{url}/{event}", timeout=120).text
     assert "event: error" in reply and "only files uploaded to this server are accepted" in reply
     assert any("refused generate: only files uploaded" in r.getMessage() for r in caplog.records)

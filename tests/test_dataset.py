@@ -116,6 +116,29 @@ def test_deform_none_reuses_the_masks_as_they_are(small_model_dir, tmp_path):
         assert np.array_equal(read_mask(out / pair["mask"], 3), read_mask(masks / pair["source"], 3))
 
 
+def test_guided_pairs_share_the_masks_and_a_run_from_before_guidance_continues(small_model_dir, tmp_path, capsys):
+    masks = write_masks(tmp_path / "masks")
+    plain, guided = tmp_path / "plain", tmp_path / "guided"
+    run(small_model_dir, plain, masks, "--n", "2")
+    run(small_model_dir, guided, masks, "--n", "2", "--guidance_scale", "3")
+    manifest = json.loads((guided / "manifest.json").read_text())
+    assert manifest["sampling"] == "dpm++, 2 steps, mask guidance 3" and manifest["settings"]["guidance_scale"] == 3
+    for pair in manifest["pairs"]:  # the same new masks and noise; the images follow the masks harder
+        assert (guided / pair["mask"]).read_bytes() == (plain / pair["mask"]).read_bytes()
+        assert not np.array_equal(read_image(guided / pair["image"], 1, 32), read_image(plain / pair["image"], 1, 32))
+    # A folder written before mask guidance existed holds no guidance_scale: it was drawn without any.
+    path = plain / "manifest.json"
+    older = json.loads(path.read_text())
+    del older["settings"]["guidance_scale"]
+    path.write_text(json.dumps(older))
+    capsys.readouterr()
+    run(small_model_dir, plain, masks, "--n", "2")
+    assert "wrote 0 pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(small_model_dir, plain, masks, "--n", "2", "--guidance_scale", "3")
+    assert "guidance_scale 1.0 -> 3.0" in capsys.readouterr().err
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
@@ -168,6 +191,7 @@ def test_a_killed_run_resumes_to_the_same_files(small_model_dir, tmp_path):
         ("unknown id", [], "case_0.png: pixel value 7, expected class ids 0..2"),
         ("fine", ["--n", "0"], "--n 0: expected a number of pairs >= 1"),
         ("fine", ["--deform", "wild"], "--deform wild: expected one of none, mild, strong"),
+        ("fine", ["--guidance_scale", "0.5"], "--guidance_scale 0.5: expected 1 (none) to 20"),
         ("other run", ["--n", "1", "--seed", "1"], "holds a run with other settings (seed 0 -> 1)"),
     ],
 )

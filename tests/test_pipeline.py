@@ -289,3 +289,47 @@ def test_unknown_keyword_arguments_are_refused_and_torch_dtype_is_read_as_precis
     assert pipe.precision == "fp32" and pipe.unet.dtype == torch.float32
     with pytest.raises(ArgumentError, match="give one of them"):
         SegDiffPipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.float16, precision="bf16")
+
+
+# ---- mask guidance -------------------------------------------------------------------------------------
+
+
+def first_predictions(monkeypatch, pipe, masks, **kwargs) -> torch.Tensor:
+    """The prediction the sampler steps with first (the same starting noise in every call: seed 0)."""
+    seen, step = [], DDIMScheduler.step
+
+    def spy(self, model_output, *args, **kw):
+        seen.append(model_output.clone())
+        return step(self, model_output, *args, **kw)
+
+    monkeypatch.setattr(DDIMScheduler, "step", spy)
+    sample(pipe, masks, scheduler="ddim", num_inference_steps=3, **kwargs)
+    return seen[0]
+
+
+def test_mask_guidance_extrapolates_from_the_blank_mask(monkeypatch, segdiff_pipe):
+    masks, blank = square_masks(1), np.zeros((1, SIZE, SIZE), np.int64)
+    conditional = first_predictions(monkeypatch, segdiff_pipe, masks)
+    unconditional = first_predictions(monkeypatch, segdiff_pipe, blank)
+    guided = first_predictions(monkeypatch, segdiff_pipe, masks, guidance_scale=3.0)
+    assert (conditional - unconditional).abs().max() > 1e-4  # the mask matters to this network
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5, rtol=1e-4)
+    # Scale 1 is no guidance, and guiding a blank mask away from itself changes nothing.
+    assert np.array_equal(sample(segdiff_pipe, masks, guidance_scale=1), sample(segdiff_pipe, masks))
+    np.testing.assert_allclose(
+        sample(segdiff_pipe, blank, num_inference_steps=4, guidance_scale=4.0),
+        sample(segdiff_pipe, blank, num_inference_steps=4),
+        atol=1e-3,  # a batch of two runs other convolution kernels than a batch of one
+    )
+
+
+@pytest.mark.parametrize("scale", [0.5, 0, 21, float("nan"), True, "3"])
+def test_mask_guidance_out_of_range_is_refused(segdiff_pipe, scale):
+    with pytest.raises(ArgumentError, match=r"guidance_scale=.*expected a number from 1 \(no guidance\) to 20"):
+        segdiff_pipe(square_masks(1), num_inference_steps=2, guidance_scale=scale)
+
+
+def test_an_unconditional_model_cannot_be_mask_guided():
+    pipe = SegDiffPipeline(tiny_unet(in_channels=1), DDPMScheduler(num_train_timesteps=1000))
+    with pytest.raises(ArgumentError, match="an unconditional model has no mask to be guided by"):
+        pipe(batch_size=1, num_inference_steps=2, guidance_scale=2.0)

@@ -190,6 +190,13 @@ def test_start_image_pulls_the_result_towards_it(studio, mask):
     assert near.settings["start_image_strength"] == 0.25
 
 
+def test_mask_guidance_changes_the_images_and_is_recorded(studio, mask):
+    plain = studio.generate(mask, Settings(seed=4, steps=3, num_images=1))
+    guided = studio.generate(mask, Settings(seed=4, steps=3, num_images=1, guidance_scale=3))
+    assert not np.array_equal(plain.images[0], guided.images[0])
+    assert plain.settings["guidance_scale"] == 1.0 and settings_of(guided.files[0])["guidance_scale"] == 3.0
+
+
 def test_results_carry_their_settings_in_png_zip_and_json(studio, mask):
     run = studio.generate(mask, Settings(seed=11, omit=(3,), **FAST))
     meta = settings_of(run.files[1])
@@ -251,6 +258,9 @@ def test_omit_names_and_ids(studio):
         (dict(num_images=2.9), r"^num_images 2\.9: expected an integer"),
         (dict(strength="x"), r"^strength 'x': expected a value in \(0, 1\]"),
         (dict(strength=float("nan")), r"^strength nan"),
+        (dict(guidance_scale="x"), r"^guidance_scale 'x': expected a value from 1 \(none\) to 20"),
+        (dict(guidance_scale=0.5), r"^guidance_scale 0\.5: expected a value from 1"),
+        (dict(guidance_scale=float("nan")), r"^guidance_scale nan"),
         (dict(sampler=["ddim"]), r"^sampler \['ddim'\]: expected one of"),
         (dict(keep="fat"), r"^keep: 'fat' is not a class"),
     ],
