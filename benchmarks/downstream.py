@@ -108,7 +108,7 @@ def train_generator(args, data: Path, out: Path, seed: int) -> Path:
 
 def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Path:
     settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed,
-                        guidance_scale=args.guidance_scale)  # fmt: skip
+                        guidance_scale=args.guidance_scale, min_dice=args.min_dice)  # fmt: skip
     result = synthesize(settings, out)
     if result["drawn"]:
         rate = result["drawn"] / result["seconds"]
@@ -118,9 +118,10 @@ def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Pa
     return out
 
 
-def guided(args) -> str:
-    """The part of a folder name that tells guided pairs from unguided ones."""
-    return f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+def variant(args) -> str:
+    """The part of a folder name that tells pairs drawn with mask guidance or quality control apart."""
+    guided = f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+    return guided + (f"-dice{args.min_dice:g}" if args.min_dice is not None else "")
 
 
 def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
@@ -143,7 +144,7 @@ def test_dice(segmenter: Segmenter, test: SegDataset) -> dict:
 def train_on_synthetic(args, test: SegDataset) -> None:
     work, data = Path(args.work), Path(args.data)
     model = args.train_on_synthetic
-    name = f"synthetic-{Path(model).name}-{args.synthetic}{guided(args)}"
+    name = f"synthetic-{Path(model).name}-{args.synthetic}{variant(args)}"
     pairs = draw_pairs(args, model, data / "mask" / "all" / "train", work / "pairs" / name, seed=0)
     synthetic = segment(args, link_folder(work / "data" / name, data, synthetic_pairs(pairs)),
                         work / "segmenters" / name, seed=0)  # fmt: skip
@@ -173,7 +174,7 @@ def table(args, test: SegDataset) -> None:
                 args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
             )
             pairs = draw_pairs(args, generator, real / "mask" / "all" / "train",
-                               work / "pairs" / f"{generator.name}-syn{args.synthetic}{guided(args)}", seed)  # fmt: skip
+                               work / "pairs" / f"{generator.name}-syn{args.synthetic}{variant(args)}", seed)  # fmt: skip
             synthetic = synthetic_pairs(pairs)
             folders = {
                 CONDITIONS[0]: real,
@@ -187,7 +188,7 @@ def table(args, test: SegDataset) -> None:
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
                 print(f"N={n} seed {seed} {condition}: test mean Dice {score['mean_dice']:.4f}", flush=True)
-    (work / f"table{guided(args)}.json").write_text(
+    (work / f"table{variant(args)}.json").write_text(
         json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n"
     )
     guidance = f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
     parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="mask guidance of the drawing")
+    parser.add_argument("--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)")
     parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
     parser.add_argument(
         "--generator_precision",

@@ -139,6 +139,50 @@ def test_guided_pairs_share_the_masks_and_a_run_from_before_guidance_continues(s
     assert "guidance_scale 1.0 -> 3.0" in capsys.readouterr().err
 
 
+def test_min_dice_redraws_the_pairs_read_back_below_it_and_keeps_the_best(small_model_dir, tmp_path, monkeypatch):
+    import segdiff.dataset as dataset
+
+    masks = write_masks(tmp_path / "masks")
+    threshold = {}
+
+    class Reader:  # a stand-in segmenter: a bright image reads back as its mask, a dark one as background
+        def predict(self, images):
+            pairs = zip(images, self.masks, strict=True)
+            return np.stack([m if img.mean() > threshold["mean"] else np.zeros_like(m) for img, m in pairs])
+
+    reader = Reader()
+    real_draw = dataset.draw
+
+    def draw(pipe, new_masks, indices, settings, attempt=0):
+        reader.masks = new_masks[indices]
+        return real_draw(pipe, new_masks, indices, settings, attempt)
+
+    monkeypatch.setattr(dataset, "draw", draw)
+    monkeypatch.setattr(dataset, "open_segmenter", lambda settings, pipe: reader if settings.min_dice else None)
+    plain = tmp_path / "plain"
+    run(small_model_dir, plain, masks, "--n", "12")
+    pairs = json.loads((plain / "manifest.json").read_text())["pairs"]
+    means = [read_image(plain / p["image"], 1, 32).mean() / 255 for p in pairs]
+    middle = sorted(means)[5:7]
+    threshold["mean"] = (middle[0] + middle[1]) / 2  # half the first draws pass
+    checked = tmp_path / "checked"
+    run(small_model_dir, checked, masks, "--n", "12", "--min_dice", "0.5")
+    manifest = json.loads((checked / "manifest.json").read_text())
+    assert "redrawn (up to 8 draws) while the segmenter reads Dice < 0.5" in manifest["sampling"]
+    draws = [p["check"]["draws"] for p in manifest["pairs"]]
+    assert 1 in draws and max(draws) > 1  # about half passed at once, the others were drawn again
+    for pair, first in zip(manifest["pairs"], means, strict=True):
+        mean = read_image(checked / pair["image"], 1, 32).mean() / 255
+        assert pair["check"]["dice"] == (1.0 if mean > threshold["mean"] else 0.0)
+        if pair["check"]["draw"] == 1:  # the first draw kept: the same image as without the check
+            assert (checked / pair["image"]).read_bytes() == (plain / pair["image"]).read_bytes()
+        else:
+            assert first <= threshold["mean"]
+        if pair["check"]["dice"] == 0.0:
+            assert pair["check"]["draws"] == 8  # kept only when no draw passed
+        assert (checked / pair["mask"]).read_bytes() == (plain / pair["mask"]).read_bytes()  # the anatomy stays
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
@@ -189,9 +233,12 @@ def test_a_killed_run_resumes_to_the_same_files(small_model_dir, tmp_path):
     [
         ("empty", [], "no mask files inside"),
         ("unknown id", [], "case_0.png: pixel value 7, expected class ids 0..2"),
-        ("fine", ["--n", "0"], "--n 0: expected a number of pairs >= 1"),
+        ("fine", ["--n", "0"], "--n 0: expected a number of pairs from 1 to 16777215"),
         ("fine", ["--deform", "wild"], "--deform wild: expected one of none, mild, strong"),
         ("fine", ["--guidance_scale", "0.5"], "--guidance_scale 0.5: expected 1 (none) to 20"),
+        ("fine", ["--min_dice", "1.5"], "--min_dice 1.5: expected a Dice between 0 and 1"),
+        ("fine", ["--segmenter", "seg"], "--segmenter: it reads the images back for --min_dice"),
+        ("fine", ["--min_dice", "0.5"], "has no segmenter of its own; pass --segmenter DIR"),
         ("other run", ["--n", "1", "--seed", "1"], "holds a run with other settings (seed 0 -> 1)"),
     ],
 )
@@ -210,3 +257,18 @@ def test_bad_input_exits_2_with_one_line(small_model_dir, tmp_path, capsys, what
         run(small_model_dir, tmp_path / "out", masks, *flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small_model_dir, tmp_path, capsys):
+    from segdiff.segmenter import Segmenter, SegmenterConfig
+
+    masks = write_masks(tmp_path / "masks")
+    for name, classes in (("right", 3), ("wrong", 5)):
+        Segmenter(SegmenterConfig(classes, 1, 32, widths=(4, 8))).save_pretrained(tmp_path / name)
+    run(small_model_dir, tmp_path / "out", masks, "--n", "2", "--min_dice", "0.9", "--segmenter", str(tmp_path / "right"))
+    checks = [p["check"] for p in json.loads((tmp_path / "out" / "manifest.json").read_text())["pairs"]]
+    assert all(1 <= c["draw"] <= c["draws"] <= 8 and 0 <= c["dice"] <= 1 for c in checks)
+    assert all(c["draws"] == 8 for c in checks if c["dice"] < 0.9)  # an untrained reader: few pass
+    with pytest.raises(SystemExit):
+        run(small_model_dir, tmp_path / "other", masks, "--min_dice", "0.9", "--segmenter", str(tmp_path / "wrong"))
+    assert "the segmenter reads 5 classes, 1 channel(s) at 32 px; the model draws 3 classes" in capsys.readouterr().err
