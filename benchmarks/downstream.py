@@ -3,19 +3,21 @@ and synthetic pairs alone, scored by Dice on real patients.
 
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
         [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
-        [--segmenter_steps 2000] [--guidance_scale 1]
+        [--segmenter_steps 2000] [--guidance_scale 1] [--min_dice D]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 \\
         --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR] \\
-        [--guidance_scale 1]
+        [--guidance_scale 1] [--min_dice D]
 
 The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
 those N alone (the bundled PSFHS model's flags: `small` preset, `fast` recipe, mask ablation, batch 16, bf16
 where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on mildly deformed copies
-of the N masks (`python -m segdiff.dataset synthesize`, at --guidance_scale). The project's segmenter (`segdiff.quality
+of the N masks (`python -m segdiff.dataset synthesize`, at --guidance_scale; with --min_dice, checked by the
+segmenter of (a), which knows only the N real pairs). The project's segmenter (`segdiff.quality
 train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the best Dice on the real val split kept) is
-trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, and
+trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, (d) the
+N real pairs repeated M/N times + the M synthetic pairs (so half of each batch is real, on average), and
 scored by mean Dice on the real test split (pubic symphysis, fetal head). Printed: mean +- standard deviation
-over the seeds, and the gain of (b) over (a).
+over the seeds, and the gains of (b) and (d) over (a).
 
 --train-on-synthetic MODEL: the segmenter trained only on M pairs that MODEL draws on mildly deformed real
 train masks, against the same segmenter trained on every real train pair (or --real_segmenter, one trained
@@ -46,12 +48,13 @@ from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_seg
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_RATIO, MIN_GAIN = 0.95, 0.02  # the targets of issue 20
-CONDITIONS = ("a: real", "b: real + synthetic", "c: synthetic")
+CONDITIONS = ("a: real", "b: real + synthetic", "c: synthetic", "d: real x M/N + synthetic")
 
 
-def link_folder(folder: Path, data: Path, pairs: list[tuple[Path, Path]]) -> Path:
-    """A data set in the original layout: `pairs` (image, mask) linked as its train split, the real val and
-    test splits of `data` linked whole. Built once, under a temporary name; -> the folder."""
+def link_folder(folder: Path, data: Path, pairs: list[tuple]) -> Path:
+    """A data set in the original layout: `pairs` (image, mask[, name]) linked as its train split (under
+    `name` when given, else under their own names), the real val and test splits of `data` linked whole.
+    Built once, under a temporary name; -> the folder."""
     if folder.is_dir():
         return folder
     staging = folder.with_name(f".{folder.name}.partial")
@@ -59,7 +62,7 @@ def link_folder(folder: Path, data: Path, pairs: list[tuple[Path, Path]]) -> Pat
         train = staging / kind / sub / "train"
         train.mkdir(parents=True, exist_ok=True)
         for pair in pairs:
-            link = train / pair[0 if kind == "img" else 1].name
+            link = train / (pair[2] if len(pair) > 2 else pair[0 if kind == "img" else 1].name)
             if not link.is_symlink():
                 link.symlink_to(pair[0 if kind == "img" else 1].resolve())
         for split in SPLITS[1:]:
@@ -76,6 +79,11 @@ def real_pairs(data: Path, n: int, seed: int) -> list[tuple[Path, Path]]:
         sys.exit(f"--sizes {n}: the train split holds {len(cases)} pairs")
     pick = np.random.default_rng(seed).choice(len(cases), n, replace=False) if n < len(cases) else range(n)
     return [(cases[i].image, cases[i].masks[0]) for i in sorted(pick)]
+
+
+def repeated(pairs: list[tuple[Path, Path]], copies: int) -> list[tuple[Path, Path, str]]:
+    """`pairs` `copies` times over, each copy under its own name (r<k>_<name>)."""
+    return [(image, mask, f"r{k}_{image.name}") for k in range(copies) for image, mask in pairs]
 
 
 def synthetic_pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -106,9 +114,14 @@ def train_generator(args, data: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def draw_pairs(args, model: str | Path, masks: Path, out: Path, seed: int) -> Path:
+def draw_pairs(
+    args, model: str | Path, masks: Path, out: Path, seed: int, reader: Path | None = None
+) -> Path:
+    """M pairs drawn by `model` on deformed `masks`; with --min_dice, read back by `reader` (default: the
+    model's own segmenter)."""
     settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed,
-                        guidance_scale=args.guidance_scale, min_dice=args.min_dice)  # fmt: skip
+                        guidance_scale=args.guidance_scale, min_dice=args.min_dice,
+                        segmenter=str(reader) if reader and args.min_dice is not None else None)  # fmt: skip
     result = synthesize(settings, out)
     if result["drawn"]:
         rate = result["drawn"] / result["seconds"]
@@ -173,17 +186,27 @@ def table(args, test: SegDataset) -> None:
             generator = train_generator(
                 args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
             )
+            reader = work / "segmenters" / f"{real.name}-seg{args.segmenter_steps}"  # (a)'s, for --min_dice
+            if args.min_dice is not None:
+                segment(args, real, reader, seed)
             pairs = draw_pairs(args, generator, real / "mask" / "all" / "train",
-                               work / "pairs" / f"{generator.name}-syn{args.synthetic}{variant(args)}", seed)  # fmt: skip
-            synthetic = synthetic_pairs(pairs)
+                               work / "pairs" / f"{generator.name}-syn{args.synthetic}{variant(args)}", seed,
+                               reader)  # fmt: skip
+            synthetic, originals = synthetic_pairs(pairs), real_pairs(data, n, seed)
+            copies = max(1, round(len(synthetic) / n))  # the real pairs as many as the synthetic ones
             folders = {
                 CONDITIONS[0]: real,
                 CONDITIONS[1]: link_folder(
-                    work / "data" / f"{pairs.name}-real+syn", data, real_pairs(data, n, seed) + synthetic
+                    work / "data" / f"{pairs.name}-real+syn", data, originals + synthetic
                 ),
                 CONDITIONS[2]: link_folder(work / "data" / f"{pairs.name}-syn", data, synthetic),
+                CONDITIONS[3]: link_folder(
+                    work / "data" / f"{pairs.name}-realx{copies}+syn",
+                    data,
+                    repeated(originals, copies) + synthetic,
+                ),
             }
-            for condition, folder in folders.items():
+            for condition, folder in ((c, f) for c, f in folders.items() if c[0] in args.conditions):
                 out = work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
@@ -192,28 +215,36 @@ def table(args, test: SegDataset) -> None:
         json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n"
     )
     guidance = f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
-    print(report(scores, args.synthetic, guidance))
+    print(report(scores, args.synthetic, guidance))  # the columns trained
 
 
 def report(scores: dict[int, dict[str, list[float]]], m: int, guidance: str = "") -> str:
-    """Mean +- standard deviation over the seeds per N and condition, and the gain of (b) over (a)."""
+    """Mean +- standard deviation over the seeds per N and condition trained, and the gains of (b) and (d)
+    over (a) where they were trained."""
 
     def cell(values: list[float]) -> str:
         spread = np.std(values, ddof=1) if len(values) > 1 else math.nan
-        return f"{np.mean(values):.4f} +- {spread:.4f} ({len(values)})"
+        return f"{np.mean(values):.4f} +- {spread:.4f} ({len(values)})" if values else "-"
+
+    trained = [c for c in CONDITIONS if any(c in by_condition for by_condition in scores.values())]
+    mixes = [c for c in (CONDITIONS[1], CONDITIONS[3]) if c in trained and CONDITIONS[0] in trained]
+
+    def gain(by_condition: dict[str, list[float]], mixed: str) -> list[float]:
+        return list(np.array(by_condition[mixed]) - np.array(by_condition[CONDITIONS[0]]))
 
     lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs{guidance}"]
-    lines.append(" | ".join(["N".rjust(5), *(c.ljust(24) for c in CONDITIONS), "b - a"]))
+    lines.append(" | ".join(["N".rjust(5), *(c.ljust(26) for c in trained), *(f"{c[0]} - a" for c in mixes)]))
     for n, by_condition in scores.items():
-        gain = np.array(by_condition[CONDITIONS[1]]) - np.array(by_condition[CONDITIONS[0]])
-        lines.append(" | ".join([str(n).rjust(5), *(cell(by_condition[c]).ljust(24) for c in CONDITIONS),
-                                 cell(list(gain))]))  # fmt: skip
-    if 50 in scores:
-        gain = np.array(scores[50][CONDITIONS[1]]) - np.array(scores[50][CONDITIONS[0]])
-        spread = np.std(gain, ddof=1) if len(gain) > 1 else math.nan
-        met = gain.mean() >= MIN_GAIN and gain.mean() > spread
+        row = [cell(by_condition.get(c, [])).ljust(26) for c in trained]
+        lines.append(
+            " | ".join([str(n).rjust(5), *row, *(cell(gain(by_condition, c)).ljust(24) for c in mixes)])
+        )
+    for mixed in mixes if 50 in scores else ():
+        gains = np.array(gain(scores[50], mixed))
+        spread = np.std(gains, ddof=1) if len(gains) > 1 else math.nan
+        met = gains.mean() >= MIN_GAIN and gains.mean() > spread
         verdict = f"[{'ok' if met else 'MISSED'}: target >= {MIN_GAIN}, beyond the seed spread]"
-        lines.append(f"N=50: real + synthetic - real = {gain.mean():+.4f} (sd {spread:.4f}) {verdict}")
+        lines.append(f"N=50: {mixed[3:]} - real = {gains.mean():+.4f} (sd {spread:.4f}) {verdict}")
     return "\n".join(lines)
 
 
@@ -228,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
     parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="mask guidance of the drawing")
-    parser.add_argument("--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)")
+    parser.add_argument(
+        "--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)"
+    )
     parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
     parser.add_argument(
         "--generator_precision",
@@ -237,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         help="bf16 as the bundled model, where it is fast (GPUs, CPUs with native bf16); else no (fp32)",
     )
     parser.add_argument("--segmenter_steps", type=int, default=2000, help="as the bundled model's segmenter")
+    parser.add_argument(
+        "--conditions", default="abcd", help="which of the table's conditions to train (default: abcd, all)"
+    )
     parser.add_argument("--train-on-synthetic", metavar="MODEL", help="measure only the ratio, with MODEL")
     parser.add_argument("--real_segmenter", help="a segmenter trained on every real train pair, to reuse")
     args = parser.parse_args(argv)
