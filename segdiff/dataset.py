@@ -215,10 +215,8 @@ def open_segmenter(settings: Settings, pipe: SegDiffPipeline) -> Segmenter | Non
     else:
         raise ConfigError(f"--min_dice: {settings.model} has no segmenter of its own; pass --segmenter DIR")
     mine = segmenter.config
-    if (mine.num_classes, mine.img_channels) != (
-        card.num_classes,
-        card.img_channels,
-    ) or card.img_size % mine.img_size:
+    same_classes = (mine.num_classes, mine.img_channels) == (card.num_classes, card.img_channels)
+    if not same_classes or card.img_size % mine.img_size:  # a multiple of its size is read at its size
         raise ConfigError(
             f"--min_dice: the segmenter reads {mine.num_classes} classes, {mine.img_channels} channel(s) at "
             f"{mine.img_size} px; the model draws {card.num_classes} classes, {card.img_channels} channel(s) "
@@ -365,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     synth.add_argument(
         "--guidance_scale", type=float, default=1.0, help="mask guidance: above 1, images follow their masks "
-        "more closely, at twice the cost per step (default: 1, none; 3 on PSFHS, docs/dataset.md)",
+        "more closely, at twice the cost per step (default: 1, none)",
     )  # fmt: skip
     synth.add_argument(
         "--min_dice", type=float, help="quality control: redraw (new noise, up to "
