@@ -280,6 +280,12 @@ BAD = [
     (["GUIDED"], unmatched, "train_001.png"),
     (["GUIDED"], too_many_classes, "train_002.png: pixel value 7, expected class ids 0..2"),
     (["--mode", "eval", "GUIDED", "--output_dir", "no-model"], None, "no-model: no such model folder"),
+    (["--mode", "eval", "GUIDED", "--guidance_scale", "30"], None, "--guidance_scale 30.0: expected a value in 1..20"),
+    (
+        ["--mode", "eval_many", "--img_dir", "data/img", "--guidance_scale", "2"],
+        None,
+        "--guidance_scale 2: mask guidance needs a segmentation-guided model",
+    ),
     (["GUIDED", "--output_dir", "data/img/train/train_000.png"], None, "train_000.png: a file, not a folder"),
 ]
 
