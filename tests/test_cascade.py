@@ -192,3 +192,27 @@ def test_eval_many_draws_at_the_upscalers_size(cascade, data, tmp_path):
     assert code == 0
     files = sorted((tmp_path / "run" / "samples_many_2").iterdir())
     assert len(files) == 2 and all(Image.open(f).size == (64, 64) for f in files)
+
+
+def test_mask_guidance_guides_the_base_stage(cascade):
+    pipe = SegDiffPipeline.from_pretrained(cascade[1], device="cpu")
+    mask = np.zeros((64, 64), np.int64)
+    mask[8:56, 8:30] = 1
+    asked = []
+
+    class Base:  # the base stage, recording what it is asked
+        def __init__(self, base):
+            self.base, self.card = base, base.card
+
+        def __call__(self, *args, **kwargs):
+            asked.append(kwargs["guidance_scale"])
+            return self.base(*args, **kwargs)
+
+        def _stage(self, *args):
+            return self.base._stage(*args)
+
+    pipe.base = Base(pipe.base)
+    plain = pipe(mask, generator=torch.Generator().manual_seed(1), output_type="np").images
+    guided = pipe(mask, generator=torch.Generator().manual_seed(1), output_type="np", guidance_scale=3).images
+    assert asked == [1.0, 3] and guided.shape == plain.shape == (1, 64, 64, 1)
+    assert not np.array_equal(plain, guided)
