@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff.data import SPLITS, SegDataset, find_cases
-from segdiff.dataset import Settings, synthesize
+from segdiff.dataset import Settings, dropped, synthesize
 from segdiff.models import CARD_FILE
 from segdiff.pipeline import cpu_has_fast_bf16
 from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
@@ -88,7 +88,7 @@ def repeated(pairs: list[tuple[Path, Path]], copies: int) -> list[tuple[Path, Pa
 
 def synthetic_pairs(folder: Path) -> list[tuple[Path, Path]]:
     manifest = json.loads((folder / "manifest.json").read_text())
-    return [(folder / p["image"], folder / p["mask"]) for p in manifest["pairs"]]
+    return [(folder / p["image"], folder / p["mask"]) for p in manifest["pairs"] if not dropped(p)]
 
 
 def train_generator(args, data: Path, out: Path, seed: int) -> Path:

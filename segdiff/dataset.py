@@ -17,10 +17,8 @@ with the same arguments, writes the files an uninterrupted one would.
 
 --min_dice is quality control: the model's own segmenter (trained on its real training pairs) reads each image
 back, and a pair it reads back at a mean Dice below D against its mask is drawn again with new noise, up to
-MAX_ATTEMPTS draws in all, keeping the best. The masks stay as planned, so the anatomy is not filtered, only
-the images that do not follow it. On PSFHS this brought a segmenter trained on the pairs alone from 0.92x to
-0.95x of one trained on the real pairs; mask guidance, which makes the images follow their masks more closely
-in the segmenter's eyes, did not help (docs/dataset.md).
+MAX_ATTEMPTS draws in all; a pair no draw brings to D is left out (the manifest marks it dropped), so the run
+writes at most N pairs. What it measured on PSFHS, and mask guidance beside it: docs/dataset.md.
 """
 
 from __future__ import annotations
@@ -157,6 +155,11 @@ def _check_folder(out: Path, manifest: dict) -> None:
         raise DataLayoutError(f"{out}: holds files but no {MANIFEST}; expected a new or empty folder")
 
 
+def dropped(record: dict) -> bool:
+    """Whether --min_dice left this pair out (no draw read back at its Dice)."""
+    return bool(record.get("check", {}).get("dropped"))
+
+
 def _keep_checks(out: Path, records: list[dict]) -> None:
     """The read-back Dice of the pairs an earlier run of these settings drew (kept in its manifest)."""
     path = out / MANIFEST
@@ -274,8 +277,8 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
     """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
     the same settings.
 
-    Returns {"folder", "drawn" (pairs drawn now), "skipped" (pairs already there), "seconds" (drawing time),
-    "device", "threads"}.
+    Returns {"folder", "drawn" (pairs drawn now), "skipped" (pairs already there), "dropped" (pairs left out
+    by --min_dice, in all), "seconds" (drawing time), "device", "threads"}.
     """
     out = Path(out)
     pipe = SegDiffPipeline.from_pretrained(settings.model)
@@ -312,29 +315,35 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
         stale.unlink()
     write_json(out / MANIFEST, manifest)
 
+    def done(i: int) -> bool:  # pair i's files are there, or --min_dice left it out
+        return dropped(records[i]) or all((out / records[i][k]).is_file() for k in ("image", "mask"))
+
     batches = [range(s, min(s + settings.batch_size, n)) for s in range(0, n, settings.batch_size)]
-    todo = [
-        b for b in batches if not all((out / records[i][k]).is_file() for i in b for k in ("image", "mask"))
-    ]
+    todo = [b for b in batches if not all(done(i) for i in b)]
     drawn = sum(len(b) for b in todo)
     bar = tqdm(total=drawn, desc="synthesize", unit="pair", disable=not progress)
     started = time.perf_counter()
     for batch in todo:
         images, checks = draw_checked(pipe, segmenter, new_masks, list(batch), settings)
-        for i, image in zip(batch, images, strict=True):
-            write_sample(image, out / records[i]["image"])
-            write_png(new_masks[i], out / records[i]["mask"])
         for i, check in zip(batch, checks, strict=False):
-            records[i]["check"] = check
+            records[i]["check"] = {**check, "dropped": check["dice"] < settings.min_dice}
+        for i, image in zip(batch, images, strict=True):
+            if not dropped(records[i]):
+                write_sample(image, out / records[i]["image"])
+                write_png(new_masks[i], out / records[i]["mask"])
+        if checks:  # which pairs were left out must outlive a killed run: they have no files to tell
+            write_json(out / MANIFEST, manifest)
         bar.update(len(batch))
     seconds = time.perf_counter() - started
     bar.close()
-    _layout_files(out, pipe, settings, manifest, n)
+    left_out = sum(dropped(r) for r in records)
+    _layout_files(out, pipe, settings, manifest, n - left_out)
     write_json(out / MANIFEST, {**manifest, "complete": True})
     return {
         "folder": str(out),
         "drawn": drawn,
         "skipped": n - drawn,
+        "dropped": left_out,
         "seconds": seconds,
         "device": pipe.device.type,
         "threads": torch.get_num_threads(),
@@ -390,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {result['drawn']} pairs to {result['folder']} ({result['skipped']} already there) in "
         f"{result['seconds']:.1f} s: {rate:.2f} pairs/s on {result['device']}, {result['threads']} thread(s)"
     )
+    if result["dropped"]:
+        print(f"{result['dropped']} of them left out: no draw read back at --min_dice {args.min_dice:g}")
 
 
 if __name__ == "__main__":

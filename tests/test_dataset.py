@@ -139,7 +139,9 @@ def test_guided_pairs_share_the_masks_and_a_run_from_before_guidance_continues(s
     assert "guidance_scale 1.0 -> 3.0" in capsys.readouterr().err
 
 
-def test_min_dice_redraws_the_pairs_read_back_below_it_and_keeps_the_best(small_model_dir, tmp_path, monkeypatch):
+def test_min_dice_redraws_pairs_read_back_below_it_and_leaves_out_those_never_passing(
+    small_model_dir, tmp_path, monkeypatch, capsys
+):
     import segdiff.dataset as dataset
 
     masks = write_masks(tmp_path / "masks")
@@ -172,15 +174,22 @@ def test_min_dice_redraws_the_pairs_read_back_below_it_and_keeps_the_best(small_
     draws = [p["check"]["draws"] for p in manifest["pairs"]]
     assert 1 in draws and max(draws) > 1  # about half passed at once, the others were drawn again
     for pair, first in zip(manifest["pairs"], means, strict=True):
+        if pair["check"]["dropped"]:
+            assert pair["check"]["dice"] == 0.0 and pair["check"]["draws"] == 8
+            assert not (checked / pair["image"]).exists() and not (checked / pair["mask"]).exists()
+            continue
         mean = read_image(checked / pair["image"], 1, 32).mean() / 255
-        assert pair["check"]["dice"] == (1.0 if mean > threshold["mean"] else 0.0)
+        assert pair["check"]["dice"] == 1.0 and mean > threshold["mean"]
         if pair["check"]["draw"] == 1:  # the first draw kept: the same image as without the check
             assert (checked / pair["image"]).read_bytes() == (plain / pair["image"]).read_bytes()
         else:
             assert first <= threshold["mean"]
-        if pair["check"]["dice"] == 0.0:
-            assert pair["check"]["draws"] == 8  # kept only when no draw passed
         assert (checked / pair["mask"]).read_bytes() == (plain / pair["mask"]).read_bytes()  # the anatomy stays
+    left_out = sum(p["check"]["dropped"] for p in manifest["pairs"])
+    assert SegDataset(checked / "img", checked / "mask", "train", 32, 1, 3).masks.shape[0] == 12 - left_out
+    capsys.readouterr()
+    run(small_model_dir, checked, masks, "--n", "12", "--min_dice", "0.5")  # done: nothing is drawn again
+    assert "wrote 0 pairs" in capsys.readouterr().out
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -268,7 +277,7 @@ def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small
     run(small_model_dir, tmp_path / "out", masks, "--n", "2", "--min_dice", "0.9", "--segmenter", str(tmp_path / "right"))
     checks = [p["check"] for p in json.loads((tmp_path / "out" / "manifest.json").read_text())["pairs"]]
     assert all(1 <= c["draw"] <= c["draws"] <= 8 and 0 <= c["dice"] <= 1 for c in checks)
-    assert all(c["draws"] == 8 for c in checks if c["dice"] < 0.9)  # an untrained reader: few pass
+    assert all(c["draws"] == 8 and c["dropped"] for c in checks if c["dice"] < 0.9)  # few pass an untrained reader
     with pytest.raises(SystemExit):
         run(small_model_dir, tmp_path / "other", masks, "--min_dice", "0.9", "--segmenter", str(tmp_path / "wrong"))
     assert "the segmenter reads 5 classes, 1 channel(s) at 32 px; the model draws 3 classes" in capsys.readouterr().err
