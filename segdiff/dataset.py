@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_argument(
         "--min_dice", type=float, help="quality control: redraw (new noise, up to "
         f"{MAX_ATTEMPTS} draws) each pair whose image the segmenter reads back at a mean Dice below this, "
-        "keeping the best draw; each pair's Dice and draws go into the manifest (0.55 on PSFHS)",
+        "leaving out pairs no draw brings to it; each pair's check goes into the manifest",
     )  # fmt: skip
     synth.add_argument(
         "--segmenter",
