@@ -132,12 +132,14 @@ def plan(names: list[str], masks: np.ndarray, n: int, settings: Settings) -> tup
     return records, np.stack(new_masks)
 
 
-def _check_folder(out: Path, manifest: dict) -> None:
-    """Refuse a folder holding another run (or files of something else); one of this run is continued."""
+def _check_folder(out: Path, manifest: dict) -> list[dict]:
+    """Refuse a folder holding another run (or files of something else); one of this run is continued.
+    -> the pairs of the earlier run's manifest (none for a new folder)."""
     path = out / MANIFEST
     if path.is_file():
         try:
-            before = json.loads(path.read_text())["settings"]
+            earlier = json.loads(path.read_text())
+            before = earlier["settings"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
         defaults = {f.name: f.default for f in fields(Settings)}  # of settings added since that run
@@ -151,8 +153,10 @@ def _check_folder(out: Path, manifest: dict) -> None:
                 f"{out}: holds a run with other settings ({'; '.join(changed)}); "
                 "rerun with the same arguments to continue it, or choose a new folder"
             )
-    elif out.is_dir() and any(out.iterdir()):
+        return earlier.get("pairs", [])
+    if out.is_dir() and any(out.iterdir()):
         raise DataLayoutError(f"{out}: holds files but no {MANIFEST}; expected a new or empty folder")
+    return []
 
 
 def dropped(record: dict) -> bool:
@@ -160,14 +164,12 @@ def dropped(record: dict) -> bool:
     return bool(record.get("check", {}).get("dropped"))
 
 
-def _keep_checks(out: Path, records: list[dict]) -> None:
-    """The read-back Dice of the pairs an earlier run of these settings drew (kept in its manifest)."""
-    path = out / MANIFEST
-    if path.is_file():
-        earlier = {p["name"]: p.get("check") for p in json.loads(path.read_text())["pairs"]}
-        for record in records:
-            if earlier.get(record["name"]):
-                record["check"] = earlier[record["name"]]
+def _keep_checks(earlier: list[dict], records: list[dict]) -> None:
+    """The read-back Dice of the pairs an earlier run of these settings drew (`earlier`: its manifest's)."""
+    checks = {p["name"]: p["check"] for p in earlier if p.get("check")}
+    for record in records:
+        if record["name"] in checks:
+            record["check"] = checks[record["name"]]
 
 
 def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest: dict, n: int) -> None:
@@ -217,14 +219,7 @@ def open_segmenter(settings: Settings, pipe: SegDiffPipeline) -> Segmenter | Non
         segmenter = Segmenter.from_pretrained(model_folder(settings.model) / card.segmenter)
     else:
         raise ConfigError(f"--min_dice: {settings.model} has no segmenter of its own; pass --segmenter DIR")
-    mine = segmenter.config
-    same_classes = (mine.num_classes, mine.img_channels) == (card.num_classes, card.img_channels)
-    if not same_classes or card.img_size % mine.img_size:  # a multiple of its size is read at its size
-        raise ConfigError(
-            f"--min_dice: the segmenter reads {mine.num_classes} classes, {mine.img_channels} channel(s) at "
-            f"{mine.img_size} px; the model draws {card.num_classes} classes, {card.img_channels} channel(s) "
-            f"at {card.img_size} px"
-        )
+    segmenter.check_reads(card.num_classes, card.img_channels, card.img_size)
     return segmenter.to(pipe.device)
 
 
@@ -308,8 +303,7 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
         "complete": False,
         "pairs": records,
     }
-    _check_folder(out, manifest)
-    _keep_checks(out, records)
+    _keep_checks(_check_folder(out, manifest), records)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
         stale.unlink()

@@ -200,13 +200,7 @@ def measure_quality(
             (STUDENT, first.distilled.steps) if first.distilled else (DEFAULT_SCHEDULER, DEFAULT_STEPS)
         )
         upscaler = card.upscaling and (STUDENT, card.distilled.steps)
-    mine = (segmenter.config.num_classes, segmenter.config.img_channels, segmenter.config.img_size)
-    if mine[:2] != (card.num_classes, card.img_channels) or card.img_size % mine[2]:
-        raise CheckpointError(
-            f"the segmenter reads {mine[0]} classes, {mine[1]} channel(s), {mine[2]} px; the model makes "
-            f"{card.num_classes} classes, {card.img_channels} channel(s), {card.img_size} px (a multiple of the "
-            "segmenter's size is read at its size)"
-        )
+    segmenter.check_reads(card.num_classes, card.img_channels, card.img_size)
     if precision not in get_args(Precision):
         raise ArgumentError(f"precision={precision!r}, expected one of {get_args(Precision)}")
     masks = pipe.prepare_masks(masks)  # (N, H, W) int64, validated

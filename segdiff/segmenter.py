@@ -171,6 +171,18 @@ class Segmenter(nn.Module):
             raise ImageError(f"image values in [{x.min():.3g}, {x.max():.3g}], expected floats in [0, 1]")
         return x
 
+    def check_reads(self, num_classes: int, img_channels: int, img_size: int) -> None:
+        """Raise CheckpointError unless this segmenter reads the images of a model drawing `num_classes`
+        classes and `img_channels` channels at `img_size` px (its own size or a multiple of it)."""
+        mine = self.config
+        same = (mine.num_classes, mine.img_channels) == (num_classes, img_channels)
+        if not same or img_size % mine.img_size:
+            raise CheckpointError(
+                f"the segmenter reads {mine.num_classes} classes, {mine.img_channels} channel(s) at "
+                f"{mine.img_size} px; the model draws {num_classes} classes, {img_channels} channel(s) at "
+                f"{img_size} px (a multiple of the segmenter's size is read at its size)"
+            )
+
     # ---- files ------------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
