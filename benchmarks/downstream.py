@@ -46,7 +46,7 @@ from segdiff.data import SPLITS, SegDataset, find_cases
 from segdiff.dataset import Settings, dropped, synthesize
 from segdiff.models import CARD_FILE
 from segdiff.pipeline import cpu_has_fast_bf16
-from segdiff.segmenter import AUGMENTATIONS, Segmenter, dice, mean_dice, round_score, train_segmenter
+from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_RATIO, MIN_GAIN = 0.95, 0.02  # the targets of issue 20
@@ -134,13 +134,11 @@ def draw_pairs(
 
 
 def variant(args) -> str:
-    """The part of a folder name that tells pairs drawn with mask guidance or quality control apart."""
+    """The part of a folder name that tells pairs drawn on other deformations, with mask guidance or with
+    quality control apart."""
+    deform = f"-deform-{args.deform}" if args.deform != "mild" else ""
     guided = f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
-    return guided + (f"-dice{args.min_dice:g}" if args.min_dice is not None else "")
-
-
-def segmenter_name(args) -> str:
-    return f"seg{args.segmenter_steps}" + ("-strong" if args.augment == "strong" else "")
+    return deform + guided + (f"-dice{args.min_dice:g}" if args.min_dice is not None else "")
 
 
 def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
@@ -148,7 +146,7 @@ def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
     if not (out / "segmenter.json").is_file():
         print(f"training the segmenter {out.name}", flush=True)
         train_segmenter(data / "img", data / "mask", args.num_classes, args.img_size, 1, out,
-                        steps=args.segmenter_steps, seed=seed, augment=args.augment)  # fmt: skip
+                        steps=args.segmenter_steps, seed=seed)  # fmt: skip
     return Segmenter.from_pretrained(out)
 
 
@@ -175,8 +173,8 @@ def table(args, test: SegDataset) -> dict[int, dict[str, list[float]]]:
                     args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
                 )
                 drawn = generator.name
-            reader = work / "segmenters" / f"{real.name}-{segmenter_name(args)}"  # (a)'s, for --min_dice
-            if n == everything and seed == 0 and args.real_segmenter and args.augment == "standard":
+            reader = work / "segmenters" / f"{real.name}-seg{args.segmenter_steps}"  # (a)'s, for --min_dice
+            if n == everything and seed == 0 and args.real_segmenter:
                 reader = Path(args.real_segmenter)
             if args.min_dice is not None:
                 segment(args, real, reader, seed)
@@ -198,7 +196,7 @@ def table(args, test: SegDataset) -> dict[int, dict[str, list[float]]]:
                 ),
             }
             for condition, folder in ((c, f) for c, f in folders.items() if c[0] in args.conditions):
-                out = work / "segmenters" / f"{folder.name}-{segmenter_name(args)}"
+                out = work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
                 out = reader if folder == real else out
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
@@ -278,9 +276,6 @@ def main(argv: list[str] | None = None) -> None:
         help="bf16 as the bundled model, where it is fast (GPUs, CPUs with native bf16); else no (fp32)",
     )
     parser.add_argument("--segmenter_steps", type=int, default=2000, help="as the bundled model's segmenter")
-    parser.add_argument(
-        "--augment", choices=AUGMENTATIONS, default="standard", help="the segmenters' appearance jitter"
-    )
     parser.add_argument(
         "--conditions", default="abcd", help="which of the table's conditions to train (default: abcd, all)"
     )

@@ -37,7 +37,7 @@ from .errors import ArgumentError, CheckpointError, ImageError, MaskError, Segdi
 from .evaluation import noise_generator
 from .models import CARD_FILE, ModelCard
 from .pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, Precision, SegDiffPipeline, autocast_dtype
-from .segmenter import AUGMENTATIONS, Segmenter, dice, labels, mean_dice, round_score, train_segmenter
+from .segmenter import Segmenter, dice, labels, mean_dice, round_score, train_segmenter
 
 
 def faithfulness(segmenter: Segmenter, images, masks, kept_classes: Sequence[int]) -> list[float]:
@@ -415,12 +415,6 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--img_channels", type=int, default=1)
     train.add_argument("--out", required=True, help="folder to write the segmenter to")
     train.add_argument("--steps", type=int, default=2000)
-    train.add_argument(
-        "--augment",
-        choices=AUGMENTATIONS,
-        default="standard",
-        help="appearance jitter: standard (the ruler's) or strong (to train on generated images, use on scans)",
-    )
     evaluate.add_argument("--model", required=True, help="a model folder SegDiffPipeline opens")
     evaluate.add_argument("--segmenter", help="a segmenter folder (default: the model's own)")
     evaluate.add_argument("--num_classes", type=int, help="K, for models of the original code")
@@ -454,7 +448,6 @@ def main(argv: list[str] | None = None) -> None:
                 steps=args.steps,
                 batch_size=args.batch_size or 16,
                 seed=args.seed,
-                augment=args.augment,
             )
             print(
                 f"saved the segmenter to {args.out}; validation Dice {model.config.training.get('val_dice')}"

@@ -227,18 +227,10 @@ def _load_split(img_dir, seg_dir, split: str, num_classes: int, img_size: int, i
     return images, torch.from_numpy(data.masks.astype(np.int64))
 
 
-AUGMENTATIONS = ("standard", "strong")
-
-
-def _augment(
-    x: torch.Tensor, y: torch.Tensor, g: torch.Generator, strength: str = "standard"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips, contrast jitter and noise, so that the ruler also reads generated images.
 
     Vertical flips are left out: anatomy has an up (the chest wall is at the bottom of a breast MRI).
-    "strong" widens the jitter and adds blur or sharpening and multiplicative (speckle-like) noise: the
-    appearance varies more than any one source's, so that a segmenter trained on one source (generated
-    images, which are smoother than scans) reads another (real scans).
     """
     b = x.shape[0]
     flip = torch.rand(b, generator=g) < 0.5
@@ -250,24 +242,9 @@ def _augment(
     def uniform(low, high):
         return low + (high - low) * torch.rand(b, 1, 1, 1, generator=g)
 
-    if strength == "strong":
-        x = x.clamp(0, 1) ** uniform(0.6, 1.6) * uniform(0.75, 1.25) + uniform(-0.1, 0.1)
-        # unsharp masking with a random signed amount: below 0 blurs (down to the blurred image), above sharpens
-        blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), _gaussian(x.shape[1]), groups=x.shape[1])
-        x = x + uniform(-1.0, 1.0) * (x - blurred)
-        x = x * (1 + uniform(0, 0.3) * torch.randn(x.shape, generator=g))
-    else:
-        x = x.clamp(0, 1) ** uniform(0.8, 1.25) * uniform(0.9, 1.1) + uniform(-0.05, 0.05)
+    x = x.clamp(0, 1) ** uniform(0.8, 1.25) * uniform(0.9, 1.1) + uniform(-0.05, 0.05)
     x = x + uniform(0, 0.05) * torch.randn(x.shape, generator=g)
     return x.clamp(0, 1), y
-
-
-def _gaussian(channels: int, sigma: float = 1.0) -> torch.Tensor:
-    """A 5 x 5 Gaussian kernel per channel, for a grouped convolution."""
-    t = torch.arange(-2, 3, dtype=torch.float32)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = torch.outer(k, k) / k.sum() ** 2
-    return k.expand(channels, 1, 5, 5)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -291,20 +268,16 @@ def train_segmenter(
     learning_rate: float = 3e-3,
     seed: int = 0,
     widths: Sequence[int] = SegmenterConfig.widths,
-    augment: str = "standard",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Segmenter:
     """Train a segmenter on the REAL images and masks of the 'train' split and save it to `out_dir`.
 
     AdamW with a cosine learning rate, cross-entropy + soft Dice. When a 'val' split exists, the weights
-    with the best validation mean Dice are kept and that Dice is recorded in the config. `augment`:
-    "standard" (the ruler's) or "strong", for a segmenter trained on generated images and used on scans.
+    with the best validation mean Dice are kept and that Dice is recorded in the config.
     """
     if steps < 1 or batch_size < 1:
         raise ArgumentError(f"steps={steps}, batch_size={batch_size}: expected integers >= 1")
-    if augment not in AUGMENTATIONS:
-        raise ArgumentError(f"augment={augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(seed)
     config = SegmenterConfig(num_classes, img_channels, img_size, tuple(widths))
@@ -325,7 +298,7 @@ def train_segmenter(
     for step in bar:
         model.train()
         pick = torch.randint(len(images), (batch_size,), generator=g)
-        x, y = _augment(images[pick], masks[pick], g, augment)
+        x, y = _augment(images[pick], masks[pick], g)
         loss = _loss(model(x.to(device) * 2 - 1), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,7 +320,6 @@ def train_segmenter(
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "augment": augment,
         "seed": seed,
         "seconds": round(time.time() - started),
         "device": str(device),
