@@ -196,8 +196,7 @@ def table(args, test: SegDataset) -> dict[int, dict[str, list[float]]]:
                 ),
             }
             for condition, folder in ((c, f) for c, f in folders.items() if c[0] in args.conditions):
-                out = work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
-                out = reader if folder == real else out
+                out = reader if folder == real else work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
                 print(f"N={n} seed {seed} {condition}: test mean Dice {score['mean_dice']:.4f}", flush=True)
