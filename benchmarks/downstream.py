@@ -158,7 +158,7 @@ def test_dice(segmenter: Segmenter, test: SegDataset) -> dict:
     return {"dice": per_class, "mean_dice": round_score(mean_dice(pred, test.masks, k))}
 
 
-def table(args, test: SegDataset) -> dict[int, dict[str, list[float]]]:
+def table(args, test: SegDataset) -> None:
     work, data = Path(args.work), Path(args.data)
     everything = len(find_cases(data / "img", data / "mask", "train"))
     scores: dict[int, dict[str, list[float]]] = {}
@@ -208,7 +208,6 @@ def table(args, test: SegDataset) -> dict[int, dict[str, list[float]]]:
     print(report(scores, args.synthetic, guidance))  # the columns trained
     if {CONDITIONS[0], CONDITIONS[2]} <= set(scores.get(everything, {})):
         print(ratio_report(scores[everything]))
-    return scores
 
 
 def ratio_report(by_condition: dict[str, list[float]]) -> str:
