@@ -3,16 +3,16 @@ and synthetic pairs alone, scored by Dice on real patients.
 
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
         [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
-        [--segmenter_steps 2000] [--guidance_scale 1] [--min_dice D]
+        [--segmenter_steps 2000] [--deform mild] [--steps S] [--guidance_scale 1] [--min_dice D]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--seeds 0,1,2] \\
         --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR] \\
-        [--guidance_scale 1] [--min_dice D]
+        [--deform mild] [--steps S] [--guidance_scale 1] [--min_dice D]
 
 The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
 those N alone (the bundled PSFHS model's flags: `small` preset, `fast` recipe, mask ablation, batch 16, bf16
 where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on mildly deformed copies
-of the N masks (`python -m segdiff.dataset synthesize`, at --guidance_scale; with --min_dice, checked by the
-segmenter of (a), which knows only the N real pairs). The project's segmenter (`segdiff.quality
+of the N masks (`python -m segdiff.dataset synthesize`: --deform, --steps, --guidance_scale; with --min_dice,
+checked by the segmenter of (a), which knows only the N real pairs). The project's segmenter (`segdiff.quality
 train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the best Dice on the real val split kept) is
 trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, (d) the
 N real pairs repeated M/N times + the M synthetic pairs (so half of each batch is real, on average), and
@@ -21,7 +21,7 @@ over the seeds, and the gains of (b) and (d) over (a).
 
 At N = every real train pair, --generator MODEL (one trained on exactly those pairs with the flags above,
 such as the bundled PSFHS model) draws instead of a new one; it draws at its defaults (the bundled model: its
-2-step student). --real_segmenter DIR stands for that row's (a) at seed 0 (the bundled model's segmenter was
+2-step student) unless --steps is given (--steps 12: its teacher). --real_segmenter DIR stands for that row's (a) at seed 0 (the bundled model's segmenter was
 trained so). Where that row has (a) and (c), the train-on-synthetic ratio (c) / (a) is printed, per seed and of
 the means. --train-on-synthetic MODEL is that row alone: --generator MODEL, conditions a and c.
 
@@ -122,7 +122,7 @@ def draw_pairs(
     """M pairs drawn by `model` on deformed `masks`; with --min_dice, read back by `reader` (default: the
     model's own segmenter)."""
     settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed,
-                        guidance_scale=args.guidance_scale, min_dice=args.min_dice,
+                        steps=args.steps, guidance_scale=args.guidance_scale, min_dice=args.min_dice,
                         segmenter=str(reader) if reader and args.min_dice is not None else None)  # fmt: skip
     result = synthesize(settings, out)
     if result["drawn"]:
@@ -134,11 +134,12 @@ def draw_pairs(
 
 
 def variant(args) -> str:
-    """The part of a folder name that tells pairs drawn on other deformations, with mask guidance or with
-    quality control apart."""
+    """The part of a folder name that tells pairs drawn on other deformations, in other steps, with mask
+    guidance or with quality control apart."""
     deform = f"-deform-{args.deform}" if args.deform != "mild" else ""
+    steps = f"-steps{args.steps}" if args.steps else ""
     guided = f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
-    return deform + guided + (f"-dice{args.min_dice:g}" if args.min_dice is not None else "")
+    return deform + steps + guided + (f"-dice{args.min_dice:g}" if args.min_dice is not None else "")
 
 
 def segment(args, data: Path, out: Path, seed: int) -> Segmenter:
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
     parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps of the drawing (default: the model's, its student if any)"
+    )
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="mask guidance of the drawing")
     parser.add_argument(
         "--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)"
