@@ -197,7 +197,8 @@ def table(args, test: SegDataset) -> None:
                 ),
             }
             for condition, folder in ((c, f) for c, f in folders.items() if c[0] in args.conditions):
-                out = reader if folder == real else work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
+                trained = work / "segmenters" / f"{folder.name}-seg{args.segmenter_steps}"
+                out = reader if folder == real else trained
                 score = test_dice(segment(args, folder, out, seed), test)
                 scores.setdefault(n, {}).setdefault(condition, []).append(score["mean_dice"])
                 print(f"N={n} seed {seed} {condition}: test mean Dice {score['mean_dice']:.4f}", flush=True)
