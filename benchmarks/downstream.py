@@ -23,7 +23,8 @@ At N = every real train pair, --generator MODEL (one trained on exactly those pa
 such as the bundled PSFHS model) draws instead of a new one; it draws at its defaults (the bundled model: its
 2-step student) unless --steps is given (--steps 12: its teacher). --real_segmenter DIR stands for that row's
 (a) at seed 0 (the bundled model's segmenter was trained so). Where that row has (a) and (c), the
-train-on-synthetic ratio (c) / (a) is printed, per seed and of the means. --train-on-synthetic MODEL is that row alone: --generator MODEL, conditions a and c.
+train-on-synthetic ratio (c) / (a) is printed, per seed and of the means. --train-on-synthetic MODEL is that
+row alone: --generator MODEL, conditions a and c.
 
 Everything lands under --work; a rerun reuses the finished generators, pairs and segmenters (a cut training
 of a generator resumes from its checkpoints). Run it with OMP_NUM_THREADS set on a shared machine.
