@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff.data import SPLITS, SegDataset, find_cases
 from segdiff.dataset import Settings, dropped, synthesize
+from segdiff.masks import DEFORM_LEVELS
 from segdiff.models import CARD_FILE
 from segdiff.pipeline import cpu_has_fast_bf16
 from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
@@ -207,8 +208,9 @@ def table(args, test: SegDataset) -> None:
     (work / f"table-N{sizes}{variant(args)}.json").write_text(
         json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n"
     )
-    guidance = f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
-    print(report(scores, args.synthetic, guidance))  # the columns trained
+    drawing = f", --deform {args.deform}" + (f", {args.steps} steps" if args.steps else "")
+    drawing += f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+    print(report(scores, args.synthetic, drawing))  # the columns trained
     if {CONDITIONS[0], CONDITIONS[2]} <= set(scores.get(everything, {})):
         print(ratio_report(scores[everything]))
 
@@ -225,7 +227,7 @@ def ratio_report(by_condition: dict[str, list[float]]) -> str:
     )
 
 
-def report(scores: dict[int, dict[str, list[float]]], m: int, guidance: str = "") -> str:
+def report(scores: dict[int, dict[str, list[float]]], m: int, drawing: str = "") -> str:
     """Mean +- standard deviation over the seeds per N and condition trained, and the gains of (b) and (d)
     over (a) where they were trained."""
 
@@ -239,7 +241,7 @@ def report(scores: dict[int, dict[str, list[float]]], m: int, guidance: str = ""
     def gain(by_condition: dict[str, list[float]], mixed: str) -> list[float]:
         return list(np.array(by_condition[mixed]) - np.array(by_condition[CONDITIONS[0]]))
 
-    lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs{guidance}"]
+    lines = [f"mean Dice on the real test split, mean +- sd (seeds); M = {m} synthetic pairs{drawing}"]
     lines.append(" | ".join(["N".rjust(5), *(c.ljust(26) for c in trained), *(f"{c[0]} - a" for c in mixes)]))
     for n, by_condition in scores.items():
         row = [cell(by_condition.get(c, [])).ljust(26) for c in trained]
@@ -264,7 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[50, 200, 1086])
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
-    parser.add_argument("--deform", default="mild", help="deformation of the masks the pairs are drawn on")
+    parser.add_argument(
+        "--deform",
+        default="mild",
+        choices=DEFORM_LEVELS,
+        help="deformation of the masks the pairs are drawn on",
+    )
     parser.add_argument(
         "--steps", type=int, help="sampling steps of the drawing (default: the model's, its student if any)"
     )
