@@ -39,6 +39,13 @@ PRESETS: dict[str, dict] = {
         down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 3,
     ),
+    "medium": dict(  # about 10.7 M: `small`'s shape at twice the widths, for 64 px models whose images train segmenters
+        layers_per_block=1,
+        block_out_channels=(32, 64, 128, 256),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
     "small": dict(  # about 2.7 M: 64 px demo models, 4 images x 12 steps in under a second on two CPU cores
         layers_per_block=1,
         block_out_channels=(16, 32, 64, 128),

@@ -130,8 +130,15 @@ class Recipe:
 
 # Peak AdamW learning rates of the fast recipe by preset: smaller networks take larger steps. `small` and
 # `tiny` were measured by benchmarks/convergence.py; `base` and `paper` follow the DDPM/ADM practice for
-# networks of their size (2e-4 at 35 M parameters, 1e-4 above 100 M).
-FAST_LEARNING_RATES = {"tiny": 1e-3, "small": 5e-4, "upscaler": 5e-4, "base": 2e-4, "paper": 1e-4}
+# networks of their size (2e-4 at 35 M parameters, 1e-4 above 100 M), and `medium` (11 M) lies between.
+FAST_LEARNING_RATES = {
+    "tiny": 1e-3,
+    "small": 5e-4,
+    "upscaler": 5e-4,
+    "medium": 3e-4,
+    "base": 2e-4,
+    "paper": 1e-4,
+}
 
 RECIPES: dict[str, Recipe] = {
     "original": Recipe(learning_rate=1e-4, lr_warmup_steps=500),

@@ -238,6 +238,10 @@ def test_presets_build_the_expected_networks():
         and paper.config.up_block_types[1] == "AttnUpBlock2D"
     )
     assert 110e6 < sum(p.numel() for p in paper.parameters()) < 118e6
+    small, medium = build_unet("small", 64, 1, 3), build_unet("medium", 64, 1, 3)
+    assert medium.config.block_out_channels == tuple(2 * w for w in small.config.block_out_channels)
+    assert medium.config.down_block_types == small.config.down_block_types  # the same shape, twice as wide
+    assert 10e6 < sum(p.numel() for p in medium.parameters()) < 11.5e6
     with pytest.raises(CheckpointError, match="unknown preset 'huge'"):
         build_unet("huge", 64, 1, 1)
 
