@@ -3,21 +3,22 @@ and synthetic pairs alone, scored by Dice on real patients.
 
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
         [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
-        [--segmenter_steps 2000] [--deform mild] [--steps S] [--guidance_scale 1] [--min_dice D]
+        [--generator_preset small] [--segmenter_steps 2000] [--deform mild] [--steps S] \\
+        [--guidance_scale 1] [--min_dice D]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--seeds 0,1,2] \\
         --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR] \\
         [--deform mild] [--steps S] [--guidance_scale 1] [--min_dice D]
 
 The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
-those N alone (the bundled PSFHS model's flags: `small` preset, `fast` recipe, mask ablation, batch 16, bf16
-where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on mildly deformed copies
-of the N masks (`python -m segdiff.dataset synthesize`: --deform, --steps, --guidance_scale; with --min_dice,
-checked by the segmenter of (a), which knows only the N real pairs). The project's segmenter (`segdiff.quality
-train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the best Dice on the real val split kept) is
-trained on (a) the N real pairs, (b) the N real + M synthetic pairs, (c) the M synthetic pairs alone, (d) the
-N real pairs repeated M/N times + the M synthetic pairs (so half of each batch is real, on average), and
-scored by mean Dice on the real test split (pubic symphysis, fetal head). Printed: mean +- standard deviation
-over the seeds, and the gains of (b) and (d) over (a).
+those N alone (the bundled PSFHS model's flags: `small` preset unless --generator_preset, `fast` recipe, mask
+ablation, batch 16, bf16 where the hardware has it; `--generator_steps`), which draws M = --synthetic pairs on
+mildly deformed copies of the N masks (`python -m segdiff.dataset synthesize`: --deform, --steps,
+--guidance_scale; with --min_dice, checked by the segmenter of (a), which knows only the N real pairs). The
+project's segmenter (`segdiff.quality train-segmenter`: 2000 steps of 16, AdamW 3e-3, the weights with the
+best Dice on the real val split kept) is trained on (a) the N real pairs, (b) the N real + M synthetic pairs,
+(c) the M synthetic pairs alone, (d) the N real pairs repeated M/N times + the M synthetic pairs (so half of
+each batch is real, on average), and scored by mean Dice on the real test split (pubic symphysis, fetal
+head). Printed: mean +- standard deviation over the seeds, and the gains of (b) and (d) over (a).
 
 At N = every real train pair, --generator MODEL (one trained on exactly those pairs with the flags above,
 such as the bundled PSFHS model) draws instead of a new one; it draws at its defaults (the bundled model: its
@@ -105,7 +106,7 @@ def train_generator(args, data: Path, out: Path, seed: int) -> Path:
         sys.executable, str(ROOT / "train_cli.py"), "--mode", "train", "--dataset", "downstream",
         "--img_size", str(args.img_size), "--img_dir", str(data / "img"), "--seg_dir", str(data / "mask"),
         "--segmentation_guided", "--num_segmentation_classes", str(args.num_classes),
-        "--use_ablated_segmentations", "--preset", "small", "--recipe", "fast", "--train_batch_size", "16",
+        "--use_ablated_segmentations", "--preset", args.generator_preset, "--recipe", "fast", "--train_batch_size", "16",
         "--max_train_steps", str(args.generator_steps), "--checkpointing_steps", "250",
         "--save_image_epochs", "100000", "--save_model_epochs", "100000", "--sampler", "dpm++",
         "--mixed_precision", args.generator_precision,
@@ -172,8 +173,9 @@ def table(args, test: SegDataset) -> None:
             if n == everything and args.generator:  # a model trained on exactly these pairs, these flags
                 generator, drawn = Path(args.generator), f"{key}-{Path(args.generator).name}"
             else:
+                preset = f"-{args.generator_preset}" if args.generator_preset != "small" else ""
                 generator = train_generator(
-                    args, real, work / "generators" / f"{key}-steps{args.generator_steps}", seed
+                    args, real, work / "generators" / f"{key}-steps{args.generator_steps}{preset}", seed
                 )
                 drawn = generator.name
             reader = work / "segmenters" / f"{real.name}-seg{args.segmenter_steps}"  # (a)'s, for --min_dice
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         "--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)"
     )
     parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
+    parser.add_argument(
+        "--generator_preset", choices=("small", "medium"), default="small", help="as the bundled PSFHS model"
+    )
     parser.add_argument(
         "--generator_precision",
         choices=["no", "bf16"],
