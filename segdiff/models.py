@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
         down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 3,
     ),
-    "medium": dict(  # about 10.7 M: `small`'s shape at twice the widths, for 64 px models whose images train segmenters
+    "medium": dict(  # about 10.7 M: `small`'s shape, twice as wide; 64 px models that follow masks closer
         layers_per_block=1,
         block_out_channels=(32, 64, 128, 256),
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
