@@ -284,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--generator_steps", type=int, default=3000, help="as the bundled PSFHS model")
     parser.add_argument(
-        "--generator_preset", choices=("small", "medium"), default="small", help="as the bundled PSFHS model"
+        "--generator_preset",
+        choices=("small", "medium"),
+        default="small",
+        help="the per-N generators' UNet (small: as psfhs-ultrasound-64, medium: as psfhs-ultrasound-64-medium)",
     )
     parser.add_argument(
         "--generator_precision",
