@@ -3,7 +3,7 @@
     python app.py [--model PATH|org/name] [--num_classes K] [--host 127.0.0.1] [--port 7860]
 
 Layout and wiring only: every action is one call into `segdiff.studio`. The picker offers every bundled model
-(and the one given by --model); each loads once, on first use, and stays loaded (`segdiff.registry`). A
+(and the one given by --model); each loads once, on first use, and stays loaded (`segdiff.studio.registry`). A
 preview redraws after each stroke; the API's `/generate`, `/sweep` and `/preview` take a mask file.
 """
 
@@ -25,10 +25,10 @@ from gradio.exceptions import InvalidPathError
 from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from segdiff.errors import DataLayoutError, check_integer
-from segdiff.hub import is_hub_id
-from segdiff.registry import Models
-from segdiff.runs import Run
-from segdiff.studio import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
+from segdiff.resolve import is_hub_id
+from segdiff.studio.actions import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
+from segdiff.studio.registry import Models
+from segdiff.studio.runs import Run
 
 try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorators change nothing
     import spaces

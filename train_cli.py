@@ -3,7 +3,7 @@
 
 Every flag of the original `main.py` keeps its name, default and meaning, so its commands run unchanged
 with `python3 train_cli.py` in place of `python3 main.py`, and `accelerate launch train_cli.py ...` trains
-on many GPUs or nodes. This file parses flags; `segdiff.training` and `segdiff.evaluation` do the work.
+on many GPUs or nodes. This file parses flags; `segdiff.train.loop` and `segdiff.model.sampling` do the work.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from accelerate import PartialState
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_STEPS, SAMPLERS
-from segdiff.data import data_info
-from segdiff.evaluation import EvalConfig, evaluate, sample_many
-from segdiff.hub import check_repo_id, is_hub_id, push
-from segdiff.models import PRESETS
-from segdiff.recipes import RECIPES, BetaSchedule, Prediction, Weighting
-from segdiff.training import TrainConfig, run_name, train
+from segdiff.data.layout import data_info
+from segdiff.hub.publish import check_repo_id, push
+from segdiff.model.sampling import EvalConfig, evaluate, sample_many
+from segdiff.model.unet import PRESETS
+from segdiff.resolve import is_hub_id
+from segdiff.train.loop import TrainConfig, run_name, train
+from segdiff.train.recipes import RECIPES, BetaSchedule, Prediction, Weighting
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):

@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import SegDiffPipeline
-from segdiff.checkpoints import CHECKPOINT, checkpoints, latest_checkpoint
-from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
-from segdiff.quality import load_test_set, measure_quality
-from segdiff.segmenter import Segmenter
+from segdiff.measure.quality import load_test_set, measure_quality
+from segdiff.measure.segmenter import Segmenter
+from segdiff.model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from segdiff.train.checkpoints import CHECKPOINT, checkpoints, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.5, 0.8, 0.9)

@@ -3,7 +3,7 @@
     python benchmarks/dicom_roundtrip.py [--image ct.nii.gz] [--labels labels.nii.gz] [--names label_names.json]
 
 Writes the CT volume as a DICOM series (one uncompressed file per slice, file names in shuffled order,
-unsigned 16-bit pixels with a rescale intercept; `segdiff.dicom.write_series`), then runs
+unsigned 16-bit pixels with a rescale intercept; `segdiff.data.dicom.write_series`), then runs
 `python -m segdiff.volumes convert` twice, once on the NIfTI and once on the series folder, with the same
 labels, and compares every written image and mask. Prints the count of slices, the largest absolute
 difference in grey levels and the number of differing pixels, under a CT window and under percentile
@@ -25,7 +25,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
-from segdiff.dicom import write_series  # noqa: E402
+from segdiff.data.dicom import write_series  # noqa: E402
 
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalseg-example"
 

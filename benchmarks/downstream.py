@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from segdiff.data import SPLITS, SegDataset, find_cases
-from segdiff.dataset import Settings, dropped, synthesize
-from segdiff.masks import DEFORM_LEVELS
-from segdiff.models import CARD_FILE
-from segdiff.pipeline import cpu_has_fast_bf16
-from segdiff.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
+from segdiff.data.layout import SPLITS, SegDataset, find_cases
+from segdiff.data.masks import DEFORM_LEVELS
+from segdiff.measure.segmenter import Segmenter, dice, mean_dice, round_score, train_segmenter
+from segdiff.model.card import CARD_FILE
+from segdiff.model.pipeline import cpu_has_fast_bf16
+from segdiff.synth.pairs import Settings, dropped, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_RATIO, MIN_GAIN = 0.95, 0.02  # the targets of issue 20

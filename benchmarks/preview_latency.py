@@ -37,8 +37,8 @@ from studio_latency import NUM_IMAGES, mask_file  # noqa: E402  (beside this scr
 import app  # noqa: E402
 from segdiff import SegDiffPipeline  # noqa: E402
 from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS  # noqa: E402
-from segdiff.registry import Models  # noqa: E402
-from segdiff.studio import Studio  # noqa: E402
+from segdiff.studio.actions import Studio  # noqa: E402
+from segdiff.studio.registry import Models  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

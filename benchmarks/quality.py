@@ -27,10 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import CheckpointError, SegdiffError, SegDiffPipeline
-from segdiff.evaluation import noise_generator
-from segdiff.models import shrink_masks
-from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
-from segdiff.quality import (
+from segdiff.measure.quality import (
     detail,
     load_test_set,
     measure_quality,
@@ -38,7 +35,10 @@ from segdiff.quality import (
     run_label,
     write_to_card,
 )
-from segdiff.segmenter import Segmenter
+from segdiff.measure.segmenter import Segmenter
+from segdiff.model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from segdiff.model.sampling import noise_generator
+from segdiff.model.unet import shrink_masks
 
 # Targets of issue 5, checked in the summary. The realism target reads on the Frechet distance: the unbiased
 # KID's real-vs-real baseline is 0 +- noise, so a ratio to it means nothing.

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from train_speed import add_compile_flags
 
 from segdiff import SegDiffPipeline
-from segdiff.masks import encode
-from segdiff.models import ModelCard, build_unet
-from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, autocast_dtype
+from segdiff.data.masks import encode
+from segdiff.model.card import ModelCard
+from segdiff.model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, autocast_dtype
+from segdiff.model.unet import build_unet
 
 # GPU targets of issue 13 (paper preset, 256 px, batch 64, default steps).
 TARGET_RATIO, TARGET_RATE = 10.0, 60.0

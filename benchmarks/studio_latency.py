@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 from segdiff import SegDiffPipeline  # noqa: E402
-from segdiff.data import read_mask  # noqa: E402
-from segdiff.models import ModelCard, build_unet  # noqa: E402
-from segdiff.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS  # noqa: E402
-from segdiff.registry import Models  # noqa: E402
-from segdiff.studio import Studio  # noqa: E402
+from segdiff.data.layout import read_mask  # noqa: E402
+from segdiff.model.card import ModelCard  # noqa: E402
+from segdiff.model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS  # noqa: E402
+from segdiff.model.unet import build_unet  # noqa: E402
+from segdiff.studio.actions import Studio  # noqa: E402
+from segdiff.studio.registry import Models  # noqa: E402
 
 NUM_IMAGES = 4
 

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: the UNet's forward, backward and fused AdamW step, profiled.
 
-Times the step the way `segdiff.training` runs it on a GPU (bf16 autocast, TF32, cuDNN autotuning, fused
+Times the step the way `segdiff.train.loop` runs it on a GPU (bf16 autocast, TF32, cuDNN autotuning, fused
 AdamW) in each memory layout, eager and compiled, and prints the share of kernel time taken by each kind of
 kernel (convolutions, matrix products, normalisation, fused Triton kernels, the optimizer, other element-wise
 work) for each variant. It answers "what is the next lever" after train_speed.py says how fast a step is.
@@ -25,7 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segdiff.models import build_unet
+from segdiff.model.unet import build_unet
 
 # Kernel kinds by name, first match wins (cuDNN, cuBLAS/CUTLASS and Triton kernel names; CPU op names).
 # Inductor's fused kernels first (their names list every op fused, copies included), then layout changes:
@@ -122,7 +122,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":  # as segdiff.training sets them
+    if device.type == "cuda":  # as segdiff.train.loop sets them
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"

@@ -2,7 +2,7 @@
 
 The original loop (re-created here as it was): fp32, eager, images and masks decoded from PNG files in
 every step, a DataLoader without workers, one set of class removals per batch, the `class_id / 255` mask
-channel, plain AdamW, the loss read back (`.item()`) every step. segdiff: `segdiff.training.train` itself
+channel, plain AdamW, the loss read back (`.item()`) every step. segdiff: `segdiff.train.loop.train` itself
 (data decoded once, TF32 and cuDNN autotuning on GPUs, fused AdamW, per-example ablation, one-hot masks),
 timed from its own CSV log, first at fp32 and then adding one speed candidate per row.
 
@@ -37,11 +37,11 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segdiff.data import SegDataset, find_cases
-from segdiff.masks import ablate, encode
-from segdiff.models import build_unet
-from segdiff.phantoms import write_dataset
-from segdiff.training import TrainConfig, train
+from segdiff.data.layout import SegDataset, find_cases
+from segdiff.data.masks import ablate, encode
+from segdiff.data.phantoms import write_dataset
+from segdiff.model.unet import build_unet
+from segdiff.train.loop import TrainConfig, train
 
 # Dense tensor-core peaks in TFLOP/s from the vendors' data sheets: (bf16/fp16, tf32). First match wins.
 PEAK_TFLOPS = {
@@ -141,7 +141,7 @@ def original_rate(args, img_dir, seg_dir, num_classes: int) -> float:
 
 
 def segdiff_rate(args, img_dir, seg_dir, num_classes: int, out: Path, **options) -> float:
-    """Steps/s of `segdiff.training.train` between its first log row after warm-up and its last one."""
+    """Steps/s of `segdiff.train.loop.train` between its first log row after warm-up and its last one."""
     never = 10**6
     AcceleratorState._reset_state(reset_partial_state=True)  # each row sets its own mixed precision
     train(

@@ -2,7 +2,7 @@
 
     python benchmarks/upscaler_sampling.py --model assets/models/psfhs-ultrasound-256 --data ../shared/data/psfhs-256
 
-For the first N test masks, with the noise `segdiff.evaluation` gives each mask, the cascade draws at its
+For the first N test masks, with the noise `segdiff.model.sampling` gives each mask, the cascade draws at its
 default base settings and each upscaler setting: the base draws the same images every time. Printed per setting: the
 share of spectral energy in each octave band above the base's Nyquist frequency, as a ratio to the real test
 images' share (1 = the real images' detail; well below 1 = blurred; well above = noise). The model card's
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from segdiff import SegDiffPipeline
-from segdiff.evaluation import noise_generator
-from segdiff.quality import detail, load_test_set
+from segdiff.measure.quality import detail, load_test_set
+from segdiff.model.sampling import noise_generator
 
 SETTINGS = [  # (sampler, steps, noise level of the low-resolution input)
     ("dpm++", 4, 100),

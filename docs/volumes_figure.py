@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-from segdiff.conversion import (
+from segdiff.data.masks import Palette, overlay, tile
+from segdiff.data.volumes import (
     AXES,
     Conversion,
     fit,
@@ -27,7 +28,6 @@ from segdiff.conversion import (
     to_pixels,
     to_slice,
 )
-from segdiff.masks import Palette, overlay, tile
 
 SIZE = 160  # px per slice in the figure
 

@@ -16,7 +16,7 @@ __all__ = [
 def __getattr__(name):
     # The pipeline pulls in torch and diffusers; `python -m segdiff.phantoms` should not wait for them.
     if name == "SegDiffPipeline":
-        from .pipeline import SegDiffPipeline
+        from .model.pipeline import SegDiffPipeline
 
         return SegDiffPipeline
     raise AttributeError(f"module 'segdiff' has no attribute {name!r}")

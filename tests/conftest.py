@@ -7,7 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from segdiff import SegDiffPipeline
-from segdiff.models import ModelCard, build_unet
+from segdiff.model.card import ModelCard
+from segdiff.model.unet import build_unet
 
 CLASS_NAMES = ["background", "breast", "vessels", "fibroglandular tissue"]
 SMALL_CLASS_NAMES = ["background", "pubic symphysis", "fetal head"]
@@ -69,7 +70,7 @@ def studio_url(tiny_model_dir, small_model_dir, tmp_path_factory):
     Each model has one example mask in `<examples>/<name>/`; the 64 px model is the default.
     """
     import app
-    from segdiff.registry import Models
+    from segdiff.studio.registry import Models
 
     examples = tmp_path_factory.mktemp("examples")
     for folder, size in ((tiny_model_dir, 64), (small_model_dir, 32)):

@@ -21,9 +21,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import app
-from segdiff.masks import Palette
-from segdiff.registry import Models
-from segdiff.studio import MAX_IMAGE_SIDE
+from segdiff.data.masks import Palette
+from segdiff.studio.actions import MAX_IMAGE_SIDE
+from segdiff.studio.registry import Models
 
 FAST = dict(steps=3, num_images=2)
 pytestmark = pytest.mark.timeout(600)

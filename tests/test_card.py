@@ -5,7 +5,8 @@ from dataclasses import asdict
 from diffusers import DDPMScheduler
 
 from segdiff import SegDiffPipeline
-from segdiff.models import ModelCard, build_unet
+from segdiff.model.card import ModelCard
+from segdiff.model.unet import build_unet
 
 CREDIT = {
     "name": "PSFHS intrapartum ultrasound",

@@ -16,7 +16,7 @@ from test_training import config, steps_logged, write_data
 
 import train_cli
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
-from segdiff.training import train
+from segdiff.train.loop import train
 
 # Learns fast enough that a few dozen tiny steps draw the classes' grey levels.
 LEARN = dict(train_batch_size=8, learning_rate=3e-3, lr_warmup_steps=5, checkpointing_steps=1000)

@@ -21,8 +21,8 @@ from test_training import write_data
 
 import train_cli
 from segdiff import SegDiffPipeline
-from segdiff.models import PRESETS
-from segdiff.training import TrainConfig
+from segdiff.model.unet import PRESETS
+from segdiff.train.loop import TrainConfig
 
 CLI = Path(train_cli.__file__).resolve()
 # One thread per process: the tiny models gain nothing from more, and the test machine's cores are shared.

@@ -4,9 +4,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from segdiff.data import SegDataset, find_cases, read_image, read_mask, segtypes
+from segdiff.data.layout import SegDataset, find_cases, read_image, read_mask, segtypes
+from segdiff.data.masks import Palette
 from segdiff.errors import DataLayoutError, MaskError
-from segdiff.masks import Palette
 
 
 def write_layout(root: Path, names=("a.png", "b.png", "c.png"), size=16, segtype="all", channels=1):

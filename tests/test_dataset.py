@@ -15,9 +15,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from segdiff.data import SegDataset, data_info, read_image, read_mask
-from segdiff.dataset import main
-from segdiff.masks import DEFORMATIONS, deform_keeping_classes
+from segdiff.cli.dataset import main
+from segdiff.data.layout import SegDataset, data_info, read_image, read_mask
+from segdiff.data.masks import DEFORMATIONS, deform_keeping_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_guided_pairs_share_the_masks_and_a_run_from_before_guidance_continues(s
 def test_min_dice_redraws_pairs_read_back_below_it_and_leaves_out_those_never_passing(
     small_model_dir, tmp_path, monkeypatch, capsys
 ):
-    import segdiff.dataset as dataset
+    import segdiff.synth.pairs as dataset
 
     masks = write_masks(tmp_path / "masks")
     threshold = {}
@@ -269,7 +269,7 @@ def test_bad_input_exits_2_with_one_line(small_model_dir, tmp_path, capsys, what
 
 
 def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small_model_dir, tmp_path, capsys):
-    from segdiff.segmenter import Segmenter, SegmenterConfig
+    from segdiff.measure.segmenter import Segmenter, SegmenterConfig
 
     masks = write_masks(tmp_path / "masks")
     for name, classes in (("right", 3), ("wrong", 5)):

@@ -14,8 +14,8 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLSLossless
 from test_volumes import LABELS, case_volumes, png, save
 
-from segdiff.dicom import LPS_TO_RAS, read_series, write_series
-from segdiff.volumes import main
+from segdiff.cli.volumes import main
+from segdiff.data.dicom import LPS_TO_RAS, read_series, write_series
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:

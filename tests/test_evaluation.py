@@ -12,7 +12,10 @@ from PIL import Image
 from test_training import write_data
 
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
-from segdiff.evaluation import (
+from segdiff.files import temp_path
+from segdiff.model.card import ModelCard
+from segdiff.model.pipeline import DEFAULT_STEPS
+from segdiff.model.sampling import (
     EvalConfig,
     evaluate,
     mask_removal_grid,
@@ -22,9 +25,7 @@ from segdiff.evaluation import (
     sampler_for,
     write_sample,
 )
-from segdiff.files import temp_path
-from segdiff.models import ModelCard, build_unet
-from segdiff.pipeline import DEFAULT_STEPS
+from segdiff.model.unet import build_unet
 
 
 def tiny_model(folder, num_classes=3, channels=1, blind=False):
@@ -118,7 +119,7 @@ def test_sample_many_names_counts_and_resumes_by_skipping(tmp_path, data):
 def test_a_rerun_draws_each_missing_image_in_the_batch_it_was_first_drawn_in(tmp_path, data, monkeypatch):
     # Kernels may pick their algorithm by batch size, so an image drawn in a smaller batch could differ in
     # its last bits: a rerun must sample the missing image among the same neighbours as the first run.
-    import segdiff.evaluation as evaluation
+    import segdiff.model.sampling as evaluation
 
     drawn = []
     sample = evaluation._sample

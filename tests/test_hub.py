@@ -23,9 +23,13 @@ from test_cli import FAST_SAMPLING, TINY, guided
 from test_training import write_data
 
 import train_cli
-from segdiff import SegdiffError, SegDiffPipeline, hub, hubcard
-from segdiff.models import CARD_FILE, ModelCard, build_unet
-from segdiff.registry import Models
+from segdiff import SegdiffError, SegDiffPipeline, hub
+from segdiff.cli import hub as hub_cli
+from segdiff.hub import publish
+from segdiff.model import card as hubcard
+from segdiff.model.card import CARD_FILE, ModelCard
+from segdiff.model.unet import build_unet
+from segdiff.studio.registry import Models
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}
@@ -156,7 +160,7 @@ class FakeApi:
 @pytest.fixture
 def fake_api(monkeypatch):
     FakeApi.uploads = []
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(publish, "HfApi", FakeApi)
     return FakeApi.uploads
 
 
@@ -199,12 +203,12 @@ def test_push_flags_are_checked_before_training(tmp_path, monkeypatch, capsys, f
 
 def test_hub_push_command_names_the_repository_in_the_readme(tiny_model_dir, tmp_path, capsys, fake_api):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    hub.main(["push", str(folder), "tiny-breast"])
+    hub_cli.main(["push", str(folder), "tiny-breast"])
     assert fake_api[0]["repo_id"] == "me/tiny-breast"
     assert 'from_pretrained("me/tiny-breast")' in (folder / "README.md").read_text()
     assert capsys.readouterr().out.startswith(f"uploaded {folder}: https://huggingface.co/me/tiny-breast/")
     with pytest.raises(SystemExit) as exit_code:
-        hub.main(["push", str(tmp_path), "org/x"])
+        hub_cli.main(["push", str(tmp_path), "org/x"])
     assert exit_code.value.code == 2
     assert (
         capsys.readouterr().err == f"error: {tmp_path}: not a segdiff model folder (no {CARD_FILE}); "

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from segdiff.errors import MaskError
-from segdiff.masks import (
+from segdiff.data.masks import (
     Palette,
     ablate,
     check_mask,
@@ -14,6 +13,7 @@ from segdiff.masks import (
     overlay,
     tile,
 )
+from segdiff.errors import MaskError
 
 
 @pytest.fixture

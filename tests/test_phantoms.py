@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segdiff.phantoms import FAMILIES, SPLITS, main, make_case, write_dataset
+from segdiff.cli.phantoms import main
+from segdiff.data.phantoms import FAMILIES, SPLITS, make_case, write_dataset
 
 COUNTS = {"train": 5, "val": 2, "test": 2}
 

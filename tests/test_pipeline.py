@@ -10,10 +10,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from segdiff import SegDiffPipeline
-from segdiff import pipeline as pipeline_module
 from segdiff.errors import ArgumentError, CheckpointError, MaskError
-from segdiff.models import PRESETS, ModelCard, build_unet
-from segdiff.pipeline import autocast_dtype
+from segdiff.model import pipeline as pipeline_module
+from segdiff.model.card import ModelCard
+from segdiff.model.pipeline import autocast_dtype
+from segdiff.model.unet import PRESETS, build_unet
 
 SIZE, K = 32, 4
 

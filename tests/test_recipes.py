@@ -13,11 +13,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from test_training import config, write_data
 
 from segdiff import ConfigError, SegDiffPipeline
-from segdiff.masks import encode
-from segdiff.models import ModelCard, build_unet
-from segdiff.pipeline import SCHEDULERS
-from segdiff.recipes import RECIPES, Recipe
-from segdiff.training import TrainConfig, _objective, train
+from segdiff.data.masks import encode
+from segdiff.model.card import ModelCard
+from segdiff.model.pipeline import SCHEDULERS
+from segdiff.model.unet import build_unet
+from segdiff.train.loop import TrainConfig, _objective, train
+from segdiff.train.recipes import RECIPES, Recipe
 
 
 @pytest.fixture(scope="module")

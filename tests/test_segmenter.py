@@ -10,19 +10,18 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from segdiff import SegDiffPipeline
+from segdiff.cli.quality import main
+from segdiff.data.phantoms import write_dataset
 from segdiff.errors import ArgumentError, CheckpointError, ImageError, MaskError
-from segdiff.models import PRESETS, ModelCard
-from segdiff.phantoms import write_dataset
-from segdiff.quality import (
+from segdiff.measure.quality import (
     faithfulness,
     frechet_distance,
     kid,
     load_test_set,
-    main,
     measure_quality,
     run_label,
 )
-from segdiff.segmenter import (
+from segdiff.measure.segmenter import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Segmenter,
@@ -31,6 +30,8 @@ from segdiff.segmenter import (
     mean_dice,
     train_segmenter,
 )
+from segdiff.model.card import ModelCard
+from segdiff.model.unet import PRESETS
 
 SIZE, K = 32, 4  # breast phantoms: background, breast, vessels, fibroglandular
 

@@ -12,8 +12,8 @@ from test_pipeline import SIZE, square_masks, tiny_unet
 from test_training import config, write_data
 
 from segdiff import SegDiffPipeline
-from segdiff.models import ModelCard
-from segdiff.training import train
+from segdiff.model.card import ModelCard
+from segdiff.train.loop import train
 
 
 @pytest.fixture(scope="module")

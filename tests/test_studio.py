@@ -8,13 +8,13 @@ import PIL.Image
 import pytest
 import torch
 
-import segdiff.runs
+import segdiff.studio.runs
 from segdiff import SegDiffPipeline
 from segdiff.errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
-from segdiff.registry import Models
-from segdiff.runs import settings_of
-from segdiff.segmenter import Segmenter, SegmenterConfig
-from segdiff.studio import MAX_IMAGE_SIDE, Settings, Studio
+from segdiff.measure.segmenter import Segmenter, SegmenterConfig
+from segdiff.studio.actions import MAX_IMAGE_SIDE, Settings, Studio
+from segdiff.studio.registry import Models
+from segdiff.studio.runs import settings_of
 
 FAST = dict(steps=3, num_images=2)
 
@@ -277,7 +277,7 @@ def test_raw_request_values_that_mean_one_thing_are_taken(studio):
 
 
 def test_result_folders_are_bounded_and_the_previews_stay(studio, mask, monkeypatch):
-    monkeypatch.setattr(segdiff.runs, "KEEP_RUNS", 2)
+    monkeypatch.setattr(segdiff.studio.runs, "KEEP_RUNS", 2)
     preview = studio.write_preview(mask, "example")
     runs = [studio.generate(mask, Settings(seed=s, steps=1, num_images=1)) for s in range(4)]
     left = {p for p in studio.results.iterdir() if p.name != "previews"}

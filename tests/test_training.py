@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
-from segdiff.checkpoints import latest_checkpoint, prune_checkpoints
-from segdiff.training import TrainConfig, run_name, train
+from segdiff.train.checkpoints import latest_checkpoint, prune_checkpoints
+from segdiff.train.loop import TrainConfig, run_name, train
 
 SPLITS = ("train", "val", "test")
 
@@ -242,7 +242,7 @@ def test_resume_refuses_another_batch_size_or_lr_schedule_and_extends_a_finished
 
 
 HOLD = """import sys, time
-from segdiff.checkpoints import hold_run_folder
+from segdiff.train.checkpoints import hold_run_folder
 with hold_run_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

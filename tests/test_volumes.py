@@ -20,8 +20,9 @@ from PIL import Image
 
 import train_cli
 from segdiff import SegDiffPipeline
-from segdiff.synthesis import slice_noise
-from segdiff.volumes import label_names, main
+from segdiff.cli.volumes import main
+from segdiff.data.volumes import label_names
+from segdiff.synth.volumes import slice_noise
 
 # World x = 10 - 2 j (2 mm, to the left), y = 5 - 1.5 i (1.5 mm, posterior), z = 20 - 3 k (3 mm, inferior).
 AFFINE = np.array([[0, -2.0, 0, 10], [-1.5, 0, 0, 5], [0, 0, -3.0, 20], [0, 0, 0, 1]])

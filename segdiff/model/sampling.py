@@ -22,15 +22,15 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm.auto import tqdm
 
-from .choices import PRECISIONS, SAMPLERS
-from .data import SegDataset
-from .errors import CheckpointError, ConfigError, check_range
-from .files import write_bytes, write_png
-from .hub import is_hub_id
-from .masks import ablate, omit_classes, tile
-from .models import ModelCard
+from ..choices import PRECISIONS, SAMPLERS
+from ..data.layout import SegDataset
+from ..data.masks import ablate, omit_classes, tile
+from ..errors import CheckpointError, ConfigError, check_range
+from ..files import write_bytes, write_png
+from ..processes import processes
+from ..resolve import is_hub_id
+from .card import ModelCard
 from .pipeline import DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline
-from .processes import processes
 
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
 ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}

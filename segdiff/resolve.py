@@ -1,23 +1,19 @@
-"""Models on the Hugging Face Hub: open one by its id `org/name`, publish a model folder under one.
-
-    python -m segdiff.hub push MODEL_DIR org/name [--private] [--message TEXT]
+"""Where a named model lies: a folder, or the Hugging Face Hub snapshot of id `org/name`.
 
 Wherever segdiff takes a model (`SegDiffPipeline.from_pretrained`, `app.py --model`, `train_cli.py
 --model_dir`, `segdiff.volumes synthesize`) it takes a folder or a Hub id. A folder that exists wins;
 otherwise a name of the form `org/name` is fetched through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE),
 downloaded once and opened from there, as diffusers pipelines are; with HF_HUB_OFFLINE=1 it opens from the
-cache alone. Pushing writes the model card (README.md) naming the repository, then uploads the folder.
+cache alone. Nothing is downloaded unless a Hub id is named.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -28,17 +24,12 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from . import hubcard
-from .errors import HubError, SegdiffError
-from .models import CARD_FILE, ModelCard
+from .errors import HubError
 
 # `org/name`: a local path that does not exist reads differently ("./x", "/x", "a/b/c", "x").
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Every model folder segdiff opens holds this file: segdiff models, original run folders, released checkpoints.
 MARKER = "unet/config.json"
-# Left out of uploads: training checkpoints (optimizer state, several times the model) and interrupted saves.
-NOT_UPLOADED = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*"]
-
 
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether `name` names a Hub model: `org/name` where no such file or folder exists."""
@@ -98,16 +89,7 @@ def model_folder(
             "download it once online, or pass a model folder"
         ) from e
     except OSError as e:  # HTTP errors and network failures other than those above
-        raise HubError(f"{shown}: the Hugging Face Hub download failed ({_first_line(e)})") from e
-
-
-def check_repo_id(repo_id: str) -> str:
-    """`repo_id` when it can name a Hub repository (`org/name`, or `name` in the user's own namespace)."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise HubError(f"{repo_id}: not a valid Hub id, expected org/name ({e})") from e
-    return repo_id
+        raise HubError(f"{shown}: the Hugging Face Hub download failed ({first_line(e)})") from e
 
 
 def _cached(repo_id: str, revision: str | None, cache_dir) -> bool:
@@ -118,65 +100,5 @@ def _cached(repo_id: str, revision: str | None, cache_dir) -> bool:
     return True
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def push(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    message: str | None = None,
-) -> str:
-    """Upload model folder `folder` to Hub repository `repo_id` (created when missing: `private` then; a bare
-    `name` lands in the namespace of the token's user).
-
-    README.md is written first from the folder's card, naming `repo_id` in its usage example, so the Hub
-    page shows the card. Training checkpoints and hidden files stay behind. Returns the commit's URL.
-    """
-    folder = Path(folder)
-    if not (folder / CARD_FILE).is_file():
-        raise HubError(f"{folder}: not a segdiff model folder (no {CARD_FILE}); expected a folder train_cli.py "
-                       "or SegDiffPipeline.save_pretrained wrote")  # fmt: skip
-    check_repo_id(repo_id)
-    api = HfApi(token=token)
-    try:
-        repo_id = api.create_repo(
-            repo_id, private=private, exist_ok=True
-        ).repo_id  # `name` gains the user's org
-        hubcard.write(folder, ModelCard.load(folder), repo_id)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=message or f"Upload segdiff model {folder.name}",
-            ignore_patterns=NOT_UPLOADED,
-        )
-    except OSError as e:  # HTTP errors (no permission, no token: `hf auth login`) and network failures
-        raise HubError(f"{repo_id}: upload to the Hugging Face Hub failed ({_first_line(e)})") from e
-    return commit.commit_url
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segdiff.hub", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser(
-        "push", help="upload a model folder to the Hub, with its model card as README.md"
-    )
-    up.add_argument("model_dir", help="a segdiff model folder (holding segdiff_card.json)")
-    up.add_argument("repo_id", help="the Hub repository, org/name (created when missing)")
-    up.add_argument("--private", action="store_true", help="create the repository private")
-    up.add_argument("--message", help="the commit message")
-    args = parser.parse_args(argv)
-    try:
-        print(
-            f"uploaded {args.model_dir}: {push(args.model_dir, args.repo_id, private=args.private, message=args.message)}"
-        )
-    except SegdiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

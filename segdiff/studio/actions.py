@@ -28,9 +28,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from .data import read_image, read_mask
-from .errors import (
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from ..data.layout import read_image, read_mask
+from ..data.masks import omit_classes, overlay
+from ..errors import (
     CheckpointError,
     ConfigError,
     DataLayoutError,
@@ -39,12 +40,11 @@ from .errors import (
     SegdiffError,
     check_integer,
 )
-from .files import write_png
-from .masks import omit_classes, overlay
-from .pipeline import MAX_GUIDANCE, SegDiffPipeline
-from .quality import faithfulness
+from ..files import write_png
+from ..measure.quality import faithfulness
+from ..measure.segmenter import Segmenter
+from ..model.pipeline import MAX_GUIDANCE, SegDiffPipeline
 from .runs import Run, new_run_folder, write_run
-from .segmenter import Segmenter
 
 # Caps on what one request may ask of a shared server.
 MAX_IMAGES = 8

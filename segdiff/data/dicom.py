@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, get_decoder
 
-from .errors import VolumeError
+from ..errors import VolumeError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Positions are written as decimal strings of at most 16 characters; steps that differ by more than this

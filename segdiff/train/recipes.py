@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 Weighting = Literal["uniform", "min_snr"]

@@ -14,19 +14,11 @@ sees the timesteps it samples at, which is what lets it learn so few of them.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
 
-from .errors import CheckpointError
-from .models import Student, Upscaling, denoise
-
-
-def student_scheduler(schedule) -> DDIMScheduler:
-    """The sampler a student (and its teacher, while distilling) steps with: deterministic DDIM over the model's
-    noise `schedule`, on the trailing grid, its last step going to t = -1 (alpha_bar = 1), x0 clipped."""
-    config = {k: v for k, v in schedule.config.items() if k != "_use_default_values"}
-    return DDIMScheduler.from_config(
-        config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=True, thresholding=False
-    )
+from ..errors import CheckpointError
+from ..model.card import Student, Upscaling
+from ..model.pipeline import student_scheduler
+from ..model.unet import denoise
 
 
 def segments(schedule, student: Student) -> torch.Tensor:

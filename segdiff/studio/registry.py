@@ -6,10 +6,10 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import CheckpointError
-from .hub import model_folder
-from .pipeline import SegDiffPipeline
-from .studio import Studio, model_name
+from ..errors import CheckpointError
+from ..model.pipeline import SegDiffPipeline
+from ..resolve import model_folder
+from .actions import Studio, model_name
 
 
 class Models:

@@ -16,8 +16,8 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 
-from . import files
-from .conversion import (
+from .. import files
+from ..data.volumes import (
     AXES,
     SUFFIXES,
     Conversion,
@@ -32,8 +32,8 @@ from .conversion import (
     unfit,
     voxels,
 )
-from .errors import VolumeError
-from .pipeline import DEFAULT_STEPS, SegDiffPipeline
+from ..errors import VolumeError
+from ..model.pipeline import DEFAULT_STEPS, SegDiffPipeline
 
 _NOISE_SPAN = 8  # slices between independent noise anchors: neighbours' noise correlates at cos(pi/16) = 0.98
 

@@ -1,6 +1,6 @@
 """Volumes to slices in the original layout, and the cutting, fitting and intensity mapping that
-`segdiff.synthesis` uses to draw slices back into a volume. An image volume is a NIfTI file or a DICOM series
-(a folder of its slice files, read by `segdiff.dicom`). The command line is `python -m segdiff.volumes`.
+`segdiff.synth.volumes` uses to draw slices back into a volume. An image volume is a NIfTI file or a DICOM series
+(a folder of its slice files, read by `segdiff.data.dicom`). The command line is `python -m segdiff.volumes`.
 
 Orientation. Volumes are turned to RAS+ (nibabel's closest canonical orientation: the first array axis runs
 to the patient's right, the second anteriorly, the third superiorly) and cut along one axis; each slice is
@@ -32,10 +32,10 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
-from .choices import SPLITS
+from ..choices import SPLITS
+from ..errors import VolumeError
+from ..files import write_json, write_png
 from .dicom import is_series, read_series
-from .errors import VolumeError
-from .files import write_json, write_png
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS+ array axis each slice is cut across
 WINDOWS = {  # (level, width) in HU, the usual radiology presets

@@ -19,8 +19,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .choices import SPLITS
-from .errors import DataLayoutError
+from ..choices import SPLITS
+from ..errors import DataLayoutError
 from .masks import Palette, check_mask, labels_from_array
 
 DATA_INFO = "classes.json"  # beside img/ and mask/: class names, and how volumes were converted

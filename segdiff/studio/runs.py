@@ -1,7 +1,7 @@
 """Results on disk: the `Run` record, bounded run folders, PNGs with their settings, one zip, settings read back.
 
 This module writes what it is given; what a run's files are called and what each image's settings say is
-the studio's business (`segdiff.studio`).
+the studio's business (`segdiff.studio.actions`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from .errors import DataLayoutError
-from .files import png_bytes, write_bytes
+from ..errors import DataLayoutError
+from ..files import png_bytes, write_bytes
 
 KEEP_RUNS = 32  # run folders kept on disk; the app serves copies of older ones from its own cache
 RUN_FOLDER = re.compile(r"\d{6}-.+-\w+")  # what `new_run_folder` names: HHMMSS-kind-random

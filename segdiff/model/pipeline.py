@@ -37,13 +37,13 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
-from .distillation import student_scheduler
-from .errors import ArgumentError, CheckpointError, MaskError
-from .files import clean_interrupted_saves, swap_in
-from .hub import model_folder
-from .masks import check_mask, encode, omit_classes
-from .models import CARD_FILE, ModelCard, Upscaling, denoise, low_res_condition, shrink, shrink_masks
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
+from ..data.masks import check_mask, encode, omit_classes
+from ..errors import ArgumentError, CheckpointError, MaskError
+from ..files import clean_interrupted_saves, swap_in
+from ..resolve import model_folder
+from .card import CARD_FILE, ModelCard, Upscaling
+from .unet import denoise, low_res_condition, shrink, shrink_masks
 
 # Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
@@ -80,6 +80,15 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "unipc": (_UniPC, _MULTISTEP),
 }
 assert set(SCHEDULERS) == set(SAMPLERS)
+def student_scheduler(schedule) -> DDIMScheduler:
+    """The sampler a student (and its teacher, while distilling) steps with: deterministic DDIM over the model's
+    noise `schedule`, on the trailing grid, its last step going to t = -1 (alpha_bar = 1), x0 clipped."""
+    config = {k: v for k, v in schedule.config.items() if k != "_use_default_values"}
+    return DDIMScheduler.from_config(
+        config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=True, thresholding=False
+    )
+
+
 DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # its name where "scheduler" was the word
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
 

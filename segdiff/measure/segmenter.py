@@ -2,7 +2,7 @@
 
 Faithfulness, as the paper measures it (Konz et al., MICCAI 2024), needs a segmentation network trained on
 REAL images and masks: it segments each generated image, and the Dice between what it finds and the
-conditioning mask says how closely the image follows the mask (`segdiff.quality` does that). This module is
+conditioning mask says how closely the image follows the mask (`segdiff.measure.quality` does that). This module is
 the network, its training and the Dice itself.
 
     python -m segdiff.quality train-segmenter --img_dir D/img --seg_dir D/mask --num_classes 4 --img_size 64 --out S
@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import SegDataset
-from .errors import ArgumentError, CheckpointError, ImageError, MaskError
-from .files import swap_in
-from .masks import check_mask
-from .pipeline import default_device
+from ..data.layout import SegDataset
+from ..data.masks import check_mask
+from ..errors import ArgumentError, CheckpointError, ImageError, MaskError
+from ..files import swap_in
+from ..model.pipeline import default_device
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
 

@@ -4,9 +4,9 @@ An MSE diffusion loss over 1000 DDPM timesteps with the encoded mask concatenate
 mask-ablated training removes each non-background class with probability 0.5, per example. AdamW with a
 cosine schedule after a linear warm-up, gradients clipped at 1.0, as the original. What the UNet predicts,
 the loss weighting, the noise schedule, the learning rate and the EMA come from a `Recipe`
-(`segdiff.recipes`): `original` is the original code's, `fast` the measured default.
+(`segdiff.train.recipes`): `original` is the original code's, `fast` the measured default.
 
-A run killed at any moment resumes from its last complete checkpoint (`segdiff.checkpoints`), or the one
+A run killed at any moment resumes from its last complete checkpoint (`segdiff.train.checkpoints`), or the one
 before when the newest is damaged. One run at a time trains in a folder; a second is refused while the first
 runs.
 
@@ -37,6 +37,16 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
+from ..choices import DEFAULT_STEPS, SAMPLERS
+from ..data.layout import SegDataset
+from ..data.masks import Encoding, Palette, ablate, encode
+from ..errors import CheckpointError, ConfigError, DataLayoutError, check_range
+from ..files import write_png, write_text
+from ..model.card import ModelCard, Student, Upscaling
+from ..model.pipeline import SegDiffPipeline
+from ..model.sampling import ORIGINAL_SAMPLERS, sample_grid, sampler_for
+from ..model.unet import PRESETS, build_unet, denoise, low_res_condition, shrink
+from ..processes import announce, launched_processes
 from .checkpoints import (
     TrainerState,
     check_same_model,
@@ -47,16 +57,7 @@ from .checkpoints import (
     resume,
     save_checkpoint,
 )
-from .choices import DEFAULT_STEPS, SAMPLERS
-from .data import SegDataset
 from .distillation import Trajectory, distill_loss, segments
-from .errors import CheckpointError, ConfigError, DataLayoutError, check_range
-from .evaluation import ORIGINAL_SAMPLERS, sample_grid, sampler_for
-from .files import write_png, write_text
-from .masks import Encoding, Palette, ablate, encode
-from .models import PRESETS, ModelCard, Student, Upscaling, build_unet, denoise, low_res_condition, shrink
-from .pipeline import SegDiffPipeline
-from .processes import announce, launched_processes
 from .recipes import DEFAULT_RECIPE, RECIPES, Recipe
 
 
@@ -99,7 +100,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     num_epochs: int = 200
     max_train_steps: int | None = None  # overrides num_epochs when set
-    recipe: str = DEFAULT_RECIPE  # a name in segdiff.recipes.RECIPES; the fields below override its parts
+    recipe: str = DEFAULT_RECIPE  # a name in segdiff.train.recipes.RECIPES; the fields below override its parts
     prediction_type: str | None = None
     loss_weighting: str | None = None
     snr_gamma: float | None = None
@@ -132,7 +133,7 @@ class TrainConfig:
     upscale_from: str | None = None
     crop_size: int | None = None
     # Distillation: a trained model (folder or Hub id) whose few-step student this run trains; the run folder
-    # then holds the teacher with its student in student/ (`segdiff.distillation`).
+    # then holds the teacher with its student in student/ (`segdiff.train.distillation`).
     distill_from: str | None = None
     student_steps: int = 2
     teacher_steps: int | None = None  # None: DEFAULT_STEPS, or the steps an upscaler's card records
@@ -249,7 +250,7 @@ def train(config: TrainConfig) -> Path:
     """Train, checkpoint and save the model to `config.output_dir`; returns that folder (on every process).
 
     The main process holds the folder for the run: a second run there is refused, naming the first.
-    With `distill_from`, the run trains that model's few-step student instead (`segdiff.distillation`).
+    With `distill_from`, the run trains that model's few-step student instead (`segdiff.train.distillation`).
     """
     teacher = None
     if config.distill_from:

@@ -1,7 +1,7 @@
 """Masks: label maps of class ids, their colours, their encodings for the UNet, and what we do to them.
 
 A `mask` is an (H, W) (or batched (B, H, W)) array of integer class ids 0..K-1, 0 being background.
-This module holds arrays only; reading files is `segdiff.data`'s job.
+This module holds arrays only; reading files is `segdiff.data.layout`'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MaskError
+from ..errors import MaskError
 
 Encoding = Literal["original", "onehot", "none"]
 ENCODINGS: tuple[str, ...] = ("original", "onehot", "none")

@@ -27,9 +27,9 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 
-from .errors import CheckpointError, ConfigError
-from .files import clean_interrupted_saves
-from .models import CARD_FILE, ModelCard
+from ..errors import CheckpointError, ConfigError
+from ..files import clean_interrupted_saves
+from ..model.card import CARD_FILE, ModelCard
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

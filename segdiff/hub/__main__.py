@@ -1,0 +1,3 @@
+from ..cli.hub import main
+
+main()

@@ -1,0 +1,1 @@
+"""Training on accelerate: the loop (`loop`), recipes, checkpoints and few-step distillation."""
