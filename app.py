@@ -21,16 +21,18 @@ import numpy as np
 import pydantic
 from gradio.context import LocalContext
 from gradio.exceptions import InvalidPathError
+from gradio_client.utils import is_http_url_like
 
 from segdiff import ConfigError, SegdiffError
 from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from segdiff.errors import DataLayoutError, check_integer
 from segdiff.resolve import is_hub_id
 from segdiff.studio.actions import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
+from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
 from segdiff.studio.runs import Run
 
-try:  # on a ZeroGPU Space each sampling call borrows a GPU; elsewhere the decorators change nothing
+try:  # on a ZeroGPU Space each batched network call borrows a GPU; elsewhere the decorators change nothing
     import spaces
 
     gpu = spaces.GPU(duration=60)
@@ -49,6 +51,7 @@ EXAMPLES = HERE / "assets" / "examples"  # <model name>/ holds that model's exam
 # The model the studio opens on: the real-anatomy one; the first folder found stands in while it is absent.
 DEFAULT_MODEL = "psfhs-ultrasound-256"
 MAX_UPLOAD = "5mb"
+MAX_BATCH = 32  # previews, or images of Generate and sweeps, drawn in one network call
 EDITOR_HEIGHT = 572  # pixels on screen, the toolbar included; the editor zooms its canvas to fit
 GUIDANCE_SLIDER_MAX = 8  # mask guidance past this saturates images; the API takes up to MAX_GUIDANCE
 KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
@@ -73,13 +76,14 @@ CSS = """
 
 # How events run. The page's own events are private: any client can reach them, none is documented. Inputs
 # come raw (preprocess=False): gradio would decode every image at whatever size a request claims and round
-# numbers; the studio checks and reads each value itself. Sampling takes one lane, one job at a time (the
-# queue's default limit); previews have their own, so Generate never waits behind one and a stroke never waits
-# for Generate, and while one preview is drawn only the newest stroke since is drawn next (always_last).
+# numbers; the studio checks and reads each value itself. Sampling and previews each have a lane
+# (`segdiff.studio.batching`): one network call at a time, drawing together the requests that waited for it, so
+# the queue lets in as many requests as a call may draw (`build_demo`). Previews have their own lane, so
+# Generate never waits behind one and a stroke never waits for Generate; while a page's preview is drawn, only
+# its newest stroke since is drawn next (always_last). Gradio's own batched events (batch=True) were not used:
+# one bad request would fail its whole batch, and a batch gets one progress bar.
 PRIVATE = dict(api_visibility="private")
 RAW = dict(preprocess=False)
-SAMPLING = dict(concurrency_id="model", **RAW)
-PREVIEWS = dict(concurrency_id="preview", concurrency_limit=1, **RAW)
 
 log = logging.getLogger("segdiff.studio")
 
@@ -88,6 +92,7 @@ log = logging.getLogger("segdiff.studio")
 # Each reaches into gradio internals that a minor release may move; check them first when gradio is upgraded.
 # - `refuse_foreign_files` wraps `Blocks.preprocess_data`, which refuses a file no upload created (InvalidPathError,
 #   or pydantic's ValidationError for a malformed one) before any handler runs; the client would see `{"error": null}`.
+#   It downloads a file whose `path` is a URL (gradio's `_move_to_cache`): the wrapper refuses those first.
 # - `painted` reads `ImageEditor.blob_storage`: a browser's painting reaches the server as PNG blobs ahead of the
 #   event, whose raw value names them by `id`; once an event has updated the editor, the session holds its own
 #   copy of the component (`LocalContext.blocks_config`). While an event listens to the editor, the browser
@@ -96,13 +101,17 @@ log = logging.getLogger("segdiff.studio")
 
 
 def refuse_foreign_files(demo: gr.Blocks) -> None:
-    """Say in words why gradio refuses a request's file before any handler runs."""
+    """Say in words why gradio refuses a request's file before any handler runs, and refuse a URL given as a
+    file before gradio fetches it: the server downloads nothing a request names."""
     preprocess = demo.preprocess_data
 
     @functools.wraps(preprocess)
-    async def checked(block_fn, *args, **kwargs):
+    async def checked(block_fn, inputs, *args, **kwargs):
+        for url in urls_in(inputs):
+            raise refusal(f"{url[:100]}: a URL, not a file; the server fetches nothing, so upload the file "
+                          "first (gradio_client: handle_file(path))", block_fn.name)
         try:
-            return await preprocess(block_fn, *args, **kwargs)
+            return await preprocess(block_fn, inputs, *args, **kwargs)
         except InvalidPathError as e:  # a path on the server that no upload created
             raise refusal("only files uploaded to this server are accepted, not paths on it; "
                           "upload the file first (gradio_client: handle_file(path))", block_fn.name) from e
@@ -111,6 +120,17 @@ def refuse_foreign_files(demo: gr.Blocks) -> None:
                           "(gradio_client: handle_file(path))", block_fn.name) from e
 
     demo.preprocess_data = checked
+
+
+def urls_in(value):
+    """The URLs given as a file's `path` anywhere in a request's raw inputs (gradio would download them)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and is_http_url_like(value["path"]):
+            yield value["path"]
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from urls_in(item)
 
 
 def painted(editor: gr.ImageEditor) -> dict:
@@ -460,33 +480,42 @@ def build_demo(models: Models) -> gr.Blocks:
             [editor, legend, keep, examples, model_line, painting_tips, start_image, preview, *outputs],
             **PRIVATE, **RAW,
         )
+        sampling, previews = lanes_of(models.lanes)
         generate_btn.click(
-            gpu(on.on_generate),
+            on.on_generate,
             [picker, editor, keep, seed, steps, num_images, sampler, guidance, start_image, strength, contours],
-            outputs, **PRIVATE, **SAMPLING,
+            outputs, **PRIVATE, **sampling,
         )
         sweep_btn.click(
-            gpu(on.on_sweep), [picker, editor, seed, steps, sampler, guidance, start_image, strength, contours],
-            outputs, **PRIVATE, **SAMPLING,
+            on.on_sweep, [picker, editor, seed, steps, sampler, guidance, start_image, strength, contours],
+            outputs, **PRIVATE, **sampling,
         )
         # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
         # into it; its `input` comes sooner, with the canvas as it was before the stroke.
         gr.on(
-            [editor.change, keep.change, seed.change], gpu_briefly(on.on_paint), [picker, editor, keep, seed], preview,
-            trigger_mode="always_last", show_progress="hidden", **PRIVATE, **PREVIEWS,
+            [editor.change, keep.change, seed.change], on.on_paint, [picker, editor, keep, seed], preview,
+            trigger_mode="always_last", show_progress="hidden", **PRIVATE, **previews,
         )
         contours.change(on.redraw, [run_state, contours], gallery, **PRIVATE, queue=False)
         reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **PRIVATE, queue=False)
         mask_file.upload(on.load_mask, [picker, mask_file], editor, **PRIVATE, **RAW)
         examples.click(on.load_example, [picker, examples], editor, **PRIVATE, **RAW)
-        add_api(on, picker, seed, steps, num_images, sampler, guidance)
-    # One sampling job at a time: a second would only halve the speed of both on a small machine.
+        add_api(on, picker, seed, steps, num_images, sampler, guidance, sampling, previews)
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
 
 
-def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance) -> None:
+def lanes_of(lanes: Lanes) -> tuple[dict, dict]:
+    """The event settings of sampling and of previews: each lane's requests wait in it together, as many as one
+    of its network calls may draw, and are drawn one call at a time."""
+    return (
+        dict(concurrency_id="model", concurrency_limit=lanes.sample.max_items, **RAW),
+        dict(concurrency_id="preview", concurrency_limit=lanes.preview.max_items, **RAW),
+    )
+
+
+def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance, sampling, previews) -> None:
     """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
 
     They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
@@ -502,15 +531,13 @@ def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance) ->
     ]
     image = gr.Image(label="image", visible=False, format="png")
     gr.Button(visible=False).click(
-        gpu(on.generate), [mask, omit, seed, steps, num_images, sampler, guidance, picker], results, api_name="generate",
-        **SAMPLING,
+        on.generate, [mask, omit, seed, steps, num_images, sampler, guidance, picker], results, api_name="generate",
+        **sampling,
     )
     gr.Button(visible=False).click(
-        gpu(on.sweep), [mask, seed, steps, sampler, guidance, picker], results, api_name="sweep", **SAMPLING
+        on.sweep, [mask, seed, steps, sampler, guidance, picker], results, api_name="sweep", **sampling
     )
-    gr.Button(visible=False).click(
-        gpu_briefly(on.preview), [mask, omit, seed, picker], image, api_name="preview", **PREVIEWS
-    )
+    gr.Button(visible=False).click(on.preview, [mask, omit, seed, picker], image, api_name="preview", **previews)
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
@@ -530,12 +557,16 @@ def main(argv: list[str] | None = None) -> gr.Blocks:
                         help="classes including background, for original checkpoints whose folder cannot say")
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
+    parser.add_argument("--max_batch", type=int, default=MAX_BATCH,
+                        help=f"previews, or images of Generate and sweeps, that requests arriving together share in "
+                             f"one network call (default {MAX_BATCH}; 1: each request drawn alone, in turn)")
     args = parser.parse_args(argv)
     if args.model is not None and not (Path(args.model).is_dir() or is_hub_id(args.model)):
         parser.exit(2, f"segdiff studio: no model folder at {args.model}; pass --model PATH to a segdiff model "
                        "folder, an original run folder or a released NAME/unet/ checkpoint, or a Hub id org/name\n")
     try:
-        models = Models.discover(MODELS, DEFAULT_MODEL, EXAMPLES, args.model, args.num_classes)
+        lanes = Lanes(Lane(args.max_batch, on_device=gpu_briefly), Lane(args.max_batch, on_device=gpu))
+        models = Models.discover(MODELS, DEFAULT_MODEL, EXAMPLES, args.model, args.num_classes, lanes)
         demo = build_demo(models)
     except SegdiffError as e:
         parser.exit(2, f"segdiff studio: {e}\n")

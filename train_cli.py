@@ -13,15 +13,16 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import MISSING, fields, replace
+from dataclasses import fields, replace
 from typing import get_args
 
 from accelerate import PartialState
 
 from segdiff import ConfigError, SegdiffError
-from segdiff.choices import DEFAULT_STEPS, SAMPLERS
+from segdiff.choices import DEFAULT_STEPS, MAX_SEED, PRECISION_ALIASES, PRECISIONS, SAMPLERS
+from segdiff.cli.common import defaults
 from segdiff.data.layout import data_info
-from segdiff.hub.publish import check_repo_id, push
+from segdiff.hub.publish import check_push, push
 from segdiff.model.sampling import EvalConfig, evaluate, sample_many
 from segdiff.model.unet import PRESETS
 from segdiff.resolve import is_hub_id
@@ -101,7 +102,7 @@ def _original_flags(group: argparse._ArgumentGroup) -> None:
         default=TRAIN_DEFAULTS["model_type"],
         choices=("DDPM", "DDIM"),
         help="the noise scheduler stored with the model and the sampler used to evaluate it "
-        "(DDIM: 50 steps, DDPM: 1000 steps, unless --sampler/--num_inference_steps say otherwise); "
+        "(DDIM: 50 steps, DDPM: 1000 steps, unless --scheduler/--num_inference_steps say otherwise); "
         "also the run folder's prefix",
     )
     add("--segmentation_guided", action="store_true", help="condition on the masks of --seg_dir")
@@ -163,7 +164,7 @@ def _original_flags(group: argparse._ArgumentGroup) -> None:
     add(
         "--eval_sample_size",
         type=int,
-        default=1000,
+        default=EVAL_DEFAULTS["eval_sample_size"],
         help="eval_many: number of samples; guided models draw one per test mask, at most this many",
     )
 
@@ -214,6 +215,23 @@ def _model_flags(group: argparse._ArgumentGroup) -> None:
         nargs="+",
         metavar="NAME",
         help="K class names, background first, for the model card (default: background, class 1, ...)",
+    )
+    add(
+        "--unlabelled_dir",
+        metavar="DIR",
+        help="train/distill: images without masks, in DIR/train/ (DIR/val/ and DIR/test/ are not read) or in "
+        "DIR itself, as the images of --img_dir: the same stored size and channels, no file name of theirs. "
+        "They train with every class removed (the all-background mask, which mask-ablated training teaches "
+        "as 'any anatomy'; guided runs need --use_ablated_segmentations), so they teach what the images look "
+        "like and the labelled ones how masks lay them out. The card counts both",
+    )
+    add(
+        "--labelled_fraction",
+        type=float,
+        default=TRAIN_DEFAULTS["labelled_fraction"],
+        help="with --unlabelled_dir: each epoch repeats the labelled images (a whole number of times) to "
+        "make about this share of it, so that a few labels among many images still teach the masks; 0: "
+        "every image once per epoch",
     )
 
 
@@ -267,9 +285,11 @@ def _run_flags(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add(
         "--mixed_precision",
-        choices=("no", "fp16", "bf16"),
-        help="train: numeric precision (default: accelerate's configuration, else fp32 as the original); "
-        "bf16 is fastest on recent GPUs. eval: default bf16/fp16 on GPUs, fp32 on CPUs without native bf16",
+        choices=(*PRECISIONS, *PRECISION_ALIASES),
+        default=TRAIN_DEFAULTS["mixed_precision"],
+        help="numeric precision; no is fp32, as accelerate says. auto: in training, accelerate's configuration, "
+        "else fp32 as the original (bf16 is fastest on recent GPUs); in eval, bf16/fp16 on GPUs, fp32 on CPUs "
+        "without native bf16",
     )
     add(
         "--checkpointing_steps",
@@ -315,7 +335,7 @@ def _run_flags(group: argparse._ArgumentGroup) -> None:
         "--seed",
         type=int,
         default=TRAIN_DEFAULTS["seed"],
-        help="seeds training, the progress grids and every sample's noise",
+        help=f"seeds training, the progress grids and every sample's noise: 0..{MAX_SEED}",
     )
     add(
         "--save_image_epochs",
@@ -335,7 +355,9 @@ def _run_flags(group: argparse._ArgumentGroup) -> None:
 def _sampling_flags(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add(
+        "--scheduler",
         "--sampler",
+        dest="sampler",
         choices=sorted(SAMPLERS),
         help="sampler for grids and eval (default: the original's for --model_type; dpm++ with its default "
         f"{DEFAULT_STEPS} steps gives similar images far faster)",
@@ -348,10 +370,10 @@ def _sampling_flags(group: argparse._ArgumentGroup) -> None:
     add(
         "--guidance_scale",
         type=float,
-        default=1.0,
-        help="eval/eval_many (segdiff): mask guidance. Above 1, each step also predicts for the blank mask and "
-        "steps away from it, so samples follow their masks more closely at twice the cost per step; meant "
-        "for models trained with --use_ablated_segmentations (default: 1, none)",
+        default=EVAL_DEFAULTS["guidance_scale"],
+        help="eval/eval_many (segdiff): mask guidance, 1 for none. Above 1, each step also predicts for the blank "
+        "mask and steps away from it, so samples follow their masks more closely at twice the cost per step; "
+        "meant for models trained with --use_ablated_segmentations",
     )
     add(
         "--eval_ablated_masks",
@@ -399,8 +421,9 @@ _FLAG_OF = {
 }
 _NOT_FLAGS = {"output_dir", "seg_dir", "num_classes", "class_names", "channels_last", "log_every", "command",
               "extra_card", "distill_from"}  # fmt: skip
-# The defaults the flags share with TrainConfig, read from it rather than written twice.
-TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+# The defaults the flags share with the configs, read from them rather than written twice.
+TRAIN_DEFAULTS = defaults(TrainConfig)
+EVAL_DEFAULTS = defaults(EvalConfig)
 
 
 def train_config(args: argparse.Namespace, output_dir: str, command: str) -> TrainConfig:
@@ -443,7 +466,7 @@ def eval_config(args: argparse.Namespace, output_dir: str) -> EvalConfig:
         mask_removal=args.eval_mask_removal,
         blank_mask=args.eval_blank_mask,
         seed=args.seed,
-        precision={None: "auto", "no": "fp32"}.get(args.mixed_precision, args.mixed_precision),
+        precision=args.mixed_precision,
     )
 
 
@@ -471,8 +494,8 @@ def run(args: argparse.Namespace, command: str) -> None:
     if args.push_to_hub and args.mode not in ("train", "distill"):
         raise ConfigError(f"--push_to_hub with --mode {args.mode}: pushing uploads a trained model; use --mode train or distill, "
                           "or python -m segdiff.hub push MODEL_DIR org/name")  # fmt: skip
-    if args.push_to_hub:  # checked now, not after hours of training
-        hub_id = check_repo_id(args.hub_model_id or os.path.basename(os.path.abspath(output_dir)))
+    if args.push_to_hub:  # the id, the token and the Hub checked now, not after hours of training
+        hub_id = check_push(args.hub_model_id or os.path.basename(os.path.abspath(output_dir)))
     if args.mode in ("train", "distill"):
         if args.mode == "train":
             folder = train(train_config(args, output_dir, command))

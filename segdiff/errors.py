@@ -31,6 +31,10 @@ class ArgumentError(SegdiffError, ValueError):
     """A function of the library was called with an argument of the wrong kind or out of its range."""
 
 
+class MissingPackageError(SegdiffError, ImportError):
+    """An optional measurement needs a package that is not installed; the message says what to install."""
+
+
 class ConfigError(SegdiffError, ValueError):
     """A run setting (a flag of the CLI) is out of range or contradicts another."""
 

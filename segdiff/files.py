@@ -3,19 +3,22 @@
 A file is written under a temporary name beside its target (the same folder, so the same file system) and
 renamed over it with `os.replace`, so a reader, or a run resumed after a kill, sees the old file or the new
 one, never half of one. Every temporary has the one name `temp_path` gives it: hidden, the target's name,
-this process's id (two processes writing the same file never share a temporary). Folders are swapped in
-whole by `swap_in`; `clean_interrupted_saves` tidies what a killed save left.
+this process's id (two processes writing the same file never share a temporary). A folder is written the
+same way: into the folder `staged_folder` gives, swapped in when it is complete (`swap_in`), removed when
+its writing fails; `clean_interrupted_saves` tidies what a killed save left.
 
 Light on purpose (numpy and PIL only), so the command lines that write files import no torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,42 @@ def swap_in(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(
+    target: str | os.PathLike,
+    staging: str | os.PathLike | None = None,
+    *,
+    merge: bool = False,
+    last: str | None = None,
+) -> Iterator[Path]:
+    """Yield a folder to write `target`'s content into; when the block ends it is swapped in for `target`
+    (the old folder moved aside, then removed), and when the block raises it is removed, `target` untouched.
+
+    merge: swap in each entry of the folder over its namesake in `target` instead, the one named `last`
+    last (the file whose presence says the rest is complete); `target`'s other entries stay. The folder
+    is then made inside `target` (`.saving-*`), otherwise beside it (`.saving-<name>-*`): there
+    `clean_interrupted_saves` finds what a killed save left.
+    staging: write into this folder instead (made if missing), for writers whose processes must agree on
+    its name or that tidy their own leftovers.
+    """
+    target = Path(target)
+    if staging is None:
+        home, prefix = (target, ".saving-") if merge else (target.parent, f".saving-{target.name}-")
+        home.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=prefix, dir=home)
+    staging = Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+        if merge and target.is_dir():
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == last):
+                swap_in(entry, target / entry.name)
+        else:
+            swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what a failed write left; gone already on success
 
 
 def clean_interrupted_saves(folder: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
@@ -30,6 +31,9 @@ from .errors import HubError
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Every model folder segdiff opens holds this file: segdiff models, original run folders, released checkpoints.
 MARKER = "unet/config.json"
+# What a failed Hub call raises: OSErrors, and the errors of huggingface_hub's HTTP library (httpx, or httpx2
+# from huggingface_hub 2), whose network failures (ConnectError, timeouts) are not OSErrors.
+HUB_FAILURES = tuple({OSError, *HfHubHTTPError.__bases__})
 
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether `name` names a Hub model: `org/name` where no such file or folder exists."""
@@ -88,8 +92,13 @@ def model_folder(
             f"{shown}: not in the Hub cache ({cache_dir or constants.HF_HUB_CACHE}) and {why}; "
             "download it once online, or pass a model folder"
         ) from e
-    except OSError as e:  # HTTP errors and network failures other than those above
+    except HUB_FAILURES as e:  # HTTP errors and network failures other than those above
         raise HubError(f"{shown}: the Hugging Face Hub download failed ({first_line(e)})") from e
+    except ValueError as e:  # a cache entry huggingface_hub will not follow, e.g. a ref naming "../.."
+        raise HubError(
+            f"{shown}: its entry in the Hub cache ({cache_dir or constants.HF_HUB_CACHE}) is damaged "
+            f"({first_line(e)}); remove it and download the model again"
+        ) from e
 
 
 def _cached(repo_id: str, revision: str | None, cache_dir) -> bool:

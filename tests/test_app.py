@@ -19,10 +19,13 @@ import pytest
 from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from test_studio import truncate, with_segmenter
 
 import app
+from segdiff import SegDiffPipeline
 from segdiff.data.masks import Palette
-from segdiff.studio.actions import MAX_IMAGE_SIDE
+from segdiff.studio.actions import MAX_IMAGE_SIDE, Studio
+from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
 
 FAST = dict(steps=3, num_images=2)
@@ -344,3 +347,72 @@ def test_sigterm_removes_the_results_and_the_uploads_with_the_server(tiny_model_
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+# ---- careless requests (issue 34) ----------------------------------------------------------------------------
+
+
+def test_a_url_in_a_file_field_is_refused_in_words_and_never_fetched(studio_url, caplog):
+    url = f"{studio_url.rstrip('/')}/gradio_api/call/preview"
+    for link in ("https://example.com/mask.png", "http://127.0.0.1:9/mask.png"):
+        value = {"path": link, "meta": {"_type": "gradio.FileData"}}
+        event = httpx.post(url, json={"data": [value, [], 1, "tiny-breast"]}).json()["event_id"]
+        reply = httpx.get(f"{url}/{event}", timeout=120).text
+        assert "event: error" in reply and f"{link}: a URL, not a file; the server fetches nothing" in reply
+    assert any("refused preview: http://127.0.0.1:9/mask.png: a URL" in r.getMessage() for r in caplog.records)
+
+
+def test_generate_on_an_empty_canvas_or_mask_says_so(client, tmp_path):
+    blank = {"background": None, "layers": [], "composite": None}  # what a refused upload leaves
+    _, settings, *_ = client.predict("tiny-breast", blank, CLASS_NAMES[1:], 1, 1, 1, "dpm++", 1, None, 1.0, False,
+                                     fn_index=private_endpoint(client, "on_generate"))
+    assert settings["notices"][0].startswith("the mask is empty (all background)")
+    PIL.Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty.png")
+    _, settings, _ = generate(client, tmp_path / "empty.png")
+    assert settings["notices"][0].startswith("the mask is empty (all background)")
+
+
+def test_a_model_whose_segmenter_is_damaged_opens_without_the_dice_readout(tiny_model_dir, tmp_path, caplog):
+    folder = with_segmenter(SegDiffPipeline.from_pretrained(tiny_model_dir), tmp_path / "damaged", truncate)
+    demo = app.build_demo(Models.discover(tmp_path / "no-bundled-models", app.DEFAULT_MODEL, model=folder))
+    shown = [str(c.get("props", {}).get("value")) for c in demo.config["components"]]
+    assert any("damaged · 64 px" in v and "no Dice readout: the segmenter in segmenter/ cannot be read" in v
+               for v in shown)
+    assert any("damaged opens without its Dice readout" in r.getMessage() for r in caplog.records)
+
+
+# ---- batched serving (issue 36) ------------------------------------------------------------------------------
+
+
+def test_concurrent_previews_are_drawn_together_as_each_would_be_alone(client, tiny_model_dir, tmp_path, mask):
+    sizes = []
+
+    def counted(draw):  # where a ZeroGPU Space claims its GPU: once per batched call
+        return lambda *args: sizes.append(len(args[1])) or draw(*args)
+
+    lanes = Lanes(preview=Lane(4, wait=60, on_device=counted))  # the leader waits for all four
+    studio = Studio(SegDiffPipeline.from_pretrained(tiny_model_dir), tiny_model_dir, lanes=lanes)
+    demo = app.build_demo(Models.of(studio))
+    app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        requests = []
+        for k in range(4):
+            varied = mask.copy()
+            varied[4 * k : 4 * k + 8] = k % 4
+            PIL.Image.fromarray(varied.astype(np.uint8)).save(tmp_path / f"mask{k}.png")
+            requests.append(dict(mask=tmp_path / f"mask{k}.png", omit=["vessels"] if k == 2 else [], seed=k))
+        PIL.Image.fromarray((mask * 60).astype(np.uint8)).save(tmp_path / "scan.png")  # grey levels, not ids
+        batched = Client(demo.local_url, verbose=False)
+        ask = lambda on, r: on.submit(**{**r, "mask": handle_file(str(r["mask"]))}, api_name="/preview")  # noqa: E731
+        jobs = [ask(batched, r) for r in requests[:2]] + [ask(batched, dict(mask=tmp_path / "scan.png", omit=[], seed=0))]
+        jobs += [ask(batched, r) for r in requests[2:]]
+        together = [np.asarray(PIL.Image.open(job.result(timeout=120)), int) for job in jobs[:2] + jobs[3:]]
+        with pytest.raises(AppError, match=r"scan\.png: pixel value 60, expected class ids 0\.\.3"):
+            jobs[2].result(timeout=120)
+        assert sizes == [4]  # four previews, one network call; the bad one never joined it
+        for image, request in zip(together, requests, strict=True):
+            alone = np.asarray(PIL.Image.open(ask(client, request).result(timeout=120)), int)
+            assert np.abs(image - alone).max() <= 1
+        batched.close()
+    finally:
+        demo.close()

@@ -16,6 +16,7 @@ from test_training import config, steps_logged, write_data
 
 import train_cli
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
+from segdiff.model.card import CARD_FILE
 from segdiff.train.loop import train
 
 # Learns fast enough that a few dozen tiny steps draw the classes' grey levels.
@@ -160,6 +161,36 @@ def test_a_cascade_with_a_missing_or_mismatched_stage_is_refused(tmp_path, casca
         CheckpointError, match=r"base model in base/ has img_size=64, but its upscaler expects 32"
     ):
         SegDiffPipeline.from_pretrained(broken, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "record, field, value",
+    [
+        ("upscale", "base", "ELSEWHERE"),
+        ("upscale", "base", "../elsewhere"),
+        ("student", "folder", "../elsewhere/unet"),
+        (None, "segmenter", "ELSEWHERE"),
+    ],
+    ids=["absolute-base", "base-outside", "student-outside", "segmenter-outside"],
+)
+def test_a_card_naming_a_folder_outside_its_model_is_refused(tmp_path, record, field, value):
+    """A downloaded card must not make the pipeline open another model on disk (or a save write there)."""
+    elsewhere = save_tiny_model(tmp_path / "elsewhere", 32, SMALL_CLASS_NAMES)
+    folder = save_tiny_model(tmp_path / "model", 64, SMALL_CLASS_NAMES)
+    value = str(elsewhere) if value == "ELSEWHERE" else value
+    card = json.loads((folder / CARD_FILE).read_text())
+    if record:
+        card[record] = {field: value}
+    else:
+        card[field] = value
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    what = {"upscale": "upscale base", "student": "student folder", None: "segmenter"}[record]
+    with pytest.raises(CheckpointError) as caught:
+        SegDiffPipeline.from_pretrained(folder, device="cpu")
+    assert str(caught.value) == (
+        f"{folder / CARD_FILE}: {what} {value!r}; expected a sub-folder of the model folder (a relative path "
+        "without '..')"
+    )
 
 
 def test_training_refuses_a_base_of_other_classes_or_size(tmp_path, data, cascade):

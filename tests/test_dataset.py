@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +198,13 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
+def everything(folder: Path) -> dict[str, bytes] | None:
+    """Every file under `folder`, hidden ones too, by path; None when there is no such folder."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def cli(model, out, masks, n: int) -> list[str]:
     flags = ["--n", str(n), "--batch_size", "1", "--steps", "20"]
     return [
@@ -249,6 +258,12 @@ def test_a_killed_run_resumes_to_the_same_files(small_model_dir, tmp_path):
         ("fine", ["--segmenter", "seg"], "--segmenter: it reads the images back for --min_dice"),
         ("fine", ["--min_dice", "0.5"], "has no segmenter of its own; pass --segmenter DIR"),
         ("other run", ["--n", "1", "--seed", "1"], "holds a run with other settings (seed 0 -> 1)"),
+        ("fine", ["--steps", "100000"], "--steps 100000: expected a value in 1..100"),
+        ("fine", ["--batch_size", "100000"], "--batch_size 100000: expected a value in 1..1024"),
+        ("fine", ["--scheduler", "euler"], "--scheduler euler: expected one of dpm++, unipc, ddim, ddpm, or student"),
+        ("fine", ["--scheduler", "student"], "--steps 2 with --scheduler student: the student draws in the steps"),
+        ("fine", ["--shard", "2/2"], "--shard 2/2: expected I/N with 0 <= I < N"),
+        ("fine", ["--shard", "half"], "--shard half: expected I/N with 0 <= I < N"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(small_model_dir, tmp_path, capsys, what, flags, message):
@@ -262,10 +277,12 @@ def test_bad_input_exits_2_with_one_line(small_model_dir, tmp_path, capsys, what
     if what == "other run":
         run(small_model_dir, tmp_path / "out", masks, "--n", "1")
         capsys.readouterr()
+    before = everything(tmp_path / "out")
     with pytest.raises(SystemExit) as stop:
         run(small_model_dir, tmp_path / "out", masks, *flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert everything(tmp_path / "out") == before  # nothing written, nothing touched
 
 
 def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small_model_dir, tmp_path, capsys):
@@ -281,3 +298,171 @@ def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small
     with pytest.raises(SystemExit):
         run(small_model_dir, tmp_path / "other", masks, "--min_dice", "0.9", "--segmenter", str(tmp_path / "wrong"))
     assert "the segmenter reads 5 classes, 1 channel(s) at 32 px; the model draws 3 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_out_that_is_a_file_or_under_one_is_refused_and_left_as_it_was(small_model_dir, tmp_path, capsys, under):
+    masks = write_masks(tmp_path / "masks")
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        run(small_model_dir, file / "sub" if under else file, masks)
+    err = capsys.readouterr().err.strip().splitlines()
+    words = f"lies under {file}, a file" if under else "is a file"
+    assert stop.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "masks"]
+
+
+def test_a_rerun_on_changed_masks_is_refused_naming_them_and_a_respelled_folder_continues(
+    small_model_dir, tmp_path, capsys, monkeypatch
+):
+    masks = write_masks(tmp_path / "masks")
+    out = tmp_path / "out"
+    run(small_model_dir, out, f"{masks}/", "--n", "4")
+    drawn = files(out)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("masks", "./masks/", masks):  # one folder, whatever the spelling
+        capsys.readouterr()
+        run(small_model_dir, out, spelling, "--n", "4")
+        assert "wrote 0 pairs to" in capsys.readouterr().out and files(out) == drawn
+    before = everything(out)
+    PIL.Image.fromarray(np.full((48, 48), 2, np.uint8)).save(masks / "case_3.png")  # one mask more
+    rewritten = np.asarray(PIL.Image.open(masks / "case_1.png")).copy()
+    rewritten[20:30] = 0  # through the head
+    for change, words in (("added", "1 added: case_3.png"), ("changed", "1 changed: case_1.png")):
+        if change == "changed":
+            (masks / "case_3.png").unlink()
+            PIL.Image.fromarray(rewritten).save(masks / "case_1.png")
+        with pytest.raises(SystemExit) as stop:
+            run(small_model_dir, out, masks, "--n", "4")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1, err
+        assert f"not the masks the run in {out} was planned on ({words})" in err[0], err
+        assert everything(out) == before
+
+
+def test_min_dice_leaving_out_every_pair_says_none_was_written(small_model_dir, tmp_path, monkeypatch, capsys):
+    import segdiff.synth.pairs as dataset
+
+    class Blind:  # a segmenter that finds nothing: no image reads back
+        def predict(self, images):
+            return np.zeros(images.shape[:3], np.int64)
+
+    monkeypatch.setattr(dataset, "open_segmenter", lambda settings, pipe: Blind() if settings.min_dice else None)
+    out = tmp_path / "out"
+    run(small_model_dir, out, write_masks(tmp_path / "masks"), "--min_dice", "0.5")
+    said = capsys.readouterr().out
+    assert "wrote 0 pairs to" in said and "3 left out: no draw read back at --min_dice" in said, said
+    assert not files(out) and all(p["check"]["dropped"] for p in json.loads((out / "manifest.json").read_text())["pairs"])
+
+
+def test_the_model_cards_recommended_settings_are_the_defaults_and_flags_override_them(
+    small_model_dir, tmp_path, capsys
+):
+    from segdiff.model.card import ModelCard, render
+
+    model, masks = tmp_path / "model", write_masks(tmp_path / "masks", size=32)
+    shutil.copytree(small_model_dir, model)
+    card = ModelCard.load(model)
+    card.synthesis = {"deform": "none", "steps": 3, "guidance_scale": 2.0}
+    card.save(model)
+    assert "`--deform none --steps 3 --guidance_scale 2`" in (model / "README.md").read_text() == render(card)
+
+    def manifest(out: Path) -> dict:
+        return json.loads((out / "manifest.json").read_text())
+
+    main(["synthesize", str(model), str(tmp_path / "card"), "--masks", str(masks), "--n", "2"])
+    used = manifest(tmp_path / "card")
+    assert used["settings"] | {"deform": "none", "steps": 3, "scheduler": None, "guidance_scale": 2.0} == used["settings"]
+    assert used["settings_from"] == {"deform": "card", "steps": "card", "scheduler": "default", "guidance_scale": "card"}
+    assert used["sampling"] == "dpm++, 3 steps, mask guidance 2"
+    for pair in used["pairs"]:  # deform none: the masks as they are
+        assert np.array_equal(read_mask(tmp_path / "card" / pair["mask"], 3), read_mask(masks / pair["source"], 3))
+    capsys.readouterr()
+    main(["synthesize", str(model), str(tmp_path / "card"), "--masks", str(masks), "--n", "2", "--steps", "3"])
+    assert "wrote 0 pairs" in capsys.readouterr().out  # the same settings, by flag or by card, continue the run
+
+    main(["synthesize", str(model), str(tmp_path / "flags"), "--masks", str(masks), "--n", "2", "--steps", "2",
+          "--deform", "mild"])  # fmt: skip
+    used = manifest(tmp_path / "flags")
+    assert (used["settings"]["steps"], used["settings"]["deform"], used["settings"]["guidance_scale"]) == (2, "mild", 2.0)
+    assert used["settings_from"] == {"deform": "flag", "steps": "flag", "scheduler": "default", "guidance_scale": "card"}
+
+    for advice, words in (
+        ({"steps": 1000}, "synthesis {'steps': 1000}: --steps 1000: expected a value in 1..100"),
+        ({"cfg": 2}, "synthesis {'cfg': 2}: expected settings among deform, steps, scheduler, guidance_scale"),
+        ({"scheduler": "student"}, f"synthesis {{'scheduler': 'student'}}: scheduler student: {model} has no"),
+    ):
+        card.synthesis = advice
+        card.save(model)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main(["synthesize", str(model), str(tmp_path / "bad"), "--masks", str(masks)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and f"{model}/segdiff_card.json: {words}" in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def launched(*args) -> list[str]:
+    """`torchrun` with two CPU processes on `python -m segdiff.dataset ARGS`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return [*launcher, "-m", "segdiff.dataset", *map(str, args)]
+
+
+def test_two_processes_killed_and_resumed_write_what_one_process_writes(small_model_dir, tmp_path):
+    masks = write_masks(tmp_path / "masks")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    # --num_pairs: torchrun takes --n for an abbreviation of its own options, even after the module's name.
+    flags = ["--masks", masks, "--num_pairs", 40, "--batch_size", 2, "--steps", 20, "--layout", "nnunet"]
+    log = tmp_path / "two.log"
+    with open(log, "w") as stdout:
+        process = subprocess.Popen(
+            launched("synthesize", small_model_dir, tmp_path / "two", *flags),
+            cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            while process.poll() is None and len(list((tmp_path / "two").glob("imagesTr/*.png"))) < 4:
+                time.sleep(0.01)
+            ranks = dict(re.findall(r"process (\d) of 2 on \S+ \(pid (\d+)\)", log.read_text()))
+            os.kill(int(ranks["1"]), signal.SIGKILL)  # one process of two, as a node fails
+        finally:
+            process.wait(timeout=120)
+    assert process.returncode != 0, log.read_text()[-3000:]
+    assert 4 <= len(list((tmp_path / "two").glob("imagesTr/*.png"))) < 40, "the run was to be killed part way"
+    resumed = subprocess.run(
+        launched("synthesize", small_model_dir, tmp_path / "two", *flags),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert {"process 0 of 2", "process 1 of 2"} <= set(re.findall(r"process \d of 2", resumed.stdout))
+    assert "already there" in resumed.stdout and "x 2 processes" in resumed.stdout
+    main(["synthesize", str(small_model_dir), str(tmp_path / "one"), *map(str, flags)])
+    one, two = everything(tmp_path / "one"), everything(tmp_path / "two")
+    assert len(one) == 2 * 40 + 2 and two == one  # pairs, manifest.json and dataset.json, byte for byte
+
+
+def test_shards_merge_into_what_one_process_writes(small_model_dir, tmp_path, capsys):
+    from segdiff.measure.segmenter import Segmenter, SegmenterConfig
+
+    masks = write_masks(tmp_path / "masks")
+    Segmenter(SegmenterConfig(3, 1, 32, widths=(4, 8))).save_pretrained(tmp_path / "reader")
+    # --min_dice: which pairs were left out must reach the manifest from every shard
+    flags = ["--n", "7", "--batch_size", "2", "--min_dice", "0.3", "--segmenter", str(tmp_path / "reader")]
+    run(small_model_dir, tmp_path / "one", masks, *flags)
+    sharded = tmp_path / "sharded"
+    run(small_model_dir, sharded, masks, *flags, "--shard", "1/2")
+    assert "shard 1/2: wrote" in capsys.readouterr().out
+    assert not json.loads((sharded / "manifest.json").read_text())["complete"]
+    with pytest.raises(SystemExit):
+        run(small_model_dir, sharded, masks, *flags, "--shard", "0/2", "--seed", "1")
+    assert "holds a run with other settings (seed 0 -> 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["merge", str(small_model_dir), str(sharded), "--masks", str(masks), "--steps", "2", *flags])
+    assert "pairs not drawn yet (syn_00000, syn_00001, syn_00004" in capsys.readouterr().err
+    run(small_model_dir, sharded, masks, *flags, "--shard", "0/2")
+    main(["merge", str(small_model_dir), str(sharded), "--masks", str(masks), "--steps", "2", *flags])
+    assert "wrote 0 pairs" in capsys.readouterr().out
+    one = everything(tmp_path / "one")
+    assert everything(sharded) == one and "manifest.json" in one and "classes.json" in one
+    checks = [p["check"] for p in json.loads(one["manifest.json"])["pairs"]]
+    assert len(checks) == 7 and all(c["draws"] >= 1 for c in checks)

@@ -144,3 +144,84 @@ def test_broken_series_are_refused_in_one_line(twins, capsys, damage, message):
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert stop.value.code == 2 and err.startswith("error: ") and message in err, err
     assert not (twins / "out").exists()
+
+
+def set_tag(tag, value):
+    def damage(path):
+        ds = pydicom.dcmread(path)
+        setattr(ds, tag, value)
+        ds.save_as(path)
+
+    return damage
+
+
+def header_only(path):
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+
+
+def truncated(path):
+    """The second half of the slice's pixel data cut off."""
+    cut = len(pydicom.dcmread(path).PixelData) // 2
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - cut)
+
+
+def cut_in_its_header(path):
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 3)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (set_tag("PixelSpacing", ["2.5", "1.5"]), "PixelSpacing [2.5, 1.5] mm, IM00000.dcm has [2.0, 1.5]; "
+                                                  "expected one pixel spacing per series"),
+        (truncated, "cannot decode its pixel data (The number of bytes of pixel data is less than expected"),
+        (set_tag("ImagePositionPatient", ["nan", "0", "0"]), "ImagePositionPatient nan\\0\\0; expected 3 finite "
+                                                             "numbers"),
+        (header_only, "a slice without pixel data (header only); expected its image too"),
+        (cut_in_its_header, "a slice without pixel data (header only); expected its image too"),
+    ],
+    ids=["pixel-spacing", "truncated", "nan-position", "header-only", "cut-in-its-header"],
+)  # fmt: skip
+def test_a_bad_slice_is_refused_in_one_line_naming_it(twins, capsys, damage, message):
+    folder = twins / "dicom" / "case0"
+    bad = series(folder)[-1]  # not the first by name, the slice the others are compared with
+    damage(bad)
+    with pytest.raises(SystemExit) as stop:
+        convert(twins / "out", folder, twins / "labels" / "case0.nii.gz", "--classes", "liver")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and err.startswith(f"error: {bad}: {message}"), err
+    assert not (twins / "out").exists()
+
+
+def test_a_zero_orientation_is_called_no_orientation(twins, capsys):
+    folder = twins / "dicom" / "case0"
+    for path in series(folder):
+        set_tag("ImageOrientationPatient", ["0"] * 6)(path)
+    with pytest.raises(SystemExit):
+        convert(twins / "out", folder, twins / "labels" / "case0.nii.gz", "--classes", "liver")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {series(folder)[0]}: ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not an "
+        "orientation; expected two perpendicular unit vectors (the row and column directions)"
+    )
+
+
+@pytest.mark.parametrize("layout", ["one-series", "case-folders"])
+def test_files_named_dcm_that_are_not_dicom_are_blamed_not_the_labels(twins, capsys, layout):
+    folder = twins / "junk" / "case0"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"IM{i:05d}.dcm").write_bytes(b"not a DICOM file" * 20)
+    images, labels = (folder, twins / "labels" / "case0.nii.gz")
+    if layout == "case-folders":
+        images, labels = twins / "junk", twins / "labels"
+    with pytest.raises(SystemExit) as stop:
+        convert(twins / "out", images, labels, "--classes", "liver")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder}: not a DICOM series (IM00000.dcm is not a DICOM file (no DICM preamble)); expected a "
+        "folder of DICOM slice files"
+    )

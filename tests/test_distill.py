@@ -167,3 +167,62 @@ def test_the_cli_writes_the_student_beside_a_copy_of_its_teacher(tmp_path, data,
     pipe = SegDiffPipeline.from_pretrained(out, device="cpu")
     assert pipe.card.distilled.steps == 2 and (out / "samples").is_dir()
     assert not (teacher / "student").exists()  # the teacher's own folder is left as it was
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def distill_flags(teacher, out, data, *flags) -> list[str]:
+    img_dir, seg_dir = data
+    return [
+        "--mode", "distill", "--model_dir", str(teacher), "--output_dir", str(out), "--img_dir", str(img_dir),
+        "--seg_dir", str(seg_dir), "--segmentation_guided", "--num_segmentation_classes", "3",
+        "--teacher_steps", "4", "--max_train_steps", "2", "--train_batch_size", "4", *flags,
+    ]  # fmt: skip
+
+
+def test_a_distillation_never_writes_into_a_model_folder(tmp_path, data, models, capsys):
+    """Not the teacher's own folder (bundled models have no checkpoints), not a distilled model re-distilled into
+    itself, not any other model: each refused in one line, with --resume too, and every file left as it was."""
+    teacher, student = models
+    no_checkpoints = shutil.ignore_patterns("checkpoint-*")
+    bare = shutil.copytree(teacher, tmp_path / "bare", ignore=no_checkpoints)  # as the bundled models are
+    trained = shutil.copytree(teacher, tmp_path / "trained")  # with its training checkpoint
+    distilled = shutil.copytree(student, tmp_path / "distilled", ignore=no_checkpoints)
+    before = {folder: snapshot(folder) for folder in (bare, trained, distilled)}
+    own = "the teacher's own folder (--model_dir {model}); a distillation writes a copy of its teacher"
+    cases = [
+        (bare, bare, [], own),
+        (bare, bare, ["--resume"], own),
+        (trained, trained, ["--resume"], own),  # its checkpoints are healthy, not "damaged"
+        (distilled, distilled, [], own),
+        (bare, bare / "student", [], "inside the teacher's folder (--model_dir {model})"),
+        (bare, trained, ["--resume"], "holds a model, which distilling {model} there would replace"),
+        (bare, distilled, [], f"holds a model (the student of {teacher}), which distilling {{model}} there"),
+        (teacher, distilled, [], "holds a finished student of {model} and no checkpoint to continue it from"),
+    ]
+    for model, out, flags, message in cases:
+        code = train_cli.main(distill_flags(model, out, data, *flags))
+        err = capsys.readouterr().err
+        expected = f"error: --output_dir {out}: {message.format(model=model)}"
+        assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    assert {folder: snapshot(folder) for folder in before} == before
+    assert not (bare / "student").exists()
+
+
+def test_a_checkpoint_of_another_kind_is_named_not_called_damaged(tmp_path, data, models, capsys):
+    """A distillation resumed over a training run's checkpoints, and a training run over a distillation."""
+    teacher, student = models
+    killed = tmp_path / "killed"  # a training run stopped before it first saved its model
+    shutil.copytree(teacher / "checkpoint-60", killed / "checkpoint-60")
+    assert train_cli.main(distill_flags(teacher, killed, data, "--resume")) == 2
+    assert capsys.readouterr().err == (
+        f"error: {killed / 'checkpoint-60'}: holds a model without a student, and this run distills a student; "
+        "choose another --output_dir\n"
+    )
+    distilled = shutil.copytree(student, tmp_path / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
+    with pytest.raises(CheckpointError, match=r"distilled: holds a model with its distilled student, and this "
+                                              "run trains a model"):  # fmt: skip
+        train(config(distilled, data, max_train_steps=2))
+    assert not list(distilled.glob("checkpoint-*")) and (distilled / "student").is_dir()

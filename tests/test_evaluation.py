@@ -187,7 +187,7 @@ def test_eval_writes_the_grid_and_the_figures_asked_for(tmp_path, data):
         ({"seg_dir": None, "mask_removal": True}, ConfigError, "--eval_mask_removal"),
         ({"eval_batch_size": 0}, ConfigError, "--eval_batch_size 0"),
         ({"eval_sample_size": -1}, ConfigError, "--eval_sample_size -1"),
-        ({"sampler": "euler"}, ConfigError, "--sampler euler"),
+        ({"sampler": "euler"}, ConfigError, "--scheduler euler"),
     ],
 )
 def test_eval_refuses_a_model_unlike_the_flags(tmp_path, data, overrides, error, message):

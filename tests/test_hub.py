@@ -3,6 +3,7 @@ model card (README.md) rendered from the segdiff card. Nothing here touches the 
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 from conftest import CLASS_NAMES, save_tiny_model
 from diffusers import DDPMScheduler
 from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from test_card import CREDIT
 from test_cli import FAST_SAMPLING, TINY, guided
@@ -105,11 +107,22 @@ def not_a_model(cache: Path, tmp_path: Path) -> str:
     return "org/readme-only"
 
 
+def ref_out_of_the_cache(cache: Path, tmp_path: Path) -> str:
+    """A cache entry whose ref names no commit but a path out of the cache, which huggingface_hub will not
+    follow (it raises a bare ValueError)."""
+    entry = cache / "models--org--bad-ref"
+    (entry / "snapshots").mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("../../..")
+    return "org/bad-ref"
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda cache, tmp: "org/missing", "org/missing: not in the Hub cache"),
         (not_a_model, "org/readme-only: not a segdiff model"),
+        (ref_out_of_the_cache, "org/bad-ref: its entry in the Hub cache ({cache}) is damaged (Invalid pointer"),
         (lambda cache, tmp: "org/bad--name", "org/bad--name: no such model folder, and not a valid Hub id"),
     ],
 )
@@ -117,7 +130,7 @@ def test_hub_failures_are_one_line(offline, tmp_path, make, message):
     name = make(offline, tmp_path)
     with pytest.raises(SegdiffError) as caught:
         SegDiffPipeline.from_pretrained(name, device="cpu")
-    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith(message.format(cache=offline)) and "\n" not in str(caught.value)
 
 
 def test_the_studio_exits_with_one_line_for_an_uncached_id_offline(tmp_path):
@@ -141,6 +154,9 @@ class FakeApi:
 
     def __init__(self, token=None):
         self.token = token
+
+    def whoami(self):
+        return {"name": "me"}
 
     def create_repo(self, repo_id, private=False, exist_ok=False):
         self.private = private
@@ -199,6 +215,58 @@ def test_push_flags_are_checked_before_training(tmp_path, monkeypatch, capsys, f
     monkeypatch.chdir(tmp_path)
     assert train_cli.main(["--img_dir", "nowhere", *flags]) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}") and not fake_api
+
+
+def connect_error() -> Exception:
+    """What huggingface_hub's HTTP library (httpx, or httpx2 under huggingface_hub 2) raises with no network."""
+    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    error = http.ConnectError("[Errno -2] Name or service not known")
+    assert not isinstance(error, OSError)  # why catching OSError alone let it through
+    return error
+
+
+class OfflineApi(FakeApi):
+    def whoami(self):
+        raise connect_error()
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        raise connect_error()
+
+
+class NoTokenApi(FakeApi):
+    def whoami(self):
+        raise LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint, but no token found.")
+
+
+def test_pushing_without_network_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(publish, "HfApi", OfflineApi)
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_code:
+        hub_cli.main(["push", str(folder), "org/name"])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: org/name: upload to the Hugging Face Hub failed ([Errno -2] Name or service not known)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "api, message",
+    [
+        (NoTokenApi, "org/tiny: pushing needs a Hugging Face token; log in with `hf auth login` or set HF_TOKEN"),
+        (OfflineApi, "org/tiny: the Hugging Face Hub refused or did not answer the token check ([Errno -2] Name "
+                     "or service not known); pushing needs the Hub online and a valid token"),
+    ],
+    ids=["no-token", "no-network"],
+)
+def test_push_to_hub_checks_the_token_and_the_hub_before_training(tmp_path, monkeypatch, capsys, api, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(publish, "HfApi", api)
+    write_data(tmp_path / "data", counts=(4, 2, 2))
+    flags = [*guided(["data/img", "data/mask"]), *TINY, "--max_train_steps", "2", "--output_dir", "run"]
+    assert train_cli.main(["--mode", "train", *flags, "--push_to_hub", "--hub_model_id", "org/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before training began
 
 
 def test_hub_push_command_names_the_repository_in_the_readme(tiny_model_dir, tmp_path, capsys, fake_api):

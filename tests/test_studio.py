@@ -1,6 +1,9 @@
 """segdiff.studio, .runs, .registry: canvas and file masks in, reproducible results and their files out."""
 
+import contextvars
 import json
+import logging
+import threading
 import zipfile
 
 import numpy as np
@@ -13,6 +16,7 @@ from segdiff import SegDiffPipeline
 from segdiff.errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.measure.segmenter import Segmenter, SegmenterConfig
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Settings, Studio
+from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
 from segdiff.studio.runs import settings_of
 
@@ -318,3 +322,135 @@ def test_the_header_credits_the_training_data_when_the_card_names_it(tiny_model_
     assert "trained on" not in Studio(pipe, tiny_model_dir).summary()
     pipe.card.dataset = {"name": "PSFHS ultrasound", "license": "CC BY 4.0"}
     assert Studio(pipe, tiny_model_dir).summary().endswith("trained on PSFHS ultrasound (CC BY 4.0)")
+
+
+# ---- careless inputs (issue 34) ------------------------------------------------------------------------------
+
+
+def tinted_ultrasound(side=64, seed=0):
+    """A photo, not a mask: dark speckle in a fan, tinted brown; most of it lies near black."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] - np.array([0, side / 2])[:, None, None]
+    fan = (np.hypot(y, x) < side) & (np.abs(x) < 0.9 * y)
+    speckle = rng.rayleigh(25, (side, side)) * fan
+    return np.clip(speckle[..., None] * (0.9, 0.6, 0.4), 0, 255).round().astype(np.uint8)
+
+
+def test_a_tinted_photo_is_refused_though_most_of_it_snaps_to_background(studio, tmp_path):
+    photo = tinted_ultrasound()
+    snapped = studio.palette.to_labels(np.zeros_like(photo))  # what it would become: black snaps to 0
+    assert not snapped.any()
+    PIL.Image.fromarray(photo).save(tmp_path / "scan.png")
+    with pytest.raises(MaskError, match=r"^scan\.png: \d+% of its pixels are far from every class colour"):
+        studio.mask_from_file(tmp_path / "scan.png")
+
+
+def with_segmenter(pipe, folder, damage=None):
+    """`pipe` saved in `folder` with a tiny Dice segmenter in `folder/segmenter`, its weights then `damage`d."""
+    Segmenter(SegmenterConfig(num_classes=4, img_size=64, widths=(4, 8))).save_pretrained(folder / "segmenter")
+    pipe.card.segmenter = "segmenter"
+    pipe.save_pretrained(folder)
+    if damage:
+        damage(folder / "segmenter" / "model.safetensors")
+    return folder
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_segmenter_costs_the_dice_readout_not_the_model(tiny_model_dir, tmp_path, mask, caplog):
+    folder = with_segmenter(SegDiffPipeline.from_pretrained(tiny_model_dir), tmp_path / "model", truncate)
+    with caplog.at_level(logging.WARNING):
+        studio = Models({"model": folder}, "model").get()
+    assert studio.segmenter is None
+    assert studio.summary().endswith("no Dice readout: the segmenter in segmenter/ cannot be read")
+    assert any("model opens without its Dice readout" in r.getMessage() for r in caplog.records)
+    run = studio.generate(mask, Settings(seed=0, steps=1, num_images=1))
+    assert "dice_kept" not in run.settings and len(run.images) == 1
+
+
+def test_drawing_on_an_empty_mask_says_so(studio, mask):
+    empty = np.zeros_like(mask)
+    run = studio.generate(empty, Settings(seed=0, steps=1, num_images=1))
+    assert any(n.startswith("the mask is empty (all background)") for n in run.notices)
+    assert run.notices == run.settings["notices"]
+    all_omitted = studio.generate(mask, Settings(seed=0, steps=1, num_images=1, omit=(1, 2, 3)))
+    assert all_omitted.notices == ["every class in the mask is omitted, so the images follow none of it"]
+    assert studio.generate(mask, Settings(seed=0, steps=1, num_images=1)).notices == []
+    sweep = studio.sweep(empty, Settings(seed=0, steps=1))
+    assert [n[:18] for n in sweep.notices] == ["the mask is empty "]
+
+
+# ---- batched serving (issue 36) -------------------------------------------------------------------------------
+
+
+def together(*calls):
+    """Run each call on its own thread, as gradio runs requests; their results (or errors) in order."""
+    results = [None] * len(calls)
+
+    def run(i):
+        try:
+            results[i] = calls[i]()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_a_lane_draws_waiting_requests_in_one_call_and_a_fault_fails_alone():
+    calls = []
+
+    def draw(items, progress):
+        calls.append(sorted(items))
+        progress(1, 1)
+        if "bad" in items:
+            raise MaskError("bad: not a mask")
+        return [item.upper() for item in items]
+
+    heard = []
+    who = contextvars.ContextVar("who")
+
+    def ask(name, items):
+        def call():
+            who.set(name)  # each request's progress bar is reached through its own context, as gradio's are
+            return lane.draw("key", items, draw, lambda step, total: heard.append(who.get()))
+
+        return call
+
+    lane = Lane(max_items=5, wait=60)  # the leader waits until all five images have come
+    results = together(ask("a", ["a"]), ask("b", ["b", "b2"]), ask("bad", ["bad"]), ask("c", ["c"]))
+    assert results[0] == ["A"] and results[1] == ["B", "B2"] and results[3] == ["C"]
+    assert isinstance(results[2], MaskError) and str(results[2]) == "bad: not a mask"
+    assert calls[0] == ["a", "b", "b2", "bad", "c"]  # one call for all, then each request alone
+    assert sorted(map(tuple, calls[1:])) == [("a",), ("b", "b2"), ("bad",), ("c",)]
+    assert sorted(set(heard)) == ["a", "b", "bad", "c"]
+    with pytest.raises(ConfigError, match="batch of 0 images: expected at least 1"):
+        Lane(0)
+
+
+def test_requests_drawn_together_get_the_images_they_would_get_alone(tiny_model_dir, studio, mask):
+    sizes = []
+
+    def counted(draw):
+        return lambda *args: sizes.append(len(args[1])) or draw(*args)
+
+    lanes = Lanes(preview=Lane(3, wait=60, on_device=counted), sample=Lane(4, wait=60, on_device=counted))
+    batched = Studio(studio.pipe, tiny_model_dir, lanes=lanes)
+    other = mask.copy()
+    other[30:40] = 2
+    generates = [(mask, Settings(seed=1, steps=2, num_images=2)), (other, Settings(seed=7, steps=2, num_images=2))]
+    previews = [(mask, (), 3), (other, (2,), 3), (mask, (1,), 11)]
+    runs = together(*(lambda m=m, s=s: batched.generate(m, s) for m, s in generates))
+    shown = together(*(lambda m=m, o=o, s=s: batched.preview(m, o, s) for m, o, s in previews))
+    assert sizes == [4, 3]  # two generations in one call, three previews in another
+    for run, (m, s) in zip(runs, generates, strict=True):
+        alone = studio.generate(m, s)
+        assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(run.images, alone.images, strict=True))
+    for image, (m, o, s) in zip(shown, previews, strict=True):
+        assert np.abs(np.asarray(image, int) - np.asarray(studio.preview(m, o, s))).max() <= 1

@@ -151,7 +151,7 @@ def test_run_folder_is_named_as_the_original(flags, expected):
         ({"img_channels": 0}, "--num_img_channels 0"),
         ({"checkpointing_steps": 0}, "--checkpointing_steps 0"),
         ({"preset": "huge"}, "--preset huge"),
-        ({"sampler": "euler"}, "--sampler euler"),
+        ({"sampler": "euler"}, "--scheduler euler"),
         ({"resume": True, "resume_epoch": 3}, "--resume and --resume_epoch"),
     ],
 )

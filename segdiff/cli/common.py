@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
 
 from ..errors import SegdiffError
 
@@ -32,6 +33,11 @@ class Parser(argparse.ArgumentParser):
             else:
                 spellings.append(name)
         return super().add_argument(*dict.fromkeys(spellings), **kwargs)
+
+
+def defaults(config: type) -> dict:
+    """A config dataclass's field defaults by name, for the flags that set its fields: each written once."""
+    return {f.name: f.default for f in fields(config) if f.default is not MISSING}
 
 
 def fail(error: Exception | str) -> None:

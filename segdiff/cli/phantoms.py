@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..choices import MAX_SEED
 from ..data.phantoms import FAMILIES, MAX_SIZE, MIN_SIZE, write_dataset
 from ..errors import ArgumentError
 from .common import Parser, run
@@ -19,7 +20,8 @@ def parser() -> Parser:
     parser.add_argument("--n_train", type=int, default=800, help="training cases (default: 800)")
     parser.add_argument("--n_val", type=int, default=64, help="validation cases (default: 64)")
     parser.add_argument("--n_test", type=int, default=64, help="test cases (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="case i depends only on (seed, i) (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"0..{MAX_SEED}: case i depends only on (seed, i) (default: 0)")
     return parser
 
 

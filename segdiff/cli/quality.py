@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
+from ..choices import MAX_SEED, PRECISION_ALIASES, PRECISIONS, check_seed
 from ..errors import CheckpointError
 from ..measure import quality
-from ..measure.quality import STUDENT, load_test_set, measure_quality, quality_table, run_label, write_to_card
+from ..measure.quality import (
+    STUDENT,
+    load_test_set,
+    load_train_subset,
+    measure_quality,
+    quality_table,
+    run_label,
+    write_to_card,
+)
 from ..measure.segmenter import Segmenter, train_segmenter
 from ..model.card import CARD_FILE
-from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, Precision, SegDiffPipeline
+from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline
 from .common import Parser, run
 
 
@@ -23,7 +31,7 @@ def parser() -> Parser:
     for sub in (train, evaluate):
         sub.add_argument("--img_dir", required=True, help="IMG_DIR/{train,val,test}/")
         sub.add_argument("--seg_dir", required=True, help="SEG_DIR/<segtype>/{train,val,test}/")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED} (default: 0)")
         sub.add_argument("--batch_size", type=int, default=None)
     train.add_argument("--num_classes", type=int, required=True, help="K, background included")
     train.add_argument("--img_size", type=int, required=True)
@@ -35,6 +43,7 @@ def parser() -> Parser:
     evaluate.add_argument("--num_classes", type=int, help="K, for models of the original code")
     evaluate.add_argument(
         "--scheduler",
+        "--sampler",
         default=DEFAULT_SCHEDULER,
         help=f"a sampler, or {STUDENT!r}: a distilled model's student",
     )
@@ -42,9 +51,16 @@ def parser() -> Parser:
     evaluate.add_argument(
         "--guidance_scale", type=float, default=1.0, help="mask guidance (default: 1, none)"
     )
-    evaluate.add_argument("--precision", default="auto", choices=get_args(Precision))
+    evaluate.add_argument(
+        "--precision", default="auto", choices=(*PRECISIONS, *PRECISION_ALIASES), help="no is fp32"
+    )
     evaluate.add_argument("--num_masks", type=int, help="use the first N test masks (default: all)")
     evaluate.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
+    evaluate.add_argument(
+        "--realism",
+        action="store_true",
+        help="also FRD (needs frd-score) and the classifier test (draws images for 512 train masks more)",
+    )
     evaluate.add_argument(
         "--write-card",
         action="store_true",
@@ -54,6 +70,7 @@ def parser() -> Parser:
 
 
 def command(args) -> None:
+    check_seed(args.seed)  # before a model or data set is read
     if args.command == "train-segmenter":
         model = train_segmenter(
             args.img_dir,
@@ -77,6 +94,11 @@ def command(args) -> None:
     masks, images, baseline = load_test_set(
         args.img_dir, args.seg_dir, pipe.card, args.num_masks, args.seed
     )
+    train = (
+        load_train_subset(args.img_dir, args.seg_dir, pipe.card, seed=args.seed)
+        if args.realism
+        else (None, None)
+    )
     result = measure_quality(
         pipe,
         segmenter,
@@ -89,6 +111,9 @@ def command(args) -> None:
         batch_size=args.batch_size or 16,
         omit_each=not args.no_omit,
         baseline_images=baseline,
+        train_masks=train[0],
+        train_images=train[1],
+        radiomics=args.realism,
         guidance_scale=args.guidance_scale,
     )
     print(quality_table({run_label(result): result}))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..choices import DEFAULT_STEPS, SPLITS
+from ..choices import DEFAULT_STEPS, MAX_SEED, SPLITS
 from ..data.volumes import AXES, WINDOWS, convert, parse_window
 from ..errors import VolumeError
 from .common import Parser, run
@@ -42,13 +42,14 @@ def parser() -> Parser:
     conv.add_argument("--keep-empty", action="store_true", help="keep slices without any kept class")
     conv.add_argument("--split", type=_fractions, default=(0.8, 0.1, 0.1),
                       help="train,val,test fractions of the cases (default: 0.8,0.1,0.1)")
-    conv.add_argument("--seed", type=int, default=0, help="shuffles the cases before the split (default: 0)")
+    conv.add_argument("--seed", type=int, default=0,
+                      help=f"0..{MAX_SEED}: shuffles the cases before the split (default: 0)")
     synth = commands.add_parser("synthesize", help="draw a volume over a label volume with a model")
     synth.add_argument("model", help="a model folder trained on converted slices, or its Hub id org/name")
     synth.add_argument("labels", help="the label volume (.nii or .nii.gz)")
     synth.add_argument("out", help="the synthetic volume to write (.nii or .nii.gz)")
     synth.add_argument("--data", help="the converted folder, when the model card lacks its settings")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED} (default: 0)")
     synth.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})")
     synth.add_argument("--batch_size", type=int, default=8, help="slices drawn at once (default: 8)")
     synth.add_argument("--independent-noise", action="store_true",

@@ -7,8 +7,10 @@ Slices are ordered by their position along the slice normal X x Y, never by file
 The array is stored as NIfTI converters store it, (column, row, slice), and DICOM's patient coordinates
 (LPS: +x left, +y posterior) are turned into NIfTI's RAS+ by negating x and y.
 
-Refused, one line each: several series in one folder, missing slices (uneven spacing), gantry tilt (slices
-stepping off their normal), multi-frame files, colour images, and compressed pixel data without a decoder.
+Refused, one line each naming the file: several series in one folder, missing slices (uneven spacing) or
+header-only ones, gantry tilt (slices stepping off their normal), slices of another orientation, size or pixel
+spacing, geometry that is no geometry (NaN, an all-zero orientation), multi-frame files, colour images,
+compressed pixel data without a decoder, and pixel data that cannot be decoded (a truncated file).
 """
 
 from __future__ import annotations
@@ -38,7 +40,18 @@ def is_series(path: str | os.PathLike) -> bool:
 
 
 def _dicom_files(folder: Path):
-    return (p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom(p))
+    return (p for p in _files(folder) if is_dicom(p))
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def not_a_series(folder: Path) -> VolumeError:
+    """The error for a folder given as a DICOM series that holds no DICOM file, naming a file it holds."""
+    files = _files(folder)
+    what = f"{files[0].name} is not a DICOM file (no DICM preamble)" if files else "it holds no file"
+    return VolumeError(f"{folder}: not a DICOM series ({what}); expected a folder of DICOM slice files")
 
 
 def _read(path: Path) -> pydicom.Dataset:
@@ -51,6 +64,10 @@ def _read(path: Path) -> pydicom.Dataset:
 def _slices(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """The image files of the one series in `folder`, checked to be single greyscale frames we can decode."""
     found = [(path, _read(path)) for path in _dicom_files(folder)]
+    for path, ds in found:  # a slice cut short in its header reads as one without pixels: refuse, not skip
+        image_class = "Image Storage" in pydicom.uid.UID(ds.file_meta.get("MediaStorageSOPClassUID", "")).name
+        if "PixelData" not in ds and (image_class or "ImagePositionPatient" in ds):
+            raise VolumeError(f"{path}: a slice without pixel data (header only); expected its image too")
     images = [(path, ds) for path, ds in found if "PixelData" in ds]  # a DICOMDIR or report has none
     if not images:
         raise VolumeError(f"{folder}: no DICOM image inside, expected one series of slices")
@@ -73,10 +90,45 @@ def _slices(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
             )
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise VolumeError(f"{path}: {ds.SamplesPerPixel} samples per pixel; expected a greyscale series")
-        for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-            if tag not in ds:
-                raise VolumeError(f"{path}: no {tag}; expected the geometry of a cross-sectional image")
     return images
+
+
+def _geometry(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A slice's (orientation (6,), position (3,) in mm, pixel spacing (2,) in mm), refused in a line naming
+    the file where a value is missing, not a number, or no geometry (a zero orientation, a zero spacing)."""
+    values = []
+    for tag, count in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2)):
+        if tag not in ds:
+            raise VolumeError(f"{path}: no {tag}; expected the geometry of a cross-sectional image")
+        stored = ds.get_item(tag).value  # the text as written while not yet read as numbers
+        try:
+            value = np.array(ds[tag].value, float).reshape(-1)
+        except (TypeError, ValueError):  # pydicom refuses text that is no number
+            value = np.array([])
+        if value.shape != (count,) or not np.isfinite(value).all():
+            shown = stored.decode(errors="replace").strip() if isinstance(stored, bytes) else stored
+            raise VolumeError(f"{path}: {tag} {shown}; expected {count} finite numbers")
+        values.append(value)
+    orientation, position, spacing = values
+    across, down = orientation[:3], orientation[3:]
+    lengths = np.linalg.norm([across, down], axis=1)
+    if np.abs(lengths - 1).max() > TOLERANCE or abs(across @ down) > TOLERANCE:
+        raise VolumeError(
+            f"{path}: ImageOrientationPatient {orientation.tolist()} is not an orientation; expected two "
+            "perpendicular unit vectors (the row and column directions)"
+        )
+    if spacing.min() <= 0:
+        raise VolumeError(f"{path}: PixelSpacing {spacing.tolist()}; expected two positive spacings in mm")
+    return orientation, position, spacing
+
+
+def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """A slice's values with rescale slope and intercept applied, (columns, rows)."""
+    # pixel_array is (rows, columns): transposed, the first array axis runs along a row as NIfTI's does.
+    try:
+        return apply_modality_lut(ds.pixel_array, ds).T
+    except (ValueError, TypeError, AttributeError, NotImplementedError, RuntimeError) as e:
+        raise VolumeError(f"{path}: cannot decode its pixel data ({e})") from e
 
 
 def read_series(folder: str | os.PathLike) -> nib.Nifti1Image:
@@ -84,12 +136,12 @@ def read_series(folder: str | os.PathLike) -> nib.Nifti1Image:
     applied, and the RAS+ affine of that grid. Errors are `VolumeError` lines naming the folder or file."""
     folder = Path(folder)
     images = _slices(folder)
-    path0, first = images[0]
-    orientation = np.array(first.ImageOrientationPatient, float)
+    geometry = [_geometry(path, ds) for path, ds in images]
+    (path0, first), (orientation, _, spacing) = images[0], geometry[0]
     across, down = orientation[:3], orientation[3:]  # direction of increasing column, of increasing row
     normal = np.cross(across, down)
-    for path, ds in images:
-        if not np.allclose(np.array(ds.ImageOrientationPatient, float), orientation, atol=1e-4):
+    for (path, ds), (its_orientation, _, its_spacing) in zip(images, geometry, strict=True):
+        if not np.allclose(its_orientation, orientation, atol=1e-4):
             raise VolumeError(
                 f"{path}: orientation differs from {path0.name}'s; expected one orientation per series"
             )
@@ -97,17 +149,21 @@ def read_series(folder: str | os.PathLike) -> nib.Nifti1Image:
             raise VolumeError(
                 f"{path}: {ds.Rows}x{ds.Columns} pixels, {path0.name} has {first.Rows}x{first.Columns}"
             )
-    positions = np.array([ds.ImagePositionPatient for _, ds in images], float)  # (N, 3) in mm, LPS
+        if not np.allclose(its_spacing, spacing, rtol=1e-4, atol=0):
+            raise VolumeError(
+                f"{path}: PixelSpacing {its_spacing.tolist()} mm, {path0.name} has {spacing.tolist()}; expected "
+                "one pixel spacing per series"
+            )
+    positions = np.array([position for _, position, _ in geometry])  # (N, 3) in mm, LPS
     order = np.argsort(positions @ normal, kind="stable")
     images, positions = [images[i] for i in order], positions[order]
     step = _slice_step(folder, images, positions, normal)
 
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    row_spacing, column_spacing = spacing
     affine = np.eye(4)
     affine[:3, 0], affine[:3, 1] = across * column_spacing, down * row_spacing
     affine[:3, 2], affine[:3, 3] = step, positions[0]
-    # pixel_array is (rows, columns): transposed, the first array axis runs along a row as NIfTI's does.
-    voxels = np.stack([apply_modality_lut(ds.pixel_array, ds).T for _, ds in images], axis=-1)
+    voxels = np.stack([_pixels(path, ds) for path, ds in images], axis=-1)
     image = nib.Nifti1Image(voxels.astype(np.float32), LPS_TO_RAS @ affine)
     image.header.set_xyzt_units("mm")
     return image

@@ -4,6 +4,7 @@
     SEG_DIR/<segtype>/{train,val,test}/<name>    masks of class ids, the same file names as the images
 
 Several segtype folders merge into one mask: a pixel takes the first non-zero id in sorted folder order.
+Images without masks (`UnlabelledDataset`) sit in a folder of their own, DIR/train/ or DIR itself.
 """
 
 from __future__ import annotations
@@ -178,6 +179,26 @@ def read_image(path: str | os.PathLike, channels: int, size: int) -> np.ndarray:
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0].numpy()
 
 
+def image_format(path: str | os.PathLike) -> tuple[int, int, int]:
+    """An image file's stored (H, W, channels), from its header: what `read_image` resizes away."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return (shape[1], shape[2], shape[0]) if len(shape) == 3 else (0, 0, 0)
+        with PIL.Image.open(path) as im:
+            return im.height, im.width, len(im.getbands())
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{path}: cannot read the image ({e})") from e
+
+
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    """A decoded image (uint8, or float32 in [0, 1]) -> (C, H, W) float32 in [-1, 1]."""
+    if image.dtype == np.uint8:
+        return torch.from_numpy(image).float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5)
+    return torch.from_numpy(image) * 2 - 1
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Images in [-1, 1] and their masks, decoded and validated once when the dataset is built.
 
@@ -220,15 +241,77 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.cases)
 
     def __getitem__(self, i: int) -> dict:
-        image = self.images[i]
-        if image is None:
-            image = torch.zeros(self.img_channels, self.img_size, self.img_size)
-        elif image.dtype == np.uint8:
-            image = torch.from_numpy(image).float() / 127.5 - 1  # ToTensor + Normalize(0.5, 0.5)
-        else:
-            image = torch.from_numpy(image) * 2 - 1
+        image, size = self.images[i], self.img_size
         return {
-            "image": image,
+            "image": torch.zeros(self.img_channels, size, size) if image is None else _as_tensor(image),
             "mask": torch.from_numpy(self.masks[i].astype(np.int64)),
             "name": self.cases[i].name,
         }
+
+
+class UnlabelledDataset(torch.utils.data.Dataset):
+    """Images without masks, to train beside the labelled ones as examples with every class ablated.
+
+    Read from `folder`/train/ when there is one (its val/ and test/ are not read), else from the files in
+    `folder`. Refused, naming the file: a name that is also a labelled image's (in any split of `img_dir`: an
+    image trains with its mask or without, and test images not at all), an image no labelled one matches in
+    stored size and channels, and a file that does not decode. Items as SegDataset's, the mask all background:
+    {"image": (C, H, W) float32 in [-1, 1], "mask": (H, W) int64 zeros, "name"}.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        img_dir: str | os.PathLike,
+        img_size: int,
+        img_channels: int = 1,
+        workers: int = 8,
+    ):
+        folder = Path(folder)
+        files = _listing(folder / "train" if (folder / "train").is_dir() else folder, "unlabelled image")
+        _refuse_labelled_names(files, Path(img_dir))
+        self.img_size, self.img_channels = img_size, img_channels
+        self.source = Path(img_dir) / "train"
+        self.formats: dict[tuple[int, int], set[int]] = {}  # the labelled images' stored (H, W): channels
+        for case in find_cases(img_dir, None, "train"):
+            height, width, channels = image_format(case.image)
+            self.formats.setdefault((height, width), set()).add(channels)
+        self.names = sorted(files)
+        with ThreadPoolExecutor(workers) as pool:
+            self.images = list(pool.map(self._decode, (files[name] for name in self.names)))
+
+    def _decode(self, path: Path) -> np.ndarray:
+        image = read_image(path, self.img_channels, self.img_size)  # names a file that does not decode
+        height, width, channels = image_format(path)
+        expected = self.formats.get((height, width))
+        if expected is None:
+            sizes = sorted(f"{w}x{h}" for h, w in self.formats)
+            raise DataLayoutError(
+                f"{path}: {width}x{height} pixels, expected the size of the labelled images in {self.source} "
+                f"({', '.join(sizes[:3])}{', ...' if len(sizes) > 3 else ''})"
+            )
+        if channels not in expected:
+            raise DataLayoutError(
+                f"{path}: {channels} channel(s), expected {' or '.join(map(str, sorted(expected)))} as the "
+                f"labelled images of its size in {self.source}"
+            )
+        return image
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        mask = torch.zeros(self.img_size, self.img_size, dtype=torch.int64)  # every class ablated
+        return {"image": _as_tensor(self.images[i]), "mask": mask, "name": self.names[i]}
+
+
+def _refuse_labelled_names(files: dict[str, Path], img_dir: Path) -> None:
+    for split in SPLITS:
+        folder = img_dir / split
+        shared = sorted(set(files) & {p.name for p in folder.iterdir()}) if folder.is_dir() else []
+        if shared:
+            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            raise DataLayoutError(
+                f"{files[shared[0]]}{more}: the same file name as the labelled image {folder / shared[0]}; "
+                "an image trains with its mask or without (and test images not at all): remove one copy"
+            )

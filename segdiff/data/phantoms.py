@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..choices import SPLITS
+from ..choices import SPLITS, check_seed
 from ..errors import ArgumentError
 from ..files import write_json, write_png
 
@@ -290,6 +290,7 @@ def write_dataset(out_dir: str | os.PathLike, *, family: str = "breast", size: i
     across splits, so names are unique. Case i depends only on (seed, i), not on the split sizes.
     """
     spec = _checked(family, size)  # before touching the disk
+    check_seed(seed)
     counts = dict(zip(SPLITS, (n_train, n_val, n_test), strict=True))
     bad = {split: n for split, n in counts.items() if n < 0}
     if bad:

@@ -32,10 +32,10 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm.auto import tqdm
 
-from ..choices import SPLITS
+from ..choices import SPLITS, check_seed
 from ..errors import VolumeError
-from ..files import write_json, write_png
-from .dicom import is_series, read_series
+from ..files import staged_folder, write_json, write_png
+from .dicom import is_series, not_a_series, read_series
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS+ array axis each slice is cut across
 WINDOWS = {  # (level, width) in HU, the usual radiology presets
@@ -108,6 +108,8 @@ def _volume_files(folder: Path) -> dict[str, Path]:
             name = _stem(path)
         elif is_series(path):
             name = path.name
+        elif path.is_dir() and any(path.glob("*.dcm")):  # meant as a series: say why it is none
+            raise not_a_series(path)
         else:
             continue
         if name in volumes:
@@ -124,6 +126,8 @@ def pair_volumes(images: str | os.PathLike, labels: str | os.PathLike) -> list[t
     images, labels = Path(images), Path(labels)
     if is_series(images) and labels.is_file():  # one DICOM series, named by its folder
         return [(images.name, images, labels)]
+    if images.is_dir() and labels.is_file() and not _volume_files(images):
+        raise not_a_series(images)
     if images.is_file() and labels.is_file():
         return [(_stem(images) if images.name.endswith(SUFFIXES) else images.stem, images, labels)]
     for path in (images, labels):
@@ -412,16 +416,17 @@ def convert(
         raise VolumeError(f"--axis {axis}: expected one of {', '.join(AXES)}")
     if not 8 <= size <= 4096:
         raise VolumeError(f"--size {size}: expected 8..4096 px")
+    check_seed(seed)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VolumeError(f"{out} already exists and is not an empty folder, expected a new or empty one")
     pairs = pair_volumes(images, labels)
     kept = parse_classes(classes, label_names(labels, names_file))
     splits = split_cases([case for case, _, _ in pairs], split, seed)
-    staging = _staging(out)
     where = {case: s for s, cases in splits.items() for case in cases}
     along, per_case = AXES[axis], {}
-    try:
+    # An empty `out` is filled rather than replaced, as a shell may stand in it.
+    with staged_folder(out, _staging(out), merge=True, last="split.json") as staging:  # the record last
         for case, image_path, label_path in tqdm(pairs, desc="convert", unit="volume", disable=not progress):
             image, label = _grid(case, image_path, label_path)
             volume, mask = voxels(image, image_path), map_labels(voxels(label, label_path, labels=True), kept)
@@ -453,11 +458,4 @@ def convert(
         }
         write_json(staging / "classes.json", info)
         write_json(staging / "split.json", record)
-        if out.is_dir():  # empty, checked above; filled rather than replaced, as a shell may stand in it
-            for item in sorted(staging.iterdir(), key=lambda p: p.name == "split.json"):  # the record last
-                os.replace(item, out / item.name)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record

@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from ..errors import HubError
 from ..model.card import CARD_FILE, ModelCard, write_readme
-from ..resolve import first_line
+from ..resolve import HUB_FAILURES, first_line
 
 # Left out of uploads: training checkpoints (optimizer state, several times the model) and interrupted saves.
 NOT_UPLOADED = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*"]
@@ -28,6 +28,24 @@ def check_repo_id(repo_id: str) -> str:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise HubError(f"{repo_id}: not a valid Hub id, expected org/name ({e})") from e
+    return repo_id
+
+
+def check_push(repo_id: str, token: str | None = None) -> str:
+    """`repo_id` when it is a valid id and the Hub answers to a token (`token`, else HF_TOKEN or `hf auth
+    login`): checked before a long run that pushes at its end, not after."""
+    check_repo_id(repo_id)
+    try:
+        HfApi(token=token).whoami()
+    except LocalTokenNotFoundError as e:
+        raise HubError(
+            f"{repo_id}: pushing needs a Hugging Face token; log in with `hf auth login` or set HF_TOKEN"
+        ) from e
+    except HUB_FAILURES as e:
+        raise HubError(
+            f"{repo_id}: the Hugging Face Hub refused or did not answer the token check ({first_line(e)}); pushing "
+            "needs the Hub online and a valid token (`hf auth login` or HF_TOKEN)"
+        ) from e
     return repo_id
 
 
@@ -62,6 +80,6 @@ def push(
             commit_message=message or f"Upload segdiff model {folder.name}",
             ignore_patterns=NOT_UPLOADED,
         )
-    except OSError as e:  # HTTP errors (no permission, no token: `hf auth login`) and network failures
+    except HUB_FAILURES as e:  # HTTP errors (no permission, no token: `hf auth login`) and network failures
         raise HubError(f"{repo_id}: upload to the Hugging Face Hub failed ({first_line(e)})") from e
     return commit.commit_url

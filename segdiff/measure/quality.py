@@ -12,7 +12,8 @@ images, as many as the test images, against the same real test images. The Kerne
 that spread. The Frechet distance (as in FID) is biased upwards by small samples, so its baseline is the floor
 a perfect generator would reach with this many images, and "within 2x of the baseline" means something.
 Generated images share their test images' masks while the baseline's do not: the comparison, if anything,
-favours the generated side.
+favours the generated side. On request, realism as the field measures it (`realism`): FRD against the real
+test images beside the same baseline's, and a classifier two-sample test beside its floor on real halves.
 
     python -m segdiff.quality train-segmenter --img_dir D/img --seg_dir D/mask --num_classes 4 --img_size 64 --out S
     python -m segdiff.quality evaluate --model M --img_dir D/img --seg_dir D/mask --segmenter S --write-card
@@ -24,17 +25,18 @@ import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import check_seed, precision_of
 from ..data.layout import SegDataset, find_cases, read_image
 from ..errors import ArgumentError, ImageError, MaskError
 from ..model.card import CARD_FILE, ModelCard
 from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, Precision, SegDiffPipeline, autocast_dtype
 from ..model.sampling import noise_generator
+from .realism import classifier_floor, classifier_test, frd
 from .segmenter import Segmenter, dice, labels, mean_dice, round_score
 
 
@@ -170,6 +172,9 @@ def measure_quality(
     progress: bool = True,
     upscale_steps: int | None = None,
     guidance_scale: float = 1.0,
+    train_masks=None,
+    train_images=None,
+    radiomics: bool = False,
 ) -> dict:
     """Faithfulness and realism of `pipe` on test masks, as a JSON-ready dict for `ModelCard.quality`.
 
@@ -181,6 +186,11 @@ def measure_quality(
     not background) when c is omitted; the segmenter's Dice on the real images (the ceiling); KID of the
     generated images against the real ones, beside KID(baseline_images, real_images). Dice values are
     rounded to 4 digits, undefined ones stored as null. `guidance_scale`: the pipeline's mask guidance.
+    With `train_masks` (M, H, W) and their real `train_images`, M more images are drawn (from the generators
+    for indices N..N+M-1) and the classifier two-sample test runs (`realism.classifier_test`): a CNN learns
+    to tell them from the real train images, judged on the N generated vs the N real test images, beside its
+    floor on halves of the real images. `radiomics`: also FRD (`realism.frd`, needs frd-score) of the
+    generated and of the baseline images against the real test images.
     """
     card = pipe.card
     student = scheduler == STUDENT
@@ -199,29 +209,32 @@ def measure_quality(
         )
         upscaler = card.upscaling and (STUDENT, card.distilled.steps)
     segmenter.check_reads(card.num_classes, card.img_channels, card.img_size)
-    if precision not in get_args(Precision):
-        raise ArgumentError(f"precision={precision!r}, expected one of {get_args(Precision)}")
+    precision, seed = precision_of(precision), check_seed(seed, "seed")
     masks = pipe.prepare_masks(masks)  # (N, H, W) int64, validated
     n, k = masks.shape[0], card.num_classes
     real_pred = segmenter.predict(real_images)
     if real_pred.shape[0] != n:
         raise ImageError(f"{real_pred.shape[0]} real images for {n} masks, expected one real image per mask")
     omitted = [c for c in range(1, k) if (masks == c).any()] if omit_each else []
+    if train_masks is not None:
+        train_masks = pipe.prepare_masks(train_masks)
     bar = tqdm(
-        total=n * (1 + len(omitted)), desc=f"quality {scheduler} {num_inference_steps}", disable=not progress
+        total=n * (1 + len(omitted)) + (0 if train_masks is None else len(train_masks)),
+        desc=f"quality {scheduler} {num_inference_steps}",
+        disable=not progress,
     )
 
-    def sample(omit: tuple[int, ...]) -> np.ndarray:
+    def sample(omit: tuple[int, ...], drawn: torch.Tensor = masks, first: int = 0) -> np.ndarray:
         out = []
-        for start in range(0, n, batch_size):
+        for start in range(0, len(drawn), batch_size):
             batch = slice(start, start + batch_size)
             out.append(
                 pipe(
-                    masks[batch],
+                    drawn[batch],
                     omit=omit,
                     num_inference_steps=None if student else num_inference_steps,
                     scheduler=None if student else scheduler,
-                    generator=[noise_generator(seed, i) for i in range(n)[batch]],
+                    generator=[noise_generator(seed, first + i) for i in range(len(drawn))[batch]],
                     output_type="np",
                     upscale_steps=upscale_steps,
                     guidance_scale=guidance_scale,
@@ -260,6 +273,7 @@ def measure_quality(
                 "dice": _named(dice(pred, masks, k, kept), names),
                 "mean_dice": round_score(mean_dice(pred, masks, k, kept)),
             }
+        train_generated = None if train_masks is None else sample((), train_masks, n)
     finally:
         pipe.precision = previous_precision
         pipe.set_progress_bar_config(**previous_bar)
@@ -286,8 +300,33 @@ def measure_quality(
     if baseline_images is not None:
         realism["baseline"] = "real train subset vs real test images"
         realism.update(distances(segmenter.features(baseline_images), "baseline_"))
+    if radiomics:
+        realism["frd"] = float(f"{frd(generated, real_images):.4g}")
+        if baseline_images is not None:
+            realism["baseline_frd"] = float(f"{frd(baseline_images, real_images):.4g}")
+    if train_masks is not None:
+        realism.update(_classifier_tests(train_generated, train_images, generated, real_images, card, seed))
     result["realism"] = realism
     return result
+
+
+CLASSIFIER_SIZE = 128  # the largest size the classifier test reads images at: larger ones are shrunk to it
+
+
+def _classifier_tests(train_generated, train_images, generated, real_images, card: ModelCard, seed: int):
+    """The classifier test of generated vs real images and its real-vs-real floor, as realism entries."""
+    size, m = min(card.img_size, CLASSIFIER_SIZE), len(train_generated)
+    if len(train_images) != m:
+        raise ImageError(f"{len(train_images)} real train images for {m} train masks, expected one per mask")
+    accuracy = classifier_test(train_generated, train_images, generated, real_images, size=size, seed=seed)
+    return {
+        "classifier_measure": (
+            f"held-out accuracy of a CNN at {size} px trained on {m} generated vs {m} real train images; "
+            "baseline: the same test on halves of the real images"
+        ),
+        "classifier": round_score(accuracy),
+        "baseline_classifier": round_score(classifier_floor(train_images, real_images, size=size, seed=seed)),
+    }
 
 
 def _named(scores: dict[int, float], names: Sequence[str]) -> dict[str, float | None]:
@@ -345,8 +384,14 @@ def quality_table(runs: dict[str, dict]) -> str:
             [kid_cell(baseline.get("baseline_kid"))] + [kid_cell(r["realism"]["kid"]) for r in runs.values()],
         )
     )
-    fd = [baseline.get("baseline_fd")] + [r["realism"]["fd"] for r in runs.values()]
-    rows.append(("Frechet distance vs real test images", ["-" if v is None else f"{v:.4g}" for v in fd]))
+    for key, name in (
+        ("fd", "Frechet distance vs real test images"),
+        ("frd", "FRD vs real test images"),
+        ("classifier", "classifier accuracy, held out"),
+    ):
+        if any(key in r["realism"] for r in runs.values()):  # FRD and the classifier are measured on request
+            values = [baseline.get(f"baseline_{key}")] + [r["realism"].get(key) for r in runs.values()]
+            rows.append((name, ["-" if v is None else f"{v:.4g}" for v in values]))
     head = max(len(r[0]) for r in rows)
     widths = [max(len(label), *(len(r[1][i]) for r in rows)) for i, label in enumerate(labels)]
     lines = ["  ".join([" " * head, *(label.rjust(w) for label, w in zip(labels, widths, strict=True))])]
@@ -354,7 +399,10 @@ def quality_table(runs: dict[str, dict]) -> str:
         "  ".join([name.ljust(head), *(v.rjust(w) for v, w in zip(values, widths, strict=True))])
         for name, values in rows
     ]
-    lines.append("(real column: the segmenter on the real test images; distances of a real train subset)")
+    lines.append(
+        "(real column: the segmenter on the real test images; distances of a real train subset; "
+        "the classifier on halves of the real images)"
+    )
     return "\n".join(lines)
 
 
@@ -368,6 +416,7 @@ def load_test_set(img_dir, seg_dir, card: ModelCard, num_masks: int | None = Non
     train images for the baseline, same layout, or None without a train split). N = the test split's size,
     or its first `num_masks`.
     """
+    check_seed(seed, "seed")
     test = SegDataset(
         img_dir, seg_dir, "test", card.img_size, card.img_channels, card.num_classes, card.palette
     )
@@ -383,6 +432,23 @@ def load_test_set(img_dir, seg_dir, card: ModelCard, num_masks: int | None = Non
         [torch.from_numpy(b).float() / (255 if b.dtype == np.uint8 else 1) for b in baseline]
     )
     return masks, images, baseline
+
+
+CLASSIFIER_MASKS = 512  # train masks whose images the classifier test learns from, on each side
+
+
+def load_train_subset(img_dir, seg_dir, card: ModelCard, num_masks: int = CLASSIFIER_MASKS, seed: int = 0):
+    """A random subset of the train split for the classifier test, read as `load_test_set` reads the test.
+
+    -> (masks (M, H, W) int64, images (M, C, H, W) float32 in [0, 1]), M = min(num_masks, the split's size).
+    """
+    check_seed(seed, "seed")
+    train = SegDataset(
+        img_dir, seg_dir, "train", card.img_size, card.img_channels, card.num_classes, card.palette
+    )
+    pick = sorted(np.random.default_rng(seed).choice(len(train), min(num_masks, len(train)), replace=False))
+    images = torch.stack([train[i]["image"] for i in pick]) / 2 + 0.5
+    return torch.from_numpy(train.masks[pick].astype(np.int64)), images
 
 
 def write_to_card(model_dir: str | Path, segmenter: Segmenter, result: dict) -> ModelCard:

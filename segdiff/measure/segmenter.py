@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,10 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..choices import check_seed
 from ..data.layout import SegDataset
 from ..data.masks import check_mask
 from ..errors import ArgumentError, CheckpointError, ImageError, MaskError
-from ..files import swap_in
+from ..files import staged_folder, write_json
 from ..model.pipeline import default_device
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
@@ -146,29 +145,12 @@ class Segmenter(nn.Module):
     def _as_tensor(self, images) -> torch.Tensor:
         """Accepted image layouts -> (B, C, H, W) float32 in [0, 1] on the CPU, checked against the config."""
         c, size = self.config.img_channels, self.config.img_size
-        if isinstance(images, torch.Tensor):
-            x = images.detach().float().cpu()
-            x = x[None] if x.ndim == 3 else x
-            layout = "(B, C, H, W) torch"
-        elif isinstance(images, np.ndarray):
-            x = np.asarray(images)
-            x = x / 255.0 if x.dtype == np.uint8 else x
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            x = x[None] if x.ndim == 3 else x
-            x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
-            layout = "(B, H, W, C) numpy"
-        else:
-            raise ImageError(
-                f"images of type {type(images).__name__}, expected a numpy array or a torch tensor"
-            )
+        x, layout = image_batch(images)
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] != x.shape[3] or x.shape[2] % size:
             raise ImageError(
                 f"images of shape {tuple(images.shape)}, expected {layout} with C={c}, H=W={size} "
                 "(the segmenter's channels and size) or a multiple of that size"
             )
-
-        if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-            raise ImageError(f"image values in [{x.min():.3g}, {x.max():.3g}], expected floats in [0, 1]")
         return x
 
     def check_reads(self, num_classes: int, img_channels: int, img_size: int) -> None:
@@ -187,16 +169,10 @@ class Segmenter(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write `segmenter.json` and `model.safetensors` to a temporary folder, then swap it in whole."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".saving-{folder.name}-", dir=folder.parent))
-        try:
+        with staged_folder(folder) as staging:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, staging / WEIGHTS_FILE)
-            (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            swap_in(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            write_json(staging / CONFIG_FILE, asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Segmenter:
@@ -218,6 +194,31 @@ class Segmenter(nn.Module):
 
 
 # ---- training ------------------------------------------------------------------------------------------
+
+
+def image_batch(images) -> tuple[torch.Tensor, str]:
+    """Images -> ((B, C, H, W) float32 in [0, 1] on the CPU, the layout's name for the caller's messages).
+
+    images: (B, H, W, C) numpy float in [0, 1] (the pipeline's output_type="np") or uint8, or (B, C, H, W)
+    torch float in [0, 1]; a single image without the batch axis is accepted too. Values are checked here,
+    shapes by the caller, who knows the channels and sizes it reads.
+    """
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu()
+        x = x[None] if x.ndim == 3 else x
+        layout = "(B, C, H, W) torch"
+    elif isinstance(images, np.ndarray):
+        x = np.asarray(images)
+        x = x / 255.0 if x.dtype == np.uint8 else x
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        x = x[None] if x.ndim == 3 else x
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+        layout = "(B, H, W, C) numpy"
+    else:
+        raise ImageError(f"images of type {type(images).__name__}, expected a numpy array or a torch tensor")
+    if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+        raise ImageError(f"image values in [{x.min():.3g}, {x.max():.3g}], expected floats in [0, 1]")
+    return x, layout
 
 
 def _load_split(img_dir, seg_dir, split: str, num_classes: int, img_size: int, img_channels: int):
@@ -278,6 +279,7 @@ def train_segmenter(
     """
     if steps < 1 or batch_size < 1:
         raise ArgumentError(f"steps={steps}, batch_size={batch_size}: expected integers >= 1")
+    check_seed(seed, "seed")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(seed)
     config = SegmenterConfig(num_classes, img_channels, img_size, tuple(widths))

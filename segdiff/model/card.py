@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from huggingface_hub import ModelCardData
 
@@ -22,6 +22,17 @@ from ..data.masks import ENCODINGS, Encoding, Palette, encoding_channels
 from ..errors import CheckpointError
 
 CARD_FILE = "segdiff_card.json"
+
+
+def check_subfolder(record: str, name) -> None:
+    """Refuse a card's sub-folder name that leads out of its model folder (absolute, `..`, or the folder
+    itself): a downloaded card must not make the pipeline open, or a save write, any other path on disk."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) and "\\" not in name else ()
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise CheckpointError(
+            f"model card: {record} {name!r}; expected a sub-folder of the model folder (a relative path "
+            "without '..')"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class Upscaling:
     scheduler: str = "dpm++"  # and its sampler, whatever the base's (benchmarks/upscaler_sampling.py)
 
     def __post_init__(self):
+        check_subfolder("upscale base", self.base)
         if self.unshuffle < 1 or self.low_res_size < 1:
             raise CheckpointError(f"upscaling {self}: expected a positive low_res_size and unshuffle")
         if not 0 <= self.noise_level <= self.max_noise_level < 1000:
@@ -61,6 +73,7 @@ class Student:
     training: dict = field(default_factory=dict)  # command, steps, time, hardware
 
     def __post_init__(self):
+        check_subfolder("student folder", self.folder)
         if not 1 <= self.steps <= self.teacher_steps or self.teacher_steps % self.steps:
             raise CheckpointError(
                 f"student {self.steps} steps for a teacher's {self.teacher_steps}: expected a divisor of it"
@@ -90,6 +103,9 @@ class ModelCard:
     segmenter: str | None = None  # sub-folder holding the Dice segmenter, when the model has one
     upscale: dict = field(default_factory=dict)  # an upscaler's `Upscaling`; {} for one-stage models
     student: dict = field(default_factory=dict)  # its few-step `Student`; {} for models without one
+    # The `dataset synthesize` settings whose pairs trained segmenters best (deform, steps, scheduler,
+    # guidance_scale; checked by `segdiff.synth.pairs`), used wherever a run's flags leave them open.
+    synthesis: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -99,6 +115,8 @@ class ModelCard:
             self.class_names, self.colors = list(palette.names), [list(c) for c in palette.colors]
         if self.num_classes and not self.colors:
             self.colors = [list(c) for c in Palette.default(self.num_classes).colors]
+        if self.segmenter is not None:
+            check_subfolder("segmenter", self.segmenter)
         for name, record in (("upscale", "upscaling"), ("student", "distilled")):
             try:
                 getattr(self, record)  # refuses a damaged record now, not mid-sampling
@@ -148,7 +166,10 @@ class ModelCard:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: cannot read the model card ({e})") from e
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (CheckpointError, TypeError) as e:  # a record refused, or a field missing
+            raise CheckpointError(f"{path}: {str(e).removeprefix('model card: ')}") from e
 
 
 README = "README.md"
@@ -200,6 +221,7 @@ def render(card: ModelCard, model_id: str | None = None) -> str:
         f"# Segmentation-guided diffusion model ({what})",
         _summary(card),
         _use(card, model),
+        _synthesis(card, model),
         _classes(card),
         _training(card),
         _data(card),
@@ -239,6 +261,19 @@ def _use(card: ModelCard, model: str) -> str:
     )
 
 
+def _synthesis(card: ModelCard, model: str) -> str:
+    if not card.synthesis:
+        return ""
+    flags = " ".join(f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+                     for key, value in card.synthesis.items())  # fmt: skip
+    command = f"python -m segdiff.dataset synthesize {model} OUT --masks MASK_DIR --n 512"
+    return (
+        "## Synthetic pairs\n\nImage-mask pairs for training segmenters, an image drawn for each of your "
+        f"masks (bent into new anatomy, or as they are):\n\n```bash\n{command}\n```\n\n"
+        f"draws them at the settings whose pairs trained segmenters best, `{flags}`; flags override them."
+    )
+
+
 def _classes(card: ModelCard) -> str:
     if not card.guided:
         return ""
@@ -254,8 +289,12 @@ def _training(card: ModelCard) -> str:
         lines.append(f"```bash\n{training['command']}\n```")
     if training.get("source"):
         lines.append(f"Trained by {training['source']}.")
+    images = training.get("images") if isinstance(training.get("images"), dict) else {}
     facts = [
         f"{training['steps']} steps" if training.get("steps") else "",
+        f"on {images['labelled']} labelled and {images['unlabelled']} unlabelled images"
+        if images.get("labelled") and images.get("unlabelled")
+        else "",
         f"{training['seconds'] / 3600:.2f} h" if training.get("seconds") else "",
         f"on {training['hardware']}" if training.get("hardware") else "",
         f"recipe {training['recipe']['name']}" if isinstance(training.get("recipe"), dict) else "",

@@ -16,8 +16,6 @@ import functools
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +35,26 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, SAMPLERS, Precision
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISION_ALIASES, PRECISIONS, SAMPLERS, Precision
+from ..data.layout import read_mask
 from ..data.masks import check_mask, encode, omit_classes
 from ..errors import ArgumentError, CheckpointError, MaskError
-from ..files import clean_interrupted_saves, swap_in
+from ..files import clean_interrupted_saves, staged_folder
 from ..resolve import model_folder
 from .card import CARD_FILE, ModelCard, Upscaling
 from .unet import denoise, low_res_condition, shrink, shrink_masks
 
-# Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
-# estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
-# steps (seen on the demo model: DDIM clean, DPM-Solver++ pure salt and pepper). With sample_max_value 1,
-# dynamic thresholding is exactly clipping x0 to [-1, 1].
 MAX_GUIDANCE = 20.0  # beyond this, images saturate long before they follow the mask any closer
 
+# Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
+# estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few
+# steps. With sample_max_value 1, dynamic thresholding is exactly clipping x0 to [-1, 1].
 _MULTISTEP = {"timestep_spacing": "linspace", "thresholding": True, "sample_max_value": 1.0}
 
 
 class _ClipX0:
     """Dynamic thresholding with sample_max_value 1 clamps each image's |x0| quantile to [1, 1], so it is
-    exactly clipping x0 to [-1, 1]: the same numbers without the quantile, 3-7% of a CPU step (demo model)."""
+    exactly clipping x0 to [-1, 1]: the same numbers without the quantile, a few percent of a CPU step."""
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         if self.config.sample_max_value != 1.0:
@@ -89,7 +87,7 @@ def student_scheduler(schedule) -> DDIMScheduler:
     )
 
 
-DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # its name where "scheduler" was the word
+DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # by the public word, "scheduler"
 ORIGINAL_PIPELINES = ("SegGuidedDDIMPipeline", "SegGuidedDDPMPipeline", "DDIMPipeline", "DDPMPipeline")
 
 
@@ -117,9 +115,9 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN computes bf16 on AMX tiles here.
 
-    benchmarks/sample_speed.py, demo model, one thread of a Xeon with AMX: bf16 autocast 1.5x faster than
-    fp32; with oneDNN held to AVX512-BF16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`, as on CPUs without AMX) it
-    was 0.75x. torch's AMX probe reads the CPU, not that cap, so the cap oneDNN obeys is read here too.
+    Without AMX, bf16 autocast is slower than fp32 (benchmarks/sample_speed.py; docs/benchmarks.md), as on a
+    CPU whose oneDNN is held to AVX512-BF16 (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`). torch's AMX probe reads
+    the CPU, not that cap, so the cap oneDNN obeys is read here too.
     """
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     return (
@@ -243,23 +241,18 @@ class SegDiffPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write `model_index.json`, `unet/`, `scheduler/` and the card, each swapped in whole.
 
-        Everything is written to a temporary folder first, so a crash mid-save leaves the previous model.
+        Everything is written to a temporary folder first, so a crash mid-save leaves the previous model;
+        the folder's other entries (a checkpoint's training state) stay.
         """
         target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
         clean_interrupted_saves(target)
-        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=target))
-        try:
+        with staged_folder(target, merge=True, last=CARD_FILE) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             if self.base is not None:
                 self.base.save_pretrained(staging / self.card.upscaling.base)
             if self.student is not None:
                 self.student.save_pretrained(staging / self.card.distilled.folder, safe_serialization=True)
             self.card.save(staging)
-            for item in sorted(staging.iterdir(), key=lambda p: p.name == CARD_FILE):  # card last
-                swap_in(item, target / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     # ---- speed --------------------------------------------------------------------------------------
 
@@ -269,10 +262,10 @@ class SegDiffPipeline(DiffusionPipeline):
         """Choose numeric precision, memory layout and `torch.compile` for sampling. Returns self.
 
         `precision="fp32", channels_last=False, compile=False` are the original code's settings.
-        `channels_last=None` picks it on CPUs only: benchmarks/sample_speed.py measured DPM++ 12 steps 18%
-        faster with it on a 2-core CPU (demo model) but 22% slower on an H200 (paper preset, 256 px, batch
-        64), where the UNet's GroupNorms pay for the layout.
+        `channels_last=None` picks it on CPUs only: it speeds sampling there but slows it on GPUs, where the
+        UNet's GroupNorms pay for the layout (benchmarks/sample_speed.py; docs/benchmarks.md).
         """
+        precision = PRECISION_ALIASES.get(precision, precision)
         if precision not in PRECISIONS:
             expected = ", ".join(map(repr, PRECISIONS[:-1]))
             raise ArgumentError(f"precision={precision!r}, expected {expected} or {PRECISIONS[-1]!r}")
@@ -318,6 +311,13 @@ class SegDiffPipeline(DiffusionPipeline):
         return scheduler_cls.from_config(config, **overrides)
 
     # ---- sampling -----------------------------------------------------------------------------------
+
+    def read_mask(self, path: str | os.PathLike) -> np.ndarray:
+        """A mask file -> (H, W) int64 class ids of this model, checked against its classes, as the studio
+        reads uploads: PNGs of class ids (any bit depth), palette-mode PNGs, PNGs coloured in the card's
+        palette (the bundled examples, `assets/examples/<model>/`) and `.npy` label maps. The file's size is
+        kept; `pipe(...)` takes masks of `card.img_size`."""
+        return read_mask(path, self.card.num_classes, self.card.palette)
 
     def prepare_masks(self, masks, omit: Sequence[int] = (), batch_size: int | None = None) -> torch.Tensor:
         """Masks in any accepted form -> validated (B, H, W) int64 with `omit` set to background."""
@@ -394,11 +394,13 @@ class SegDiffPipeline(DiffusionPipeline):
             strength: in (0, 1]; the fraction of the schedule run from `image` (1 = ignore its content).
             callback: called as `callback(step, total)` after every step (of both stages of a cascade).
             upscale_steps: a cascade's upscaler steps; None for the number its card records (or its student's).
-            sampler: the same choice as `scheduler`, by the word the CLIs and the studio use; wins when given.
+            sampler: another name for `scheduler` (the studio's word); give one of the two.
             guidance_scale: mask guidance w in [1, MAX_GUIDANCE]; 1 = none. Above 1, each step also predicts for
                 the blank mask and extrapolates away from it, so images follow their masks more closely
                 (meant for models trained with mask ablation; for a cascade, its base model is guided).
         """
+        if sampler is not None and scheduler not in (None, sampler):
+            raise ArgumentError(f"scheduler={scheduler!r} and sampler={sampler!r}: the same setting; give one")
         scheduler = sampler if sampler is not None else scheduler
         card = self.card
         for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):

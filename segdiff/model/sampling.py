@@ -22,7 +22,7 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm.auto import tqdm
 
-from ..choices import PRECISIONS, SAMPLERS
+from ..choices import SAMPLERS, check_seed, mixed_seed, precision_of
 from ..data.layout import SegDataset
 from ..data.masks import ablate, omit_classes, tile
 from ..errors import CheckpointError, ConfigError, check_range
@@ -76,12 +76,11 @@ class EvalConfig:
         if self.model_type not in ORIGINAL_SAMPLERS:
             raise ConfigError(f"--model_type {self.model_type}: expected one of {sorted(ORIGINAL_SAMPLERS)}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler {self.sampler}: expected one of {sorted(SAMPLERS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+            raise ConfigError(f"--scheduler {self.sampler}: expected one of {sorted(SAMPLERS)}")
+        object.__setattr__(self, "precision", precision_of(self.precision, "--mixed_precision"))
         check_range("--eval_batch_size", self.eval_batch_size, 1, 4096)
         check_range("--eval_sample_size", self.eval_sample_size, 1, 10_000_000)
-        check_range("--seed", self.seed, 0, 2**20)
+        check_seed(self.seed)
         if self.num_inference_steps is not None:
             check_range("--num_inference_steps", self.num_inference_steps, 1, 1000)
         check_range("--guidance_scale", self.guidance_scale, 1, MAX_GUIDANCE)
@@ -337,8 +336,11 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 
 
 def noise_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
-    """Image `index`'s own generator: its noise (stream 0) or its mask ablation (stream 1)."""
-    return torch.Generator().manual_seed(((seed * 2 + stream) << 32) + index)
+    """Image `index`'s own generator: its noise (stream 0) or its mask ablation (stream 1).
+
+    Every (seed, index, stream) has noise of its own (`mixed_seed`), whatever the batching or the process.
+    """
+    return torch.Generator().manual_seed(mixed_seed(seed, stream, index))
 
 
 def _sample(

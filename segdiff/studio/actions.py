@@ -13,6 +13,7 @@ block takes its most frequent class: a stroke counts where it covers most of a m
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -27,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from safetensors import SafetensorError
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from ..data.layout import read_image, read_mask
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS, check_seed
+from ..data.layout import read_image
 from ..data.masks import omit_classes, overlay
 from ..errors import (
     CheckpointError,
@@ -44,15 +46,14 @@ from ..files import write_png
 from ..measure.quality import faithfulness
 from ..measure.segmenter import Segmenter
 from ..model.pipeline import MAX_GUIDANCE, SegDiffPipeline
+from .batching import Lanes
 from .runs import Run, new_run_folder, write_run
 
 # Caps on what one request may ask of a shared server.
 MAX_IMAGES = 8
-MAX_STEPS = 100
 # Pixels per side of any image a request brings (canvas background, layers and composite, start image, mask
 # file), read from its header before anything decodes it: a small PNG can hold a huge flat image.
 MAX_IMAGE_SIDE = 2048
-MAX_SEED = 2**32 - 1
 # The painting canvas is the model size times the integer scale nearest this. The browser encodes the canvas as
 # PNGs after every stroke (for the live preview): at 512 px that took 0.4 s a time in headless Chromium, at
 # 256 px 0.07 s. The editor zooms the canvas to fit its box, so this sets resolution, not size on screen.
@@ -83,7 +84,7 @@ class Settings:
 
     def __post_init__(self):
         typed = dict(
-            seed=check_integer("seed", self.seed, 0, MAX_SEED),
+            seed=check_seed(self.seed, "seed"),
             steps=check_integer("steps", self.steps, 1, MAX_STEPS),
             num_images=check_integer("num_images", self.num_images, 1, MAX_IMAGES),
         )
@@ -109,10 +110,17 @@ class Settings:
 
 
 class Studio:
-    """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results."""
+    """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results.
+
+    lanes: where its network calls are drawn, batched with other requests' (shared by a registry's models).
+    """
 
     def __init__(
-        self, pipe: SegDiffPipeline, folder: str | os.PathLike | None = None, name: str | None = None
+        self,
+        pipe: SegDiffPipeline,
+        folder: str | os.PathLike | None = None,
+        name: str | None = None,
+        lanes: Lanes | None = None,
     ):
         folder = Path(folder) if folder is not None else None
         name = name or (model_name(folder) if folder else "model")
@@ -127,7 +135,8 @@ class Studio:
         self.size = card.img_size
         self.canvas_scale = max(1, round(CANVAS_SIDE / self.size))
         self.display_scale = max(1, round(DISPLAY_SIDE / self.size))
-        self.segmenter = load_segmenter(self)
+        self.lanes = lanes or Lanes()
+        self.segmenter, self.segmenter_fault = load_segmenter(self)
         self.results = Path(tempfile.mkdtemp(prefix="segdiff-studio-"))
         weakref.finalize(self, shutil.rmtree, self.results, True)
 
@@ -151,28 +160,21 @@ class Studio:
             parts.append(
                 f"trained on {card.dataset.get('name', 'real data')} ({card.dataset.get('license', '')})"
             )
+        if self.segmenter_fault:
+            parts.append(f"no Dice readout: {self.segmenter_fault}")
         return " · ".join(parts)
 
-    def settings(
-        self,
-        omit=(),
-        seed=0,
-        steps=DEFAULT_STEPS,
-        num_images=4,
-        sampler=DEFAULT_SAMPLER,
-        strength=1.0,
-        keep=None,
-        guidance_scale=1.0,
-    ) -> Settings:
+    def settings(self, omit=(), keep=None, **raw) -> Settings:
         """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
 
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
-        follow instead (a checklist's ticked names), every other class being omitted.
+        follow instead (a checklist's ticked names), every other class being omitted. The other keywords are
+        `Settings`' fields, their defaults its own.
         """
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
             omit = [c for c in range(1, self.card.num_classes) if c not in kept]
-        return Settings(seed, steps, sampler, self.omit_ids(omit), num_images, strength, guidance_scale)
+        return Settings(**raw, omit=self.omit_ids(omit))
 
     def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
         """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
@@ -285,7 +287,7 @@ class Studio:
         path = Path(path)
         try:
             _check_side(path, str(path))
-            mask = read_mask(path, self.card.num_classes, self.palette)
+            mask = self.pipe.read_mask(path)
         except (MaskError, DataLayoutError, ImageError) as e:
             raise type(e)(str(e).replace(str(path), path.name)) from e
         notices = []
@@ -323,7 +325,7 @@ class Studio:
         """`settings.num_images` images under one mask; image k is drawn from seed + k.
 
         `notices`: what the request was told so far (a resized mask file); the settings written with the
-        results record them, then the run's own.
+        results record them, then the run's own (a mask that leaves the model nothing to follow).
         """
         self._check_omit(settings.omit)
         seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
@@ -333,7 +335,8 @@ class Studio:
         record = self._record("generate", settings, image, omit=omitted, seeds=seeds)
         own = [{"seed": s} for s in seeds]
         captions = [f"seed {s}" for s in seeds]
-        return self._finish("generate", images, [kept] * len(seeds), captions, own, record, mask, [*notices])
+        notices = [*notices, *_nothing_to_follow(mask, kept)]
+        return self._finish("generate", images, [kept] * len(seeds), captions, own, record, mask, notices)
 
     def sweep(
         self,
@@ -355,20 +358,28 @@ class Studio:
         record = self._record("sweep", settings, image, seeds=[settings.seed], variants=omitted)
         own = [{"seed": settings.seed, "omit": names} for names in omitted]
         absent = [n for c, n in enumerate(self.class_names) if c and c not in present]
-        if absent:
+        if present and absent:
             notices = [*notices, f"not in the mask, so not swept: {', '.join(absent)}"]
+        notices = [*notices, *_nothing_to_follow(mask, mask)]
         return self._finish("sweep", images, masks, captions, own, record, mask, [*notices])
 
     def preview(self, mask: np.ndarray, omit: Sequence[int] = (), seed: int = 0) -> PIL.Image.Image:
         """One image of `mask` with `omit` left to the model, from the noise of `seed`, drawn at the model's
         default settings (its few-step student when it has one): a quick look while the mask is painted.
 
-        The mask and omitted classes are checked as `generate` checks them; nothing is written.
+        The mask and omitted classes are checked as `generate` checks them; nothing is written. Previews asked
+        for at the same time are drawn together (`lanes.preview`).
         """
-        seed = check_integer("seed", seed, 0, MAX_SEED)
+        seed = check_seed(seed, "seed")
         self._check_omit(omit)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        return self.pipe(mask, omit=omit, generator=generator, output_type="pil").images[0]
+        kept = np.asarray(omit_classes(mask, omit))
+        [image] = self.lanes.preview.draw(self, [(kept, seed)], self._draw_previews)
+        return image
+
+    def _draw_previews(self, items: list[tuple[np.ndarray, int]], progress: Progress | None) -> list:
+        """(kept mask, seed) pairs -> one PIL image each, at the model's default settings."""
+        masks, seeds = zip(*items, strict=True)
+        return self.pipe(list(masks), generator=_generators(seeds), output_type="pil").images
 
     def _check_omit(self, omit: Sequence[int]) -> None:
         bad = [c for c in omit if not 1 <= c < self.card.num_classes]
@@ -376,14 +387,19 @@ class Studio:
             raise MaskError(f"omit={list(omit)}: {bad[0]} is not a class id 1..{self.card.num_classes - 1}")
 
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
-        # One CPU generator per image: the pipeline draws each image's noise (both stages' for a cascade) from
-        # its own, on the CPU, so an image depends on its seed alone, on any device.
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        """One (H, W, C) uint8 image per (mask, seed), drawn with other requests at the same settings
+        (`lanes.sample`); a request with a start image is drawn alone."""
+        key = (self, settings.steps, settings.sampler, settings.guidance_scale) if image is None else object()
+        draw = functools.partial(self._draw_samples, settings, image)
+        return self.lanes.sample.draw(key, list(zip(masks, seeds, strict=True)), draw, progress)
+
+    def _draw_samples(self, settings: Settings, image, items, progress: Progress | None) -> list[np.ndarray]:
+        masks, seeds = zip(*items, strict=True)
         out = self.pipe(
-            masks,
+            list(masks),
             num_inference_steps=settings.steps,
             sampler=settings.sampler,
-            generator=generators,
+            generator=_generators(seeds),
             image=image,
             strength=settings.strength if image is not None else 1.0,
             callback=progress,
@@ -454,6 +470,21 @@ def model_name(folder: str | os.PathLike) -> str:
     return (folder.parent if folder.name == "unet" else folder).name
 
 
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    # One CPU generator per image: the pipeline draws each image's noise (both stages' for a cascade) from its
+    # own, on the CPU, so an image depends on its seed alone, on any device, and in a batch of any size.
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def _nothing_to_follow(mask: np.ndarray, kept: np.ndarray) -> list[str]:
+    """A notice when the images follow no class: the mask is all background, or every class in it omitted."""
+    if not mask.any():
+        return ["the mask is empty (all background), so the images follow no class; paint or upload a mask"]
+    if not kept.any():
+        return ["every class in the mask is omitted, so the images follow none of it"]
+    return []
+
+
 def _downscale_labels(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     """(S, S) class ids -> (size, size) by the most frequent class of each block; nearest otherwise."""
     h, w = labels.shape
@@ -502,8 +533,17 @@ def _check_side(file: str | os.PathLike | bytes, source: str) -> None:
         )
 
 
-def load_segmenter(studio: Studio) -> Segmenter | None:
-    """The Dice segmenter the model card names (a sub-folder of the model), or None when it names none."""
+def load_segmenter(studio: Studio) -> tuple[Segmenter | None, str | None]:
+    """(the Dice segmenter the model card names (a sub-folder of the model), or None; why it is missing).
+
+    The segmenter only scores results, so a damaged one costs the Dice readout, not the model: the studio
+    opens without it, says so in the log, and its summary line says so on the page.
+    """
     if studio.card.segmenter is None or studio.folder is None:
-        return None
-    return Segmenter.from_pretrained(studio.folder / studio.card.segmenter, device=studio.pipe.device)
+        return None, None
+    folder = studio.folder / studio.card.segmenter
+    try:
+        return Segmenter.from_pretrained(folder, device=studio.pipe.device), None
+    except (SegdiffError, SafetensorError) as e:
+        log.warning("segdiff studio: %s opens without its Dice readout: %s", studio.name, e)
+        return None, f"the segmenter in {studio.card.segmenter}/ cannot be read"

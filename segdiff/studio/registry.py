@@ -10,13 +10,15 @@ from ..errors import CheckpointError
 from ..model.pipeline import SegDiffPipeline
 from ..resolve import model_folder
 from .actions import Studio, model_name
+from .batching import Lanes
 
 
 class Models:
     """The studio's models by name. Each opens on first use and stays open: a click costs a dict lookup.
 
     folders: name -> model folder, in the picker's order; default: the name a request without one gets;
-    examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say.
+    examples: a folder holding `<name>/` folders of example masks; num_classes: for folders that cannot say;
+    lanes: where every model's network calls are drawn, batched (default: batches of up to 32 images).
     """
 
     def __init__(
@@ -25,11 +27,13 @@ class Models:
         default: str,
         examples: Path | None = None,
         num_classes: dict[str, int] | None = None,
+        lanes: Lanes | None = None,
     ):
         if default not in folders:
             raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
         self.folders, self.default, self.examples_root = dict(folders), default, examples
         self.num_classes = num_classes or {}
+        self.lanes = lanes or Lanes()
         self._open: dict[str, tuple[Studio, list[str]]] = {}
         self._lock = threading.Lock()  # two first requests for one model load it once
 
@@ -41,6 +45,7 @@ class Models:
         examples: Path | None = None,
         model: str | os.PathLike | None = None,
         num_classes: int | None = None,
+        lanes: Lanes | None = None,
     ) -> Models:
         """Every model folder in `root`, sorted, plus `model` (a folder, or a Hub id fetched now). The default
         is `model` when given, else `preferred` when present, else the first folder found."""
@@ -62,12 +67,12 @@ class Models:
             if preferred in folders
             else next(iter(folders))
         )
-        return cls(folders, default, examples, {default: num_classes} if num_classes else None)
+        return cls(folders, default, examples, {default: num_classes} if num_classes else None, lanes)
 
     @classmethod
     def of(cls, studio: Studio, examples: Path | None = None) -> Models:
         """A registry of one model already opened (a benchmark's own precision, a test's tiny model)."""
-        models = cls({studio.name: studio.folder}, studio.name, examples)
+        models = cls({studio.name: studio.folder}, studio.name, examples, lanes=studio.lanes)
         models._open[studio.name] = (studio, models._examples_of(studio))
         return models
 
@@ -94,7 +99,7 @@ class Models:
                 pipe = SegDiffPipeline.from_pretrained(
                     self.folders[name], num_classes=self.num_classes.get(name)
                 )
-                studio = Studio(pipe, self.folders[name], name)
+                studio = Studio(pipe, self.folders[name], name, self.lanes)
                 self._open[name] = (studio, self._examples_of(studio))
             return self._open[name]
 

@@ -6,75 +6,114 @@ does. The pairs land in a layout segmentation tools read:
     original  OUT/img/train/syn_<i>.png, OUT/mask/all/train/syn_<i>.png, OUT/classes.json
     nnunet    OUT/imagesTr/syn_<i>_0000.png, OUT/labelsTr/syn_<i>.png, OUT/dataset.json (nnU-Net v2 raw)
 
-and OUT/manifest.json records the model, its card's data credit, the settings, and each pair's source mask
+and OUT/manifest.json records the model, its card's data credit, the settings and where each came from (a
+flag, the model card's recommendation, or the default), the masks' fingerprints, and each pair's source mask
 and deformation. Pair i depends only on (seed, i): its source mask, its deformation and its noise. Images are
 drawn in fixed batches and every file is written under a temporary name and renamed, so a killed run, rerun
 with the same arguments, writes the files an uninterrupted one would.
 
     python -m segdiff.dataset synthesize MODEL OUT --masks MASK_DIR [--n N] [--deform none|mild|strong]
-        [--layout original|nnunet] [--seed S] [--batch_size B] [--steps STEPS] [--guidance_scale W]
-        [--min_dice D [--segmenter DIR]]
+        [--layout original|nnunet] [--seed S] [--batch_size B] [--steps STEPS] [--scheduler S|student]
+        [--guidance_scale W] [--min_dice D [--segmenter DIR]] [--shard I/N]
+
+Settings a run leaves open (deform, steps, scheduler, guidance_scale) are the model card's recommendation
+(`ModelCard.synthesis`: the settings whose pairs trained segmenters best), else DEFAULTS.
+
+Many processes: under `torchrun` or `accelerate launch` the batches are shared out between the processes
+(`segdiff.processes`), each batch drawn whole by one of them, so every file is the one a single process writes;
+the main process writes the manifest and the layout's files. `--shard I/N` draws only batches I, I + N, ...
+(for machines that share no launcher: a cluster's array job, each shard into the same OUT); a last run
+without --shard (or `merge`, which refuses while pairs are missing) writes what describes the whole.
 
 --min_dice is quality control: the model's own segmenter (trained on its real training pairs) reads each image
-back, and a pair it reads back at a mean Dice below D against its mask is drawn again with new noise, up to
+back, and a pair it reads back at a mean Dice below D is drawn again with new noise, up to
 MAX_ATTEMPTS draws in all; a pair no draw brings to D is left out (the manifest marks it dropped), so the run
 writes at most N pairs. What it measured on PSFHS, and mask guidance beside it: docs/dataset.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import MAX_STEPS, SAMPLERS, check_seed
 from ..data.layout import read_mask
 from ..data.masks import DEFORM_LEVELS, deform_keeping_classes, deformation_bounds
-from ..errors import ConfigError, DataLayoutError
+from ..errors import CheckpointError, ConfigError, DataLayoutError, check_integer
 from ..files import write_json, write_png
+from ..measure.quality import STUDENT
 from ..measure.segmenter import Segmenter, mean_dice
+from ..model.card import CARD_FILE, ModelCard
 from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline, check_guidance
 from ..model.sampling import noise_generator, write_sample
+from ..processes import processes
 from ..resolve import model_folder
 
 LAYOUTS = ("original", "nnunet")
 MANIFEST = "manifest.json"
+CHECKS = ".checks"  # per batch, its pairs' --min_dice records, until the finished manifest holds them
 MAX_PAIRS = 2**24  # pair i's draw a has the noise of index i + a * MAX_PAIRS
 MAX_ATTEMPTS = 8  # draws of one pair at most under --min_dice
+MAX_BATCH = 1024  # images drawn at once: memory runs out long before more would draw faster
+# What a run draws where neither its settings nor the model card's recommendation say.
+DEFAULTS = {"deform": "mild", "steps": None, "scheduler": None, "guidance_scale": 1.0}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run draws; a rerun continues a folder only when every one of these is the same."""
+    """What a run draws; a rerun continues a folder only when every one of these is the same.
+
+    Those named in DEFAULTS, left None, are taken from the model card or DEFAULTS when the model is opened
+    (`recommended`); the others are as given.
+    """
 
     model: str
     masks: str
     n: int | None = None  # None: one pair per mask
-    deform: str = "mild"
+    deform: str | None = None
     layout: str = "original"
     seed: int = 0
     batch_size: int = 16
     steps: int | None = None  # None with scheduler None: the model's defaults (its student, if it has one)
-    scheduler: str | None = None
-    guidance_scale: float = 1.0  # mask guidance; 1 = none
+    scheduler: str | None = None  # a sampler, or STUDENT: the model's distilled student, in its own steps
+    guidance_scale: float | None = None  # mask guidance; 1 = none
     min_dice: float | None = None  # redraw pairs the segmenter reads back below this
     segmenter: str | None = None  # None: the model's own
 
     def __post_init__(self):
+        # One folder whatever the spelling: `masks/` and `./masks` are `masks`.
+        object.__setattr__(self, "model", os.path.normpath(self.model))
+        object.__setattr__(self, "masks", os.path.normpath(self.masks))
         if self.n is not None and not 1 <= self.n < MAX_PAIRS:
             raise ConfigError(f"--n {self.n}: expected a number of pairs from 1 to {MAX_PAIRS - 1}")
-        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
-            raise ConfigError(f"--batch_size {self.batch_size}, --steps {self.steps}: expected both >= 1")
-        if self.deform not in DEFORM_LEVELS:
+        check_seed(self.seed)
+        check_integer("--batch_size", self.batch_size, 1, MAX_BATCH)
+        if self.steps is not None:  # typed: a card's JSON may hold 12.0
+            object.__setattr__(self, "steps", check_integer("--steps", self.steps, 1, MAX_STEPS))
+        if self.deform is not None and self.deform not in DEFORM_LEVELS:
             raise ConfigError(f"--deform {self.deform}: expected one of {', '.join(DEFORM_LEVELS)}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout {self.layout}: expected one of {', '.join(LAYOUTS)}")
-        if not 1 <= self.guidance_scale <= MAX_GUIDANCE:
+        if self.scheduler is not None and self.scheduler not in (*SAMPLERS, STUDENT):
+            raise ConfigError(
+                f"--scheduler {self.scheduler}: expected one of {', '.join(SAMPLERS)}, or {STUDENT} (the "
+                "model's distilled student)"
+            )
+        if self.scheduler == STUDENT and self.steps is not None:
+            raise ConfigError(
+                f"--steps {self.steps} with --scheduler {STUDENT}: the student draws in the steps it was "
+                "distilled for; drop one of them"
+            )
+        if self.guidance_scale is not None and not 1 <= self.guidance_scale <= MAX_GUIDANCE:
             raise ConfigError(
                 f"--guidance_scale {self.guidance_scale}: expected 1 (none) to {MAX_GUIDANCE:g}"
             )
@@ -82,6 +121,40 @@ class Settings:
             raise ConfigError(f"--min_dice {self.min_dice}: expected a Dice between 0 and 1")
         if self.segmenter is not None and self.min_dice is None:
             raise ConfigError("--segmenter: it reads the images back for --min_dice; give --min_dice too")
+
+
+def recommended(settings: Settings, card: ModelCard) -> tuple[Settings, dict[str, str]]:
+    """`settings` with each of DEFAULTS it leaves None taken from the card's recommendation (`card.synthesis`),
+    else from DEFAULTS -> (those settings, where each came from: "flag", "card" or "default")."""
+    advice = card.synthesis
+    where = f"{settings.model}/{CARD_FILE}: synthesis {advice}"
+    if not isinstance(advice, dict) or set(advice) - set(DEFAULTS):
+        raise CheckpointError(f"{where}: expected settings among {', '.join(DEFAULTS)}")
+    chosen, source = {}, {}
+    for key, default in DEFAULTS.items():
+        given = getattr(settings, key)
+        if given is not None:
+            chosen[key], source[key] = given, "flag"
+        elif key in advice:
+            chosen[key], source[key] = advice[key], "card"
+        else:
+            chosen[key], source[key] = default, "default"
+    if chosen["scheduler"] == STUDENT and chosen["steps"] is not None:
+        # Steps and the student exclude each other: one asked by a flag outranks the other from the card.
+        for key in ("steps", "scheduler"):
+            if source[key] == "card":
+                chosen[key], source[key] = DEFAULTS[key], "default"
+                break
+    try:
+        settings = replace(settings, **chosen)
+    except (ConfigError, TypeError) as e:
+        if "card" not in source.values():
+            raise
+        raise CheckpointError(f"{where}: {e}") from e
+    if settings.scheduler == STUDENT and card.distilled is None:
+        asked = "--scheduler" if source["scheduler"] == "flag" else where + ": scheduler"
+        raise ConfigError(f"{asked} {STUDENT}: {settings.model} has no distilled student")
+    return settings, source
 
 
 def pair_name(index: int, n: int) -> str:
@@ -112,6 +185,13 @@ def read_masks(mask_dir: str | os.PathLike, pipe: SegDiffPipeline) -> tuple[list
     return [f.name for f in files], np.stack(masks).astype(np.uint8)
 
 
+def fingerprints(names: list[str], masks: np.ndarray) -> dict[str, str]:
+    """Each mask's file name -> a digest of its class ids at the model's size, what a plan is made from."""
+    return {
+        name: hashlib.sha256(mask.tobytes()).hexdigest()[:16] for name, mask in zip(names, masks, strict=True)
+    }
+
+
 def plan(names: list[str], masks: np.ndarray, n: int, settings: Settings) -> tuple[list[dict], np.ndarray]:
     """Each of `n` pairs' source mask and deformation -> (JSON-ready records, (n, H, W) uint8 new masks).
 
@@ -130,31 +210,77 @@ def plan(names: list[str], masks: np.ndarray, n: int, settings: Settings) -> tup
     return records, np.stack(new_masks)
 
 
-def _check_folder(out: Path, manifest: dict) -> list[dict]:
-    """Refuse a folder holding another run (or files of something else); one of this run is continued.
-    -> the pairs of the earlier run's manifest (none for a new folder)."""
+def check_out(out: Path) -> None:
+    """Refuse an OUT that is a file or lies under one, before anything is opened or written."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == out else f"lies under {folder}, a file"
+                raise DataLayoutError(f"{out}: {where}; expected a folder to write the pairs in")
+            return
+
+
+def _differences(before: dict, now: dict) -> list[str]:
+    """The settings of `now` unlike those of `before` (an earlier run's), as "name old -> new"."""
+    defaults = {f.name: f.default for f in fields(Settings)} | DEFAULTS  # of settings added since that run
+
+    def same(key: str, old, new) -> bool:  # a folder by any spelling (relative, absolute, `/` at the end)
+        if key in ("model", "masks", "segmenter") and isinstance(old, str) and isinstance(new, str):
+            return os.path.realpath(old) == os.path.realpath(new)
+        return old == new
+
+    return [
+        f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}"
+        for k, v in now.items()
+        if not same(k, before.get(k, defaults.get(k)), v)
+    ]
+
+
+def _mask_changes(before: dict | None, now: dict) -> str:
+    """What differs between two runs' mask fingerprints, in words; "" when nothing (or `before` has none)."""
+    if before is None:  # a run from before the masks were fingerprinted
+        return ""
+    groups = {
+        "added": sorted(set(now) - set(before)),
+        "removed": sorted(set(before) - set(now)),
+        "changed": sorted(k for k in now if k in before and now[k] != before[k]),
+    }
+    return "; ".join(
+        f"{len(names)} {word}: {', '.join(names[:3])}{', ...' * (len(names) > 3)}"
+        for word, names in groups.items()
+        if names
+    )
+
+
+def _check_folder(out: Path, manifest: dict, restart: bool) -> list[dict]:
+    """Refuse a folder holding another run (or files of something else); one of this run is continued, and
+    with `restart` one whose pairs never reached the disk is planned anew. -> the earlier run's pairs."""
     path = out / MANIFEST
-    if path.is_file():
-        try:
-            earlier = json.loads(path.read_text())
-            before = earlier["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
-        defaults = {f.name: f.default for f in fields(Settings)}  # of settings added since that run
-        changed = [
-            f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}"
-            for k, v in manifest["settings"].items()
-            if before.get(k, defaults.get(k)) != v
-        ]
-        if changed:
-            raise DataLayoutError(
-                f"{out}: holds a run with other settings ({'; '.join(changed)}); "
-                "rerun with the same arguments to continue it, or choose a new folder"
-            )
-        return earlier.get("pairs", [])
-    if out.is_dir() and any(out.iterdir()):
-        raise DataLayoutError(f"{out}: holds files but no {MANIFEST}; expected a new or empty folder")
-    return []
+    if not path.is_file():
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise DataLayoutError(f"{out}: holds files but no {MANIFEST}; expected a new or empty folder")
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        before, pairs = earlier["settings"], earlier.get("pairs", [])
+        on_disk = any((out / p[k]).is_file() for p in pairs for k in ("image", "mask"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
+    if restart and not on_disk and not any((out / CHECKS).glob("*.json")):
+        return []
+    changed = _differences(before, manifest["settings"])
+    if changed:
+        raise DataLayoutError(
+            f"{out}: holds a run with other settings ({'; '.join(changed)}); "
+            "rerun with the same arguments to continue it, or choose a new folder"
+        )
+    masks = _mask_changes(earlier.get("mask_fingerprints"), manifest["mask_fingerprints"])
+    if masks:
+        raise DataLayoutError(
+            f"{manifest['settings']['masks']}: not the masks the run in {out} was planned on ({masks}); "
+            "rerun with those masks to continue it, or choose a new folder"
+        )
+    return pairs
 
 
 def dropped(record: dict) -> bool:
@@ -162,12 +288,13 @@ def dropped(record: dict) -> bool:
     return bool(record.get("check", {}).get("dropped"))
 
 
-def _keep_checks(earlier: list[dict], records: list[dict]) -> None:
-    """The read-back Dice of the pairs an earlier run of these settings drew (`earlier`: its manifest's)."""
-    checks = {p["name"]: p["check"] for p in earlier if p.get("check")}
-    for record in records:
-        if record["name"] in checks:
-            record["check"] = checks[record["name"]]
+def _checks(out: Path, earlier: list[dict]) -> dict[str, dict]:
+    """Pair name -> its --min_dice record, from an earlier run of these settings: its manifest's `earlier`
+    pairs, and the records its batches left in OUT/.checks."""
+    found = {p["name"]: p["check"] for p in earlier if p.get("check")}
+    for path in sorted((out / CHECKS).glob("*.json")):
+        found.update(json.loads(path.read_text()))
+    return found
 
 
 def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest: dict, n: int) -> None:
@@ -190,10 +317,16 @@ def _layout_files(out: Path, pipe: SegDiffPipeline, settings: Settings, manifest
     write_json(out / "dataset.json", info)
 
 
-def _sampling(settings: Settings, card) -> str:
+def _student(settings: Settings, card: ModelCard) -> bool:
+    """Whether the model's distilled student draws: asked for, or the model's defaults where it has one."""
+    defaults = settings.steps is None and settings.scheduler is None
+    return settings.scheduler == STUDENT or (defaults and card.distilled is not None)
+
+
+def _sampling(settings: Settings, card: ModelCard) -> str:
     """What draws the images, in words: the model's student at its defaults, else a sampler and steps; and
     the mask guidance, when there is some."""
-    if settings.steps is None and settings.scheduler is None and card.distilled:
+    if _student(settings, card):
         words = f"the model's student, {card.distilled.steps} steps"
     else:
         words = f"{settings.scheduler or DEFAULT_SCHEDULER}, {settings.steps or DEFAULT_STEPS} steps"
@@ -223,10 +356,11 @@ def open_segmenter(settings: Settings, pipe: SegDiffPipeline) -> Segmenter | Non
 
 def draw(pipe, masks: np.ndarray, indices: list[int], settings: Settings, attempt: int = 0) -> np.ndarray:
     """Draw `attempt` of pairs `indices` -> (B, H, W, C) float in [0, 1]; it depends only on (seed, i, attempt)."""
+    student = settings.scheduler == STUDENT  # the pipeline's defaults, with the student
     return pipe(
         masks[indices],
-        num_inference_steps=settings.steps,
-        scheduler=settings.scheduler,
+        num_inference_steps=None if student else settings.steps,
+        scheduler=None if student else settings.scheduler,
         generator=[noise_generator(settings.seed, i + attempt * MAX_PAIRS) for i in indices],
         output_type="np",
         guidance_scale=settings.guidance_scale,
@@ -266,19 +400,44 @@ def draw_checked(
     return images, checks
 
 
-def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = False) -> dict:
-    """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
-    the same settings.
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N): the shard of a run split N ways that this one draws, 0 <= I < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index = count = -1
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: expected I/N with 0 <= I < N, such as 0/4 for the first of four")
+    return index, count
 
-    Returns {"folder", "drawn" (pairs drawn now), "skipped" (pairs already there), "dropped" (pairs left out
-    by --min_dice, in all), "seconds" (drawing time), "device", "threads"}.
+
+def synthesize(
+    settings: Settings,
+    out: str | os.PathLike,
+    progress: bool = False,
+    shard: tuple[int, int] | None = None,
+    draw_missing: bool = True,
+) -> dict | None:
+    """Write `settings.n` new image-mask pairs (one per mask when None) to `out`, continuing an earlier run of
+    the same settings, and the manifest and layout files that describe them.
+
+    Under torchrun or `accelerate launch` the batches are shared out between the processes. `shard` (I, N):
+    draw only batches I, I + N, ... and leave the describing files to a last run without it. Without
+    `draw_missing` (a merge of shards) refuse, naming them, when pairs are still missing.
+    Returns, on the main process (None on the others), {"folder", "drawn" (pairs drawn now), "written" (of
+    them, written), "there" (pairs already there), "dropped" (pairs left out by --min_dice, in all),
+    "seconds" (drawing time), "device", "threads", "processes"}; each counts this shard's pairs only.
     """
     out = Path(out)
-    pipe = SegDiffPipeline.from_pretrained(settings.model)
+    check_out(out)
+    state = processes()
+    device = state.device if state.num_processes > 1 else None  # alone: the pipeline's choice
+    pipe = SegDiffPipeline.from_pretrained(settings.model, device=device)
     pipe.set_progress_bar_config(disable=True)
     card = pipe.card
     if not card.guided:
         raise ConfigError(f"{settings.model}: an unconditional model; expected a segmentation-guided one")
+    settings, source = recommended(settings, card)
     check_guidance(settings.guidance_scale, card.guided)
     segmenter = open_segmenter(settings, pipe)
     if settings.layout == "nnunet" and card.img_channels not in (1, 3):
@@ -296,47 +455,89 @@ def synthesize(settings: Settings, out: str | os.PathLike, progress: bool = Fals
         "data_credit": card.dataset or {"note": "the model card names no data set"},
         "class_names": card.class_names,
         "settings": asdict(settings),
+        "settings_from": source,
         "sampling": _sampling(settings, card),
         "deformation_bounds": deformation_bounds(),
+        "mask_fingerprints": fingerprints(names, masks),
         "complete": False,
         "pairs": records,
     }
-    _keep_checks(_check_folder(out, manifest), records)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
-        stale.unlink()
-    write_json(out / MANIFEST, manifest)
+    # Every process reads the folder alike before any writes to it: all refuse, or all go on.
+    earlier = _check_folder(out, manifest, restart=shard is None)
+    checks = _checks(out, earlier) if earlier else {}
+    for record in records:
+        if record["name"] in checks:
+            record["check"] = checks[record["name"]]
 
     def done(i: int) -> bool:  # pair i's files are there, or --min_dice left it out
         return dropped(records[i]) or all((out / records[i][k]).is_file() for k in ("image", "mask"))
 
     batches = [range(s, min(s + settings.batch_size, n)) for s in range(0, n, settings.batch_size)]
-    todo = [b for b in batches if not all(done(i) for i in b)]
-    drawn = sum(len(b) for b in todo)
-    bar = tqdm(total=drawn, desc="synthesize", unit="pair", disable=not progress)
+    index, count = shard or (0, 1)
+    ours = batches[index::count]
+    todo = [b for b in ours if not all(done(i) for i in b)]
+    if todo and not draw_missing:
+        missing = [records[i]["name"] for b in todo for i in b if not done(i)]
+        raise DataLayoutError(
+            f"{out}: {len(missing)} pairs not drawn yet ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)}); "
+            "rerun the shards that drew them, or synthesize without --shard to draw them here"
+        )
+    drawing = {b.start for b in todo}
+    there = sum(not dropped(records[i]) for b in ours if b.start not in drawing for i in b)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if shard is None:
+            if not earlier:
+                shutil.rmtree(out / CHECKS, ignore_errors=True)  # an abandoned plan's, if any
+            for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
+                stale.unlink()
+        if shard is None or not (out / MANIFEST).is_file():  # shards leave one another's manifest be
+            write_json(out / MANIFEST, manifest)
+    state.wait_for_everyone()
+
+    mine = todo[state.process_index :: state.num_processes]
+    bar = tqdm(
+        total=sum(len(b) for b in mine),
+        desc="synthesize",
+        unit="pair",
+        disable=not (progress and state.is_main_process),
+    )
     started = time.perf_counter()
-    for batch in todo:
-        images, checks = draw_checked(pipe, segmenter, new_masks, list(batch), settings)
-        for i, check in zip(batch, checks, strict=False):
+    for batch in mine:
+        images, batch_checks = draw_checked(pipe, segmenter, new_masks, list(batch), settings)
+        for i, check in zip(batch, batch_checks, strict=False):
             records[i]["check"] = {**check, "dropped": check["dice"] < settings.min_dice}
         for i, image in zip(batch, images, strict=True):
             if not dropped(records[i]):
                 write_sample(image, out / records[i]["image"])
                 write_png(new_masks[i], out / records[i]["mask"])
-        if checks:  # which pairs were left out must outlive a killed run: they have no files to tell
-            write_json(out / MANIFEST, manifest)
+        if batch_checks:  # which pairs were left out must outlive a killed run: they have no files to tell
+            found = {records[i]["name"]: records[i]["check"] for i in batch}
+            write_json(out / CHECKS / f"{records[batch[0]]['name']}.json", found)
         bar.update(len(batch))
-    seconds = time.perf_counter() - started
     bar.close()
-    left_out = sum(dropped(r) for r in records)
-    _layout_files(out, pipe, settings, manifest, n - left_out)
-    write_json(out / MANIFEST, {**manifest, "complete": True})
+    seconds = time.perf_counter() - started
+    state.wait_for_everyone()  # every batch written before the main process describes them
+    if not state.is_main_process:
+        return None
+    checks = _checks(out, earlier)
+    for record in records:
+        if record["name"] in checks:
+            record["check"] = checks[record["name"]]
+    left_out = sum(dropped(records[i]) for b in ours for i in b)
+    drawn = sum(len(b) for b in todo)
+    if shard is None:
+        _layout_files(out, pipe, settings, manifest, n - left_out)
+        write_json(out / MANIFEST, {**manifest, "complete": True})
+        shutil.rmtree(out / CHECKS, ignore_errors=True)  # the manifest holds them now
     return {
         "folder": str(out),
         "drawn": drawn,
-        "skipped": n - drawn,
+        "written": drawn - sum(dropped(records[i]) for b in todo for i in b),
+        "there": there,
         "dropped": left_out,
         "seconds": seconds,
         "device": pipe.device.type,
         "threads": torch.get_num_threads(),
+        "processes": state.num_processes,
     }

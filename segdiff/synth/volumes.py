@@ -17,6 +17,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from tqdm.auto import tqdm
 
 from .. import files
+from ..choices import check_seed
 from ..data.volumes import (
     AXES,
     SUFFIXES,
@@ -91,6 +92,7 @@ def synthesize(
         raise VolumeError(f"{out}: expected a .nii or .nii.gz file name{', not a folder' * out.is_dir()}")
     if batch_size < 1 or steps < 1:
         raise VolumeError(f"--batch_size {batch_size}, --steps {steps}: expected both >= 1")
+    check_seed(seed)
     if out.resolve() == Path(labels).resolve():
         raise VolumeError(f"{out}: the label volume itself; expected a new file name for the synthetic volume")
     pipe = SegDiffPipeline.from_pretrained(model)

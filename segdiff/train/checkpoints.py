@@ -28,8 +28,9 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 
 from ..errors import CheckpointError, ConfigError
-from ..files import clean_interrupted_saves
+from ..files import clean_interrupted_saves, staged_folder, write_json
 from ..model.card import CARD_FILE, ModelCard
+from ..resolve import MARKER
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -108,6 +109,40 @@ def check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
                 f"{folder}: holds a model for {old_card.num_classes} classes ({old_card.encoding} encoding), "
                 f"this run trains {card.num_classes} ({card.encoding}); choose another --output_dir"
             )
+        if bool(old_card.student) != bool(card.student):  # a training run's checkpoint is no distillation's
+            held = "a model with its distilled student" if old_card.student else "a model without a student"
+            doing = "distills a student" if card.student else "trains a model"
+            raise CheckpointError(f"{folder}: holds {held}, and this run {doing}; choose another --output_dir")
+
+
+def check_student_folder(out: str | os.PathLike, teacher: str) -> None:
+    """Refuse a distillation's run folder that holds a model the run would replace.
+
+    The run writes a copy of `teacher` (a folder or Hub id) with its student to `out`, and leaves the teacher
+    as it was: `out` may be new, or an unfinished or resumable distillation of the same teacher; never the
+    teacher's own folder (or one inside it), nor a folder holding any other model, checkpoints or not.
+    """
+    out, source = Path(out), Path(teacher).resolve()
+    if out.resolve() == source or source in out.resolve().parents:
+        where = "the teacher's own folder" if out.resolve() == source else "inside the teacher's folder"
+        raise ConfigError(
+            f"--output_dir {out}: {where} (--model_dir {teacher}); a distillation writes a copy of its teacher "
+            "with the student, and leaves the teacher as it was: choose a new --output_dir"
+        )
+    if not ((out / MARKER).is_file() or (out / CARD_FILE).is_file()):
+        return
+    record = ModelCard.load(out).student.get("training", {}) if (out / CARD_FILE).is_file() else {}
+    if not record.get("teacher") or Path(record["teacher"]).resolve() != source:
+        whose = f" (the student of {record['teacher']})" if record.get("teacher") else ""
+        raise ConfigError(
+            f"--output_dir {out}: holds a model{whose}, which distilling {teacher} there would replace; "
+            "choose a new --output_dir"
+        )
+    if record.get("finished") and not checkpoints(out):
+        raise ConfigError(
+            f"--output_dir {out}: holds a finished student of {teacher} and no checkpoint to continue it from, "
+            "which a new distillation there would replace; choose a new --output_dir"
+        )
 
 
 def check_same_schedule(folder: Path, noise_scheduler) -> None:
@@ -177,23 +212,20 @@ def save_checkpoint(
     EMA is on, which is also where resuming reads the EMA state from.
     """
     # Every process writes into this folder (its RNG state), so the path follows from the step alone and
-    # the folder exists before any process writes.
+    # the folder exists before any process writes. The main process alone swaps it in.
     final, tmp = out / f"checkpoint-{state.step}", out / f".tmp-checkpoint-{state.step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return final
-    pipe = pipeline()
-    pipe.card.last_training.update(steps=state.step, seconds=round(state.seconds, 1))
-    pipe.save_pretrained(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    prune_checkpoints(out, keep)
+    main = accelerator.is_main_process
+    with staged_folder(final, tmp) if main else contextlib.nullcontext(tmp):
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            pipe = pipeline()
+            pipe.card.last_training.update(steps=state.step, seconds=round(state.seconds, 1))
+            pipe.save_pretrained(tmp)
+            write_json(tmp / STATE_FILE, asdict(state))
+    if main:
+        prune_checkpoints(out, keep)
     return final
 
 
@@ -258,8 +290,8 @@ def _load_checkpoint(
                 f"{folder}: written by {state.processes} process(es), resumed by {accelerator.num_processes}; "
                 f"launch {state.processes} to continue it (the LR schedule counts steps x processes)"
             )
+        check_same_model(folder, accelerator.unwrap_model(unet), card)  # what it holds, then how it trained
         check_same_plan(folder, state, plan)
-        check_same_model(folder, accelerator.unwrap_model(unet), card)
         accelerator.load_state(str(folder))
         if ema is not None:
             trained = card.distilled.folder if card.distilled else "unet"  # a student's EMA is the student

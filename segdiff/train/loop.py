@@ -1,7 +1,8 @@
 """Training on accelerate: one code path for a CPU, one GPU, many GPUs and many nodes.
 
 An MSE diffusion loss over 1000 DDPM timesteps with the encoded mask concatenated to the noisy image;
-mask-ablated training removes each non-background class with probability 0.5, per example. AdamW with a
+mask-ablated training removes each non-background class with probability 0.5, per example, and images
+without masks (`unlabelled_dir`) train beside the labelled ones with every class removed. AdamW with a
 cosine schedule after a linear warm-up, gradients clipped at 1.0, as the original. What the UNet predicts,
 the loss weighting, the noise schedule, the learning rate and the EMA come from a `Recipe`
 (`segdiff.train.recipes`): `original` is the original code's, `fast` the measured default.
@@ -35,10 +36,11 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
-from ..choices import DEFAULT_STEPS, SAMPLERS
-from ..data.layout import SegDataset
+from ..choices import DEFAULT_STEPS, MAX_SEED, SAMPLERS, Precision, accelerate_precision, mixed_seed, precision_of
+from ..data.layout import SegDataset, UnlabelledDataset
 from ..data.masks import Encoding, Palette, ablate, encode
 from ..errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from ..files import write_png, write_text
@@ -51,6 +53,7 @@ from .checkpoints import (
     TrainerState,
     check_same_model,
     check_same_schedule,
+    check_student_folder,
     clean_interrupted,
     hold_run_folder,
     latest_checkpoint,
@@ -110,7 +113,7 @@ class TrainConfig:
     lr_warmup_steps: int | None = None
     ema: bool | None = None
     gradient_accumulation_steps: int = 1
-    mixed_precision: str | None = None  # None: what `accelerate launch`/`accelerate config` says, else fp32
+    mixed_precision: Precision = "auto"  # auto: what `accelerate launch`/`accelerate config` says, else fp32
     ablate: bool = False
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
@@ -137,6 +140,13 @@ class TrainConfig:
     distill_from: str | None = None
     student_steps: int = 2
     teacher_steps: int | None = None  # None: DEFAULT_STEPS, or the steps an upscaler's card records
+    # Images without masks (DIR/train/ or DIR itself), trained beside the labelled ones with every class
+    # ablated: they teach what the images look like, the labelled ones how masks lay them out (`_train_set`).
+    unlabelled_dir: str | None = None
+    # Unlabelled images teach nothing of the masks, so few labelled ones among many would learn them from a
+    # sliver of each batch (50 of 1086: 5%). Each epoch repeats the labelled set to make about this share of
+    # it; 0: every image once, plain concatenation. Not yet measured against other shares.
+    labelled_fraction: float = 0.5
     command: str = ""  # recorded in the model card
     extra_card: dict = field(default_factory=dict)
 
@@ -145,6 +155,7 @@ class TrainConfig:
             object.__setattr__(self, "preset", "upscaler" if self.upscale_from else "paper")
         if self.upscale_from and self.crop_size is None:
             object.__setattr__(self, "crop_size", self.img_size // 2)
+        object.__setattr__(self, "mixed_precision", precision_of(self.mixed_precision, "--mixed_precision"))
         if not self.img_dir:
             raise ConfigError("training needs --img_dir IMG_DIR (holding IMG_DIR/train/ and IMG_DIR/val/)")
         if not self.output_dir:
@@ -166,8 +177,7 @@ class TrainConfig:
             ("--preset", self.preset, PRESETS),
             ("--mask_encoding", self.encoding, ("onehot", "original")),
             ("--model_type", self.model_type, ORIGINAL_SAMPLERS),
-            ("--mixed_precision", self.mixed_precision, (None, "no", "fp16", "bf16")),
-            ("--sampler", self.sampler, (None, *SAMPLERS)),
+            ("--scheduler", self.sampler, (None, *SAMPLERS)),
         )
         for flag, value, allowed in choices:
             if value not in allowed:
@@ -198,7 +208,7 @@ class TrainConfig:
             ("--checkpointing_steps", self.checkpointing_steps, 1, 100_000_000),
             ("--checkpoints_total_limit", self.checkpoints_total_limit, 1, 1_000_000),
             ("--resume_epoch", self.resume_epoch, 0, 1_000_000),
-            ("--seed", self.seed, 0, 2**32 - 1),
+            ("--seed", self.seed, 0, MAX_SEED),
             ("--save_image_epochs", self.save_image_epochs, 1, 1_000_000),
             ("--save_model_epochs", self.save_model_epochs, 1, 1_000_000),
             ("--num_inference_steps", self.num_inference_steps, 1, 1000),
@@ -206,6 +216,7 @@ class TrainConfig:
             ("--log_every", self.log_every, 1, 1_000_000),
             ("--student_steps", self.student_steps, 1, 1000),
             ("--teacher_steps", self.teacher_steps, 1, 1000),
+            ("--labelled_fraction", self.labelled_fraction, 0, 0.95),
         ):
             if value is not None:
                 check_range(flag, value, low, high)
@@ -242,7 +253,7 @@ class EpochOrder(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed((self.seed << 32) + self.epoch)
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
@@ -258,6 +269,12 @@ def train(config: TrainConfig) -> Path:
             config.distill_from, num_classes=config.num_classes or None, device="cpu", precision="fp32"
         )
         config = _for_teacher(config, teacher.card)
+        check_student_folder(config.output_dir, config.distill_from)
+    if config.unlabelled_dir and config.seg_dir is not None and not config.ablate:  # after the teacher's say
+        raise ConfigError(
+            f"--unlabelled_dir {config.unlabelled_dir}: images without masks train with every class removed, "
+            "which only a mask-ablated model reads as 'any anatomy'; add --use_ablated_segmentations"
+        )
     if os.environ.get("RANK", "0") != "0":  # the other processes of a launch write with the main one
         return _train(config, teacher)
     with hold_run_folder(config.output_dir):
@@ -299,7 +316,8 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     accelerator = _accelerator(config, out)
     announce(accelerator)
     _fast_backends(accelerator.device)
-    set_seed(config.seed, device_specific=True)  # each process its own noise; process 0 as a single one
+    # Each process its own noise, process 0 as a single one; wrapped, as numpy takes seeds below 2^32 only.
+    set_seed((config.seed + accelerator.process_index) % (MAX_SEED + 1))
     recipe = config.training_recipe
     base = _base_model(config, accelerator.device) if config.upscale_from else None
     if teacher is not None:
@@ -310,8 +328,7 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     record = card.last_training  # a student's record: its teacher's own stays as it was
     record.update(mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes)
     palette = card.palette if card.guided else None
-    data = (config.img_dir, config.seg_dir)
-    train_set = SegDataset(*data, "train", config.img_size, config.img_channels, config.num_classes, palette)
+    train_set, record["images"] = _train_set(config, palette)
     grid_set = _grid_set(config, palette)
     order = EpochOrder(len(train_set), config.seed)
     loader = _loader(config, train_set, order, accelerator)
@@ -455,7 +472,7 @@ def _accelerator(config: TrainConfig, out: Path) -> Accelerator:
         # Without a GPU, accelerate joins the processes of a launch (over gloo) only when told `cpu`; else
         # each would train alone, all of them writing the same run folder.
         cpu=launched > 1 and not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
+        mixed_precision=accelerate_precision(config.mixed_precision),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -468,7 +485,33 @@ def _accelerator(config: TrainConfig, out: Path) -> Accelerator:
     return accelerator
 
 
-def _loader(config: TrainConfig, train_set: SegDataset, order: EpochOrder, accelerator: Accelerator):
+def _train_set(config: TrainConfig, palette: Palette | None) -> tuple[torch.utils.data.Dataset, dict]:
+    """The training examples, and the card's count of the images with masks and without.
+
+    The unlabelled images follow the labelled ones with all-background masks: every class ablated, the mask
+    that mask-ablated training teaches as "any anatomy". The labelled set is repeated to make about
+    `labelled_fraction` of the whole, which EpochOrder then shuffles as one: an exact resume needs no more.
+    """
+    size, channels, guided = config.img_size, config.img_channels, config.seg_dir is not None
+    classes = config.num_classes
+    labelled = SegDataset(config.img_dir, config.seg_dir, "train", size, channels, classes, palette)
+    unlabelled = None
+    if config.unlabelled_dir:
+        unlabelled = UnlabelledDataset(config.unlabelled_dir, config.img_dir, size, channels)
+    extra = len(unlabelled) if unlabelled is not None else 0
+    counts = {"labelled": len(labelled), "unlabelled": extra}
+    if not guided:  # an unconditional model: no image trains with a mask
+        counts = {"labelled": 0, "unlabelled": len(labelled) + extra}
+    if unlabelled is None:
+        return labelled, counts
+    share = config.labelled_fraction if guided else 0
+    counts["labelled_repeats"] = repeats = max(1, round(share / (1 - share) * extra / len(labelled)))
+    return ConcatDataset([labelled] * repeats + [unlabelled]), counts
+
+
+def _loader(
+    config: TrainConfig, train_set: torch.utils.data.Dataset, order: EpochOrder, accelerator: Accelerator
+):
     """The training batches in `order`, sharded across the processes: each then runs len(loader) an epoch."""
     loader = torch.utils.data.DataLoader(
         train_set,

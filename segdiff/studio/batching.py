@@ -1,0 +1,150 @@
+"""Batched serving: requests that wait for the network together are drawn together, in one call.
+
+A `Lane` draws one network call at a time. Requests that arrive while a call runs wait for it; when it ends,
+one of them leads the next call and takes every waiting request with its key (the same model and sampling
+settings) into it, up to `max_items` images. Each request's noise comes from its own seeds, so it gets the
+images it would get alone, up to float rounding. Masks and settings are checked before a request joins, so a
+bad one is refused alone; should a call still fail, each request in it is drawn again alone, and only the one
+at fault fails. A request waits on its own thread (gradio's worker); the leader draws on its own, so a ZeroGPU
+Space sees one `spaces.GPU` call per batch, made from a request (`on_device` wraps it).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+Progress = Callable[[int, int], None]
+Draw = Callable[[list, Progress | None], list]  # items -> one result per item, in order
+
+log = logging.getLogger(__name__)
+
+
+def _draw(draw: Draw, items: list, progress: Progress | None) -> list:
+    return draw(items, progress)
+
+
+@dataclass(eq=False)
+class _Request:
+    key: Hashable
+    items: list
+    draw: Draw
+    progress: Progress | None
+    # A progress bar belongs to its request's context (gradio reads the event from context variables), while
+    # the leader's thread calls it: each call runs in a copy of the requester's context.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    results: list | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def report(self, step: int, total: int) -> None:
+        if self.progress is not None:
+            self.context.run(self.progress, step, total)
+
+
+class Lane:
+    """One network call at a time; what waits meanwhile is drawn together next.
+
+    max_items: images per call (a request bigger than this still runs, alone); 1 draws each request alone.
+    wait: seconds a call's leader waits for company when fewer than `max_items` images wait (the first
+    request after a quiet spell; later ones gather while a call runs). on_device: wraps each call
+    (`spaces.GPU` on a ZeroGPU Space).
+    """
+
+    def __init__(self, max_items: int = 32, wait: float = 0.005, on_device: Callable | None = None):
+        if max_items < 1:
+            raise ConfigError(f"batch of {max_items} images: expected at least 1 image per network call")
+        self.max_items, self.wait = max_items, wait
+        self._call = on_device(_draw) if on_device is not None else _draw
+        self._waiting: list[_Request] = []
+        self._busy = False  # a call is being drawn
+        self._changed = threading.Condition()
+
+    def draw(self, key: Hashable, items: Sequence, draw: Draw, progress: Progress | None = None) -> list:
+        """`draw(items, progress)`'s results for these items, drawn with any others of the same `key`.
+
+        Requests with equal keys must be drawable in one call by either one's `draw`. Blocks until done;
+        raises what drawing these items alone raised.
+        """
+        request = _Request(key, list(items), draw, progress)
+        with self._changed:
+            self._waiting.append(request)
+            self._changed.notify_all()  # a leader gathering company may take this one
+            while self._busy and not request.done:
+                self._changed.wait()
+            leads = not request.done
+            self._busy |= leads
+        if leads:
+            self._lead(request)
+        if request.error is not None:
+            raise request.error
+        return request.results
+
+    def _lead(self, first: _Request) -> None:
+        deadline = time.monotonic() + self.wait
+        with self._changed:
+            while self._items(first.key) < self.max_items and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            batch = self._take(first)
+        try:
+            self._run(batch)
+        finally:
+            with self._changed:
+                for request in batch:
+                    if request.results is None and request.error is None:  # interrupted (KeyboardInterrupt)
+                        request.error = RuntimeError("the batched call was interrupted")
+                    request.done = True
+                self._busy = False
+                self._changed.notify_all()
+
+    def _items(self, key: Hashable) -> int:
+        return sum(len(r.items) for r in self._waiting if r.key == key)
+
+    def _take(self, first: _Request) -> list[_Request]:
+        """`first`, then the oldest waiting requests with its key while their images fit `max_items`."""
+        batch, size = [first], len(first.items)
+        for request in self._waiting:
+            if request is not first and request.key == first.key and size + len(request.items) <= self.max_items:
+                batch.append(request)
+                size += len(request.items)
+        self._waiting = [r for r in self._waiting if r not in batch]
+        return batch
+
+    def _run(self, batch: list[_Request]) -> None:
+        items = [item for request in batch for item in request.items]
+
+        def progress(step: int, total: int) -> None:
+            for request in batch:
+                request.report(step, total)
+
+        try:
+            results = self._call(batch[0].draw, items, progress)
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].error = e
+                return
+            log.warning("a batched call of %d requests failed (%s); drawing each alone", len(batch), e)
+            for request in batch:
+                self._run([request])
+            return
+        if len(batch) > 1:
+            log.debug("drew %d requests (%d images) in one call", len(batch), len(items))
+        start = 0
+        for request in batch:
+            request.results = list(results[start : start + len(request.items)])
+            start += len(request.items)
+
+
+@dataclass
+class Lanes:
+    """A studio's two lanes: live previews, and sampling (generate, sweep). They draw beside each other, so a
+    stroke never waits for Generate; shared by every model a registry opens, so models take turns too."""
+
+    preview: Lane = field(default_factory=Lane)
+    sample: Lane = field(default_factory=Lane)
