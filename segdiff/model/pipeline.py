@@ -399,19 +399,8 @@ class SegDiffPipeline(DiffusionPipeline):
                 the blank mask and extrapolates away from it, so images follow their masks more closely
                 (meant for models trained with mask ablation; for a cascade, its base model is guided).
         """
-        if sampler is not None and scheduler not in (None, sampler):
-            raise ArgumentError(f"scheduler={scheduler!r} and sampler={sampler!r}: the same setting; give one")
-        scheduler = sampler if sampler is not None else scheduler
+        scheduler = _check_arguments(num_inference_steps, upscale_steps, scheduler, sampler, output_type, strength)
         card = self.card
-        for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
-            if steps is not None and not (isinstance(steps, int) and steps >= 1):
-                raise ArgumentError(f"{name}={steps!r}, expected an integer >= 1")
-        if output_type not in ("pil", "np", "pt"):
-            raise ArgumentError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
-        if not 0.0 < strength <= 1.0:
-            raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
         check_guidance(guidance_scale, card.guided)
         if card.guided:
             if masks is None:
@@ -444,18 +433,11 @@ class SegDiffPipeline(DiffusionPipeline):
             outer = callback
             low = self.base(
                 shrink_masks(masks, upscaling.low_res_size) if card.guided else None,
-                num_inference_steps=num_inference_steps,
-                scheduler=scheduler,
-                eta=eta,
-                generator=generator,
-                latents=latents,
-                output_type="pt",
-                batch_size=batch_size,
-                image=None if image is None else shrink(image, upscaling.low_res_size),
-                strength=strength,
-                callback=outer and (lambda i, _: outer(i, total_steps)),
-                guidance_scale=guidance_scale,
-            ).images  # (B, C, h, w) in [0, 1]
+                num_inference_steps=num_inference_steps, scheduler=scheduler, eta=eta, generator=generator,
+                latents=latents, output_type="pt", batch_size=batch_size,
+                image=None if image is None else shrink(image, upscaling.low_res_size), strength=strength,
+                callback=outer and (lambda i, _: outer(i, total_steps)), guidance_scale=guidance_scale,
+            ).images  # (B, C, h, w) in [0, 1]  # fmt: skip
             noise_level = torch.full((batch_size,), upscaling.noise_level, device=device)
             aug = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             low = low_res_condition(low * 2 - 1, card.img_size, self.scheduler, noise_level, aug)
@@ -469,29 +451,22 @@ class SegDiffPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ArgumentError(f"latents of shape {tuple(latents.shape)}, expected {shape}")
-        x = self._denoise(
-            stage,
-            latents.to(device, torch.float32),
-            cond,
-            Guidance(blank, guidance_scale) if blank is not None else None,
-            noise_level,
-            eta,
-            generator,
-            image,
-            strength,
-            callback,
-        )
-
-        images = (x / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                if card.img_channels not in (1, 3):
-                    raise ArgumentError(
-                        f"{card.img_channels}-channel images cannot be PIL images: use output_type='np'"
-                    )
-                images = self.numpy_to_pil(images)
+        guidance = Guidance(blank, guidance_scale) if blank is not None else None
+        x = self._denoise(stage, latents.to(device, torch.float32), cond, guidance, noise_level, eta, generator,
+                          image, strength, callback)  # fmt: skip
+        images = self._output((x / 2 + 0.5).clamp(0, 1), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _output(self, images: torch.Tensor, output_type: str):
+        """(B, C, H, W) in [0, 1] -> as `output_type` asks: the tensor, (B, H, W, C) numpy, or PIL images."""
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return images
+        if self.card.img_channels not in (1, 3):
+            raise ArgumentError(f"{self.card.img_channels}-channel images cannot be PIL images: use output_type='np'")
+        return self.numpy_to_pil(images)
 
     def _stage(self, steps: int | None, sampler: str | None, upscaling: Upscaling | None = None) -> _Stage:
         """What draws at these settings: the student at the defaults (None, None) when there is one, else the
@@ -532,6 +507,23 @@ class SegDiffPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i + 1, len(timesteps))
         return x
+
+
+def _check_arguments(num_inference_steps, upscale_steps, scheduler, sampler, output_type, strength) -> str | None:
+    """Refuse a call's malformed settings, naming each; -> the sampler asked (`scheduler` or its alias)."""
+    if sampler is not None and scheduler not in (None, sampler):
+        raise ArgumentError(f"scheduler={scheduler!r} and sampler={sampler!r}: the same setting; give one")
+    scheduler = sampler if sampler is not None else scheduler
+    for name, steps in (("num_inference_steps", num_inference_steps), ("upscale_steps", upscale_steps)):
+        if steps is not None and not (isinstance(steps, int) and steps >= 1):
+            raise ArgumentError(f"{name}={steps!r}, expected an integer >= 1")
+    if output_type not in ("pil", "np", "pt"):
+        raise ArgumentError(f"output_type={output_type!r}, expected 'pil', 'np' or 'pt'")
+    if not 0.0 < strength <= 1.0:
+        raise ArgumentError(f"strength={strength}, expected a value in (0, 1]")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ArgumentError(f"scheduler={scheduler!r}, expected one of {sorted(SCHEDULERS)}")
+    return scheduler
 
 
 @dataclass
