@@ -1,7 +1,7 @@
 """The names the library, the command lines and the studio share, each defined once.
 
-Light on purpose (no torch; numpy only), so command lines that do not sample, such as `segdiff.volumes convert`, can
-show these defaults without importing a model's dependencies.
+Light on purpose (numpy, no torch), so command lines that do not sample, such as `segdiff.volumes convert`,
+can show these defaults without importing a model's dependencies.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def accelerate_precision(precision: Precision) -> str | None:
 SAMPLERS = ("dpm++", "unipc", "ddim", "ddpm")
 DEFAULT_SAMPLER = "dpm++"
 
-# Seeds: one range for every use, from each command line's --seed to the studio's field. Image i's noise comes
-# from a generator of (seed, i) (`segdiff.model.sampling.noise_generator`), numpy's take any seed >= 0, and
-# torch's CPU generator keeps 32 bits of what it is given: 32 bits is what every one of them can take.
+# Seeds: one range for every use, from each command line's --seed to the studio's field: 32 bits, what numpy's
+# legacy seeding and torch's CPU generator both take whole. Image i's noise comes from a generator seeded with
+# `mixed_seed(seed, stream, i)` (`segdiff.model.sampling.noise_generator`).
 MAX_SEED = 2**32 - 1
 
 

@@ -39,7 +39,15 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
-from ..choices import DEFAULT_STEPS, MAX_SEED, SAMPLERS, Precision, accelerate_precision, mixed_seed, precision_of
+from ..choices import (
+    DEFAULT_STEPS,
+    MAX_SEED,
+    SAMPLERS,
+    Precision,
+    accelerate_precision,
+    mixed_seed,
+    precision_of,
+)
 from ..data.layout import SegDataset, UnlabelledDataset
 from ..data.masks import Encoding, Palette, ablate, encode
 from ..errors import CheckpointError, ConfigError, DataLayoutError, check_range
@@ -399,8 +407,11 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
         items = [grid_set[(start + i) % len(grid_set)] for i in range(n)]
         masks = torch.stack([item["mask"] for item in items]) if card.guided else None
         images = torch.stack([item["image"] for item in items])
-        grid = sample_grid(pipeline(), n, masks, images, sampler=sampler, steps=steps, seed=config.seed)
-        write_png(grid, out / "samples" / f"{epochs_done - 1:04d}.png")
+        name = f"samples/{epochs_done - 1:04d}.png"
+        pipe = pipeline()
+        pipe.set_progress_bar_config(desc=name, leave=False)  # DDPM's 1000 steps: minutes on a CPU
+        grid = sample_grid(pipe, n, masks, images, sampler=sampler, steps=steps, seed=config.seed)
+        write_png(grid, out / name)
 
     def save_model(epochs_done: int, seconds: float) -> None:
         record.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
