@@ -221,7 +221,9 @@ def test_a_checkpoint_of_another_kind_is_named_not_called_damaged(tmp_path, data
         f"error: {killed / 'checkpoint-60'}: holds a model without a student, and this run distills a student; "
         "choose another --output_dir\n"
     )
-    distilled = shutil.copytree(student, tmp_path / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
+    distilled = shutil.copytree(
+        student, tmp_path / "distilled", ignore=shutil.ignore_patterns("checkpoint-*")
+    )
     with pytest.raises(CheckpointError, match=r"distilled: holds a model with its distilled student, and this "
                                               "run trains a model"):  # fmt: skip
         train(config(distilled, data, max_train_steps=2))

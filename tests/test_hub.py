@@ -122,7 +122,7 @@ def ref_out_of_the_cache(cache: Path, tmp_path: Path) -> str:
     [
         (lambda cache, tmp: "org/missing", "org/missing: not in the Hub cache"),
         (not_a_model, "org/readme-only: not a segdiff model"),
-        (ref_out_of_the_cache, "org/bad-ref: its entry in the Hub cache ({cache}) is damaged (Invalid pointer"),
+        (ref_out_of_the_cache, "org/bad-ref: its entry in the Hub cache ({cache}) is damaged"),
         (lambda cache, tmp: "org/bad--name", "org/bad--name: no such model folder, and not a valid Hub id"),
     ],
 )
@@ -235,7 +235,7 @@ class OfflineApi(FakeApi):
 
 class NoTokenApi(FakeApi):
     def whoami(self):
-        raise LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint, but no token found.")
+        raise LocalTokenNotFoundError("Token is required to call the /whoami-v2 endpoint: none found.")
 
 
 def test_pushing_without_network_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -252,13 +252,19 @@ def test_pushing_without_network_is_one_line(tiny_model_dir, tmp_path, monkeypat
 @pytest.mark.parametrize(
     "api, message",
     [
-        (NoTokenApi, "org/tiny: pushing needs a Hugging Face token; log in with `hf auth login` or set HF_TOKEN"),
-        (OfflineApi, "org/tiny: the Hugging Face Hub refused or did not answer the token check ([Errno -2] Name "
-                     "or service not known); pushing needs the Hub online and a valid token"),
+        (
+            NoTokenApi,
+            "org/tiny: pushing needs a Hugging Face token; log in with `hf auth login` or set HF_TOKEN",
+        ),
+        (
+            OfflineApi,
+            "org/tiny: the Hugging Face Hub refused or did not answer the token check ([Errno -2] Name "
+            "or service not known); pushing needs the Hub online and a valid token",
+        ),
     ],
     ids=["no-token", "no-network"],
 )
-def test_push_to_hub_checks_the_token_and_the_hub_before_training(tmp_path, monkeypatch, capsys, api, message):
+def test_push_to_hub_checks_the_token_before_training(tmp_path, monkeypatch, capsys, api, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(publish, "HfApi", api)
     write_data(tmp_path / "data", counts=(4, 2, 2))

@@ -112,7 +112,9 @@ def check_same_model(folder: Path, unet: UNet2DModel, card: ModelCard) -> None:
         if bool(old_card.student) != bool(card.student):  # a training run's checkpoint is no distillation's
             held = "a model with its distilled student" if old_card.student else "a model without a student"
             doing = "distills a student" if card.student else "trains a model"
-            raise CheckpointError(f"{folder}: holds {held}, and this run {doing}; choose another --output_dir")
+            raise CheckpointError(
+                f"{folder}: holds {held}, and this run {doing}; choose another --output_dir"
+            )
 
 
 def check_student_folder(out: str | os.PathLike, teacher: str) -> None:
