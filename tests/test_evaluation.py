@@ -168,12 +168,13 @@ def test_mask_removal_keeps_the_noise_along_each_row(tmp_path, data):
     assert np.array_equal(plain[cell + 2 : 2 * cell, 2:cell], cells[1][0])
 
 
-def test_eval_writes_the_grid_and_the_figures_asked_for(tmp_path, data):
+def test_eval_writes_the_grid_and_the_figures_asked_for(tmp_path, data, capsys):
     model = tiny_model(tmp_path / "model")
     cfg = eval_config(model, tmp_path / "run", data, img_dir=str(data[0]), mask_removal=True, blank_mask=True)
     written = evaluate(cfg)
     assert [p.name for p in written] == ["eval_grid.png", "eval_mask_removal.png", "eval_blank_mask.png"]
     assert all(p.parent == tmp_path / "run" / "samples" for p in written)
+    assert "eval:" in capsys.readouterr().err  # a bar: the original settings' 1000 steps are minutes on a CPU
 
 
 @pytest.mark.parametrize(

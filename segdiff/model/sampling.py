@@ -138,6 +138,8 @@ def evaluate(config: EvalConfig) -> list[Path]:
     """
     state = processes()
     pipe = open_model(config, state)
+    # One bar per batch's steps: the original settings' 1000 DDPM steps are minutes of silence on a CPU.
+    pipe.set_progress_bar_config(desc="eval", leave=False, disable=not state.is_main_process)
     sampler, steps = sampler_for(config.model_type, config.sampler, config.num_inference_steps)
     folder = Path(config.output_dir) / "samples"
     # file name -> the masks of its batches, (B, H, W) each; None for an unconditional model's grid
