@@ -213,6 +213,18 @@ def test_refuses_a_folder_holding_another_model_or_run(tmp_path, data):
         train(config(out, data, max_train_steps=2))
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_refuses_a_folder_holding_a_finished_model_without_checkpoints(tmp_path, data, resume):
+    out = tmp_path / "model"  # as every bundled model: the weights and card of a finished run, no checkpoints
+    train(config(out, data, max_train_steps=2, checkpoints_total_limit=None))
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds a finished model and no checkpoint"):
+        train(config(out, data, max_train_steps=2, resume=resume))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_resume_epoch_reloads_the_saved_weights_and_counts_on(tmp_path, data):
     out = tmp_path / "run"
     train(config(out, data, num_epochs=1, checkpointing_steps=100))

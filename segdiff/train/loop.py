@@ -52,7 +52,7 @@ from ..data.layout import SegDataset, UnlabelledDataset
 from ..data.masks import Encoding, Palette, ablate, encode
 from ..errors import CheckpointError, ConfigError, DataLayoutError, check_range
 from ..files import write_png, write_text
-from ..model.card import ModelCard, Student, Upscaling
+from ..model.card import CARD_FILE, ModelCard, Student, Upscaling
 from ..model.pipeline import SegDiffPipeline
 from ..model.sampling import ORIGINAL_SAMPLERS, sample_grid, sampler_for
 from ..model.unet import PRESETS, build_unet, denoise, low_res_condition, shrink
@@ -705,11 +705,25 @@ def _initial_unet(
             f"{out}: holds {old.name} from an earlier run; pass --resume to continue it, or choose another "
             "--output_dir (a new run here would prune that run's checkpoints)"
         )
+    saved = (out / "unet" / "config.json").is_file()
     if config.resume_epoch is not None:
-        if not (out / "unet" / "config.json").is_file():
+        if not saved:
             raise CheckpointError(f"--resume_epoch {config.resume_epoch}: {out}/unet/ holds no saved model")
         unet = UNet2DModel.from_pretrained(out / "unet", use_safetensors=True)
+    elif saved and teacher is None and latest_checkpoint(out) is None and _finished(out):
+        raise ConfigError(
+            f"{out}: holds a finished model and no checkpoint to continue; a new run here would replace it: "
+            "choose another --output_dir (or --resume_epoch N to train on from its weights)"
+        )
     return unet
+
+
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a model no run of ours is still writing: one whose training finished, or one saved
+    by another tool (no card, or a card without a training record)."""
+    if not (out / CARD_FILE).is_file():
+        return True
+    return ModelCard.load(out).training.get("finished", True)
 
 
 def _grid_set(config: TrainConfig, palette: Palette | None) -> SegDataset | None:
