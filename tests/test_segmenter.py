@@ -11,14 +11,17 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from segdiff import SegDiffPipeline
 from segdiff.cli.quality import main
+from segdiff.data.layout import read_mask
 from segdiff.data.phantoms import write_dataset
-from segdiff.errors import ArgumentError, CheckpointError, ImageError, MaskError
+from segdiff.errors import ArgumentError, CheckpointError, DataLayoutError, ImageError, MaskError
 from segdiff.measure.quality import (
     faithfulness,
     frechet_distance,
     kid,
     load_test_set,
+    load_train_subset,
     measure_quality,
+    quality_table,
     run_label,
 )
 from segdiff.measure.segmenter import (
@@ -28,6 +31,7 @@ from segdiff.measure.segmenter import (
     SegmenterConfig,
     dice,
     mean_dice,
+    pseudo_label,
     train_segmenter,
 )
 from segdiff.model.card import ModelCard
@@ -217,6 +221,27 @@ def test_bad_images_and_folders_are_named(segmenter_dir, tmp_path):
         Segmenter.from_pretrained(tmp_path)
 
 
+def test_pseudo_labels_are_the_segmenters_masks_under_the_images_names(segmenter_dir, phantoms, tmp_path):
+    model = Segmenter.from_pretrained(segmenter_dir)
+    _, images, _ = real_test_set(phantoms)
+    files = sorted((phantoms / "img" / "test").iterdir())
+    out = pseudo_label(model, files, tmp_path / "labels", batch_size=3)  # batches of 3 over 4 images
+    assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]
+    found = np.stack([read_mask(out / f.name, K) for f in files])
+    np.testing.assert_array_equal(found, model.predict(images))
+    # read at twice the segmenter's size: masks of that size, the same anatomy where it is plain
+    twice = pseudo_label(model, files, tmp_path / "labels64", size=2 * SIZE)
+    big = read_mask(twice / files[0].name, K)
+    assert big.shape == (2 * SIZE, 2 * SIZE) and set(np.unique(big)) <= set(range(K))
+    assert (big[::2, ::2] == found[0]).mean() > 0.9
+    # an image that does not decode is named, and no half-written folder is left
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataLayoutError, match="broken.png"):
+        pseudo_label(model, [*files, tmp_path / "broken.png"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saving")]
+
+
 # ---- quality of a (tiny, untrained) diffusion model ----------------------------------------------------
 
 
@@ -249,6 +274,29 @@ def test_measure_quality_is_reproducible_and_json_ready(model_dir, segmenter_dir
     # the noise belongs to the mask index, not the batch: batching differently changes nothing
     other = measure_quality(pipe, segmenter, masks, images, batch_size=3, omit_each=False, **settings)
     assert other["dice"] == result["dice"] and other["omit"] == {}
+
+
+def test_measure_quality_runs_the_classifier_test_on_train_masks(model_dir, segmenter_dir, phantoms):
+    pipe = SegDiffPipeline.from_pretrained(model_dir)
+    segmenter = Segmenter.from_pretrained(segmenter_dir)
+    masks, images, _ = real_test_set(phantoms)
+    card = ModelCard(num_classes=K, img_channels=1, img_size=SIZE)
+    train_masks, train_images = load_train_subset(phantoms / "img", phantoms / "mask", card, num_masks=8)
+    assert train_masks.shape == (8, SIZE, SIZE) and train_images.shape == (8, 1, SIZE, SIZE)
+    settings = dict(scheduler="ddim", num_inference_steps=2, precision="fp32", progress=False, omit_each=False)
+    result = measure_quality(
+        pipe, segmenter, masks, images, train_masks=train_masks, train_images=train_images, **settings
+    )
+    realism = result["realism"]
+    # an untrained network draws noise: the classifier tells it from phantoms on the held-out images
+    assert realism["classifier"] >= 0.75 and 0 <= realism["baseline_classifier"] <= 1
+    assert "8 generated vs 8 real train images" in realism["classifier_measure"]
+    assert "frd" not in realism  # FRD only on request
+    assert "classifier accuracy, held out" in quality_table({"run": result})
+    with pytest.raises(ImageError, match="3 real train images for 8 train masks"):
+        measure_quality(
+            pipe, segmenter, masks, images, train_masks=train_masks, train_images=train_images[:3], **settings
+        )
 
 
 def test_measure_quality_of_a_student_records_the_default_settings(model_dir, segmenter_dir, phantoms):

@@ -26,10 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..choices import check_seed
-from ..data.layout import SegDataset
+from ..data.layout import SegDataset, read_image
 from ..data.masks import check_mask
 from ..errors import ArgumentError, CheckpointError, ImageError, MaskError
-from ..files import staged_folder, write_json
+from ..files import staged_folder, write_json, write_png
 from ..model.pipeline import default_device
 
 CONFIG_FILE, WEIGHTS_FILE = "segmenter.json", "model.safetensors"
@@ -334,6 +334,38 @@ def train_segmenter(
     model.config = SegmenterConfig(num_classes, img_channels, img_size, tuple(widths), training)
     model.save_pretrained(out_dir)
     return model.eval()
+
+
+# ---- pseudo-labels -----------------------------------------------------------------------------------------
+
+
+def pseudo_label(
+    segmenter: Segmenter,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    size: int | None = None,
+    batch_size: int = 64,
+) -> Path:
+    """Masks for images that have none, as self-training takes them: each image file of `images` segmented by
+    `segmenter`, its (size, size) mask of class ids written to `out_dir` under the image's own name (the
+    original layout pairs files by name): an 8-bit PNG, or a uint8 (H, W) array for `.npy` images.
+
+    size: the px the images are read at (default: the segmenter's); a multiple of the segmenter's size is read
+    at its size and the class scores enlarged, so masks can keep the stored images' size. The folder is
+    written whole or not at all. -> out_dir
+    """
+    size, channels = size or segmenter.config.img_size, segmenter.config.img_channels
+    with staged_folder(out_dir) as staging:
+        for start in range(0, len(images), batch_size):
+            paths = [Path(p) for p in images[start : start + batch_size]]
+            decoded = [read_image(p, channels, size) for p in paths]  # (C, H, W) uint8, or float in [0, 1]
+            x = np.stack([im / 255.0 if im.dtype == np.uint8 else im for im in decoded])  # (B, C, H, W)
+            for path, mask in zip(paths, segmenter.predict(torch.from_numpy(x).float()), strict=True):
+                if path.suffix.lower() == ".npy":
+                    np.save(staging / path.name, mask.astype(np.uint8))
+                else:
+                    write_png(mask.astype(np.uint8), staging / path.name)
+    return Path(out_dir)
 
 
 # ---- Dice --------------------------------------------------------------------------------------------------
