@@ -301,7 +301,9 @@ def test_min_dice_reads_back_with_a_segmenter_folder_of_the_models_classes(small
 
 
 @pytest.mark.parametrize("under", [False, True])
-def test_an_out_that_is_a_file_or_under_one_is_refused_and_left_as_it_was(small_model_dir, tmp_path, capsys, under):
+def test_an_out_that_is_a_file_or_under_one_is_refused_and_left_as_it_was(
+    small_model_dir, tmp_path, capsys, under
+):
     masks = write_masks(tmp_path / "masks")
     file = tmp_path / "file.txt"
     file.write_text("mine")
@@ -341,19 +343,22 @@ def test_a_rerun_on_changed_masks_is_refused_naming_them_and_a_respelled_folder_
         assert everything(out) == before
 
 
-def test_min_dice_leaving_out_every_pair_says_none_was_written(small_model_dir, tmp_path, monkeypatch, capsys):
+def test_min_dice_leaving_out_every_pair_says_none_was_written(
+    small_model_dir, tmp_path, monkeypatch, capsys
+):
     import segdiff.synth.pairs as dataset
 
     class Blind:  # a segmenter that finds nothing: no image reads back
         def predict(self, images):
             return np.zeros(images.shape[:3], np.int64)
 
-    monkeypatch.setattr(dataset, "open_segmenter", lambda settings, pipe: Blind() if settings.min_dice else None)
+    monkeypatch.setattr(dataset, "open_segmenter", lambda settings, pipe: Blind())
     out = tmp_path / "out"
     run(small_model_dir, out, write_masks(tmp_path / "masks"), "--min_dice", "0.5")
     said = capsys.readouterr().out
     assert "wrote 0 pairs to" in said and "3 left out: no draw read back at --min_dice" in said, said
-    assert not files(out) and all(p["check"]["dropped"] for p in json.loads((out / "manifest.json").read_text())["pairs"])
+    pairs = json.loads((out / "manifest.json").read_text())["pairs"]
+    assert not files(out) and len(pairs) == 3 and all(p["check"]["dropped"] for p in pairs)
 
 
 def test_the_model_cards_recommended_settings_are_the_defaults_and_flags_override_them(
@@ -368,30 +373,33 @@ def test_the_model_cards_recommended_settings_are_the_defaults_and_flags_overrid
     card.save(model)
     assert "`--deform none --steps 3 --guidance_scale 2`" in (model / "README.md").read_text() == render(card)
 
-    def manifest(out: Path) -> dict:
-        return json.loads((out / "manifest.json").read_text())
+    def synthesize(out: str, *flags: str) -> dict:  # -> the manifest of the run
+        main(["synthesize", str(model), str(tmp_path / out), "--masks", str(masks), "--n", "2", *flags])
+        return json.loads((tmp_path / out / "manifest.json").read_text())
 
-    main(["synthesize", str(model), str(tmp_path / "card"), "--masks", str(masks), "--n", "2"])
-    used = manifest(tmp_path / "card")
-    assert used["settings"] | {"deform": "none", "steps": 3, "scheduler": None, "guidance_scale": 2.0} == used["settings"]
-    assert used["settings_from"] == {"deform": "card", "steps": "card", "scheduler": "default", "guidance_scale": "card"}
-    assert used["sampling"] == "dpm++, 3 steps, mask guidance 2"
+    used = synthesize("card")
+    assert {k: used["settings"][k] for k in ("deform", "steps", "scheduler", "guidance_scale")} == {
+        "deform": "none", "steps": 3, "scheduler": None, "guidance_scale": 2.0
+    }  # fmt: skip
+    sources = {"deform": "card", "steps": "card", "scheduler": "default", "guidance_scale": "card"}
+    assert used["settings_from"] == sources and used["sampling"] == "dpm++, 3 steps, mask guidance 2"
     for pair in used["pairs"]:  # deform none: the masks as they are
-        assert np.array_equal(read_mask(tmp_path / "card" / pair["mask"], 3), read_mask(masks / pair["source"], 3))
+        drawn = read_mask(tmp_path / "card" / pair["mask"], 3)
+        assert np.array_equal(drawn, read_mask(masks / pair["source"], 3))
     capsys.readouterr()
-    main(["synthesize", str(model), str(tmp_path / "card"), "--masks", str(masks), "--n", "2", "--steps", "3"])
+    synthesize("card", "--steps", "3")
     assert "wrote 0 pairs" in capsys.readouterr().out  # the same settings, by flag or by card, continue the run
 
-    main(["synthesize", str(model), str(tmp_path / "flags"), "--masks", str(masks), "--n", "2", "--steps", "2",
-          "--deform", "mild"])  # fmt: skip
-    used = manifest(tmp_path / "flags")
-    assert (used["settings"]["steps"], used["settings"]["deform"], used["settings"]["guidance_scale"]) == (2, "mild", 2.0)
-    assert used["settings_from"] == {"deform": "flag", "steps": "flag", "scheduler": "default", "guidance_scale": "card"}
+    used = synthesize("flags", "--steps", "2", "--deform", "mild")
+    assert (used["settings"]["steps"], used["settings"]["deform"], used["settings"]["guidance_scale"]) == (
+        2, "mild", 2.0
+    )  # fmt: skip
+    assert used["settings_from"] == sources | {"deform": "flag", "steps": "flag"}
 
     for advice, words in (
-        ({"steps": 1000}, "synthesis {'steps': 1000}: --steps 1000: expected a value in 1..100"),
-        ({"cfg": 2}, "synthesis {'cfg': 2}: expected settings among deform, steps, scheduler, guidance_scale"),
-        ({"scheduler": "student"}, f"synthesis {{'scheduler': 'student'}}: scheduler student: {model} has no"),
+        ({"steps": 1000}, "{'steps': 1000}: --steps 1000: expected a value in 1..100"),
+        ({"cfg": 2}, "{'cfg': 2}: expected settings among deform, steps, scheduler, guidance_scale"),
+        ({"scheduler": "student"}, f"{{'scheduler': 'student'}}: scheduler student: {model} has no"),
     ):
         card.synthesis = advice
         card.save(model)
@@ -399,7 +407,7 @@ def test_the_model_cards_recommended_settings_are_the_defaults_and_flags_overrid
         with pytest.raises(SystemExit) as stop:
             main(["synthesize", str(model), str(tmp_path / "bad"), "--masks", str(masks)])
         err = capsys.readouterr().err.strip().splitlines()
-        assert stop.value.code == 2 and len(err) == 1 and f"{model}/segdiff_card.json: {words}" in err[0], err
+        assert stop.value.code == 2 and len(err) == 1 and f"{model}/segdiff_card.json: synthesis {words}" in err[0], err
     assert not (tmp_path / "bad").exists()
 
 

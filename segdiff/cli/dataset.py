@@ -12,7 +12,8 @@ from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPL
 from ..data.masks import DEFORM_LEVELS
 from ..measure.quality import STUDENT
 from ..synth import pairs
-from ..synth.pairs import DEFAULTS, LAYOUTS, MAX_ATTEMPTS, MAX_BATCH, Settings, parse_shard, synthesize
+from ..synth.pairs import MAX_ATTEMPTS, synthesize
+from ..synth.settings import DEFAULTS, LAYOUTS, MAX_BATCH, Settings, parse_shard
 from .common import Parser, defaults, run
 
 CARD = "the model card's recommendation, else"  # where a setting comes from when no flag gives it
@@ -70,8 +71,8 @@ def add_settings(command: Parser) -> None:
         f"distilled student, in its own steps (default: {CARD} the model's defaults)",
     )  # fmt: skip
     command.add_argument(
-        "--guidance_scale", type=float, help="mask guidance: above 1, images follow their masks more closely, "
-        f"at twice the cost per step (default: {CARD} {DEFAULTS['guidance_scale']:g}, none)",
+        "--guidance_scale", type=float, help="mask guidance: above 1, images follow their masks more "
+        f"closely, at twice the cost per step (default: {CARD} {DEFAULTS['guidance_scale']:g}, none)",
     )  # fmt: skip
     command.add_argument(
         "--min_dice", type=float, help="quality control: redraw (new noise, up to "

@@ -1,7 +1,7 @@
 """Synthetic paired data: new masks bent from real ones, and an image drawn by a model for each.
 
-Drawing images for the masks one already has adds no anatomy; bending those masks (`segdiff.data.masks.deform`)
-does. The pairs land in a layout segmentation tools read:
+Drawing images for the masks one already has adds no anatomy; bending those masks
+(`segdiff.data.masks.deform`) does. The pairs land in a layout segmentation tools read:
 
     original  OUT/img/train/syn_<i>.png, OUT/mask/all/train/syn_<i>.png, OUT/classes.json
     nnunet    OUT/imagesTr/syn_<i>_0000.png, OUT/labelsTr/syn_<i>.png, OUT/dataset.json (nnU-Net v2 raw)
@@ -17,13 +17,14 @@ with the same arguments, writes the files an uninterrupted one would.
         [--guidance_scale W] [--min_dice D [--segmenter DIR]] [--shard I/N]
 
 Settings a run leaves open (deform, steps, scheduler, guidance_scale) are the model card's recommendation
-(`ModelCard.synthesis`: the settings whose pairs trained segmenters best), else DEFAULTS.
+(`ModelCard.synthesis`: the settings whose pairs trained segmenters best), else the defaults
+(`segdiff.synth.settings`).
 
 Many processes: under `torchrun` or `accelerate launch` the batches are shared out between the processes
-(`segdiff.processes`), each batch drawn whole by one of them, so every file is the one a single process writes;
-the main process writes the manifest and the layout's files. `--shard I/N` draws only batches I, I + N, ...
-(for machines that share no launcher: a cluster's array job, each shard into the same OUT); a last run
-without --shard (or `merge`, which refuses while pairs are missing) writes what describes the whole.
+(`segdiff.processes`), each batch drawn whole by one of them, so every file is the one a single process
+writes; the main process writes the manifest and the layout's files. `--shard I/N` draws only batches I,
+I + N, ... (for machines that share no launcher: a cluster's array job, each shard into the same OUT); a
+last run without --shard (or `merge`, which refuses while pairs are missing) writes what describes the whole.
 
 --min_dice is quality control: the model's own segmenter (trained on its real training pairs) reads each image
 back, and a pair it reads back at a mean Dice below D is drawn again with new noise, up to
@@ -38,123 +39,29 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import MAX_STEPS, SAMPLERS, check_seed
 from ..data.layout import read_mask
-from ..data.masks import DEFORM_LEVELS, deform_keeping_classes, deformation_bounds
-from ..errors import CheckpointError, ConfigError, DataLayoutError, check_integer
+from ..data.masks import deform_keeping_classes, deformation_bounds
+from ..errors import ConfigError, DataLayoutError
 from ..files import write_json, write_png
 from ..measure.quality import STUDENT
 from ..measure.segmenter import Segmenter, mean_dice
-from ..model.card import CARD_FILE, ModelCard
-from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline, check_guidance
+from ..model.card import ModelCard
+from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline, check_guidance
 from ..model.sampling import noise_generator, write_sample
 from ..processes import processes
 from ..resolve import model_folder
+from .settings import MAX_PAIRS, Settings, differences, recommended
 
-LAYOUTS = ("original", "nnunet")
 MANIFEST = "manifest.json"
 CHECKS = ".checks"  # per batch, its pairs' --min_dice records, until the finished manifest holds them
-MAX_PAIRS = 2**24  # pair i's draw a has the noise of index i + a * MAX_PAIRS
 MAX_ATTEMPTS = 8  # draws of one pair at most under --min_dice
-MAX_BATCH = 1024  # images drawn at once: memory runs out long before more would draw faster
-# What a run draws where neither its settings nor the model card's recommendation say.
-DEFAULTS = {"deform": "mild", "steps": None, "scheduler": None, "guidance_scale": 1.0}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a run draws; a rerun continues a folder only when every one of these is the same.
-
-    Those named in DEFAULTS, left None, are taken from the model card or DEFAULTS when the model is opened
-    (`recommended`); the others are as given.
-    """
-
-    model: str
-    masks: str
-    n: int | None = None  # None: one pair per mask
-    deform: str | None = None
-    layout: str = "original"
-    seed: int = 0
-    batch_size: int = 16
-    steps: int | None = None  # None with scheduler None: the model's defaults (its student, if it has one)
-    scheduler: str | None = None  # a sampler, or STUDENT: the model's distilled student, in its own steps
-    guidance_scale: float | None = None  # mask guidance; 1 = none
-    min_dice: float | None = None  # redraw pairs the segmenter reads back below this
-    segmenter: str | None = None  # None: the model's own
-
-    def __post_init__(self):
-        # One folder whatever the spelling: `masks/` and `./masks` are `masks`.
-        object.__setattr__(self, "model", os.path.normpath(self.model))
-        object.__setattr__(self, "masks", os.path.normpath(self.masks))
-        if self.n is not None and not 1 <= self.n < MAX_PAIRS:
-            raise ConfigError(f"--n {self.n}: expected a number of pairs from 1 to {MAX_PAIRS - 1}")
-        check_seed(self.seed)
-        check_integer("--batch_size", self.batch_size, 1, MAX_BATCH)
-        if self.steps is not None:  # typed: a card's JSON may hold 12.0
-            object.__setattr__(self, "steps", check_integer("--steps", self.steps, 1, MAX_STEPS))
-        if self.deform is not None and self.deform not in DEFORM_LEVELS:
-            raise ConfigError(f"--deform {self.deform}: expected one of {', '.join(DEFORM_LEVELS)}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"--layout {self.layout}: expected one of {', '.join(LAYOUTS)}")
-        if self.scheduler is not None and self.scheduler not in (*SAMPLERS, STUDENT):
-            raise ConfigError(
-                f"--scheduler {self.scheduler}: expected one of {', '.join(SAMPLERS)}, or {STUDENT} (the "
-                "model's distilled student)"
-            )
-        if self.scheduler == STUDENT and self.steps is not None:
-            raise ConfigError(
-                f"--steps {self.steps} with --scheduler {STUDENT}: the student draws in the steps it was "
-                "distilled for; drop one of them"
-            )
-        if self.guidance_scale is not None and not 1 <= self.guidance_scale <= MAX_GUIDANCE:
-            raise ConfigError(
-                f"--guidance_scale {self.guidance_scale}: expected 1 (none) to {MAX_GUIDANCE:g}"
-            )
-        if self.min_dice is not None and not 0 < self.min_dice < 1:
-            raise ConfigError(f"--min_dice {self.min_dice}: expected a Dice between 0 and 1")
-        if self.segmenter is not None and self.min_dice is None:
-            raise ConfigError("--segmenter: it reads the images back for --min_dice; give --min_dice too")
-
-
-def recommended(settings: Settings, card: ModelCard) -> tuple[Settings, dict[str, str]]:
-    """`settings` with each of DEFAULTS it leaves None taken from the card's recommendation (`card.synthesis`),
-    else from DEFAULTS -> (those settings, where each came from: "flag", "card" or "default")."""
-    advice = card.synthesis
-    where = f"{settings.model}/{CARD_FILE}: synthesis {advice}"
-    if not isinstance(advice, dict) or set(advice) - set(DEFAULTS):
-        raise CheckpointError(f"{where}: expected settings among {', '.join(DEFAULTS)}")
-    chosen, source = {}, {}
-    for key, default in DEFAULTS.items():
-        given = getattr(settings, key)
-        if given is not None:
-            chosen[key], source[key] = given, "flag"
-        elif key in advice:
-            chosen[key], source[key] = advice[key], "card"
-        else:
-            chosen[key], source[key] = default, "default"
-    if chosen["scheduler"] == STUDENT and chosen["steps"] is not None:
-        # Steps and the student exclude each other: one asked by a flag outranks the other from the card.
-        for key in ("steps", "scheduler"):
-            if source[key] == "card":
-                chosen[key], source[key] = DEFAULTS[key], "default"
-                break
-    try:
-        settings = replace(settings, **chosen)
-    except (ConfigError, TypeError) as e:
-        if "card" not in source.values():
-            raise
-        raise CheckpointError(f"{where}: {e}") from e
-    if settings.scheduler == STUDENT and card.distilled is None:
-        asked = "--scheduler" if source["scheduler"] == "flag" else where + ": scheduler"
-        raise ConfigError(f"{asked} {STUDENT}: {settings.model} has no distilled student")
-    return settings, source
 
 
 def pair_name(index: int, n: int) -> str:
@@ -220,22 +127,6 @@ def check_out(out: Path) -> None:
             return
 
 
-def _differences(before: dict, now: dict) -> list[str]:
-    """The settings of `now` unlike those of `before` (an earlier run's), as "name old -> new"."""
-    defaults = {f.name: f.default for f in fields(Settings)} | DEFAULTS  # of settings added since that run
-
-    def same(key: str, old, new) -> bool:  # a folder by any spelling (relative, absolute, `/` at the end)
-        if key in ("model", "masks", "segmenter") and isinstance(old, str) and isinstance(new, str):
-            return os.path.realpath(old) == os.path.realpath(new)
-        return old == new
-
-    return [
-        f"{k} {before.get(k, defaults.get(k))!r} -> {v!r}"
-        for k, v in now.items()
-        if not same(k, before.get(k, defaults.get(k)), v)
-    ]
-
-
 def _mask_changes(before: dict | None, now: dict) -> str:
     """What differs between two runs' mask fingerprints, in words; "" when nothing (or `before` has none)."""
     if before is None:  # a run from before the masks were fingerprinted
@@ -268,7 +159,7 @@ def _check_folder(out: Path, manifest: dict, restart: bool) -> list[dict]:
         raise DataLayoutError(f"{path}: cannot read the earlier run's settings ({e})") from e
     if restart and not on_disk and not any((out / CHECKS).glob("*.json")):
         return []
-    changed = _differences(before, manifest["settings"])
+    changed = differences(before, manifest["settings"])
     if changed:
         raise DataLayoutError(
             f"{out}: holds a run with other settings ({'; '.join(changed)}); "
@@ -355,7 +246,8 @@ def open_segmenter(settings: Settings, pipe: SegDiffPipeline) -> Segmenter | Non
 
 
 def draw(pipe, masks: np.ndarray, indices: list[int], settings: Settings, attempt: int = 0) -> np.ndarray:
-    """Draw `attempt` of pairs `indices` -> (B, H, W, C) float in [0, 1]; it depends only on (seed, i, attempt)."""
+    """Draw `attempt` of pairs `indices` -> (B, H, W, C) float in [0, 1]; each depends only on (seed, i,
+    attempt)."""
     student = settings.scheduler == STUDENT  # the pipeline's defaults, with the student
     return pipe(
         masks[indices],
@@ -372,8 +264,8 @@ def draw_checked(
 ) -> tuple[np.ndarray, list[dict]]:
     """The images of pairs `indices`; under --min_dice, each one the segmenter reads back below it drawn again
     (attempts 1, 2, ...) until one passes or MAX_ATTEMPTS are spent, the best kept.
-    -> (images, per pair {"dice": its read-back Dice, "draw": which draw was kept (1 = the first), "draws": how
-    many were made}; none without --min_dice)."""
+    -> (images, per pair {"dice": its read-back Dice, "draw": which draw was kept (1 = the first), "draws":
+    how many were made}; none without --min_dice)."""
     images = draw(pipe, masks, indices, settings)
     if segmenter is None:
         return images, []
@@ -400,15 +292,48 @@ def draw_checked(
     return images, checks
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """`--shard I/N` -> (I, N): the shard of a run split N ways that this one draws, 0 <= I < N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        index = count = -1
-    if not 0 <= index < count:
-        raise ConfigError(f"--shard {text}: expected I/N with 0 <= I < N, such as 0/4 for the first of four")
-    return index, count
+def _manifest(card: ModelCard, settings: Settings, source: dict, names, masks, records: list[dict]) -> dict:
+    """What OUT/manifest.json says of a run: model, credit, settings and their sources, masks, pairs."""
+    return {
+        "tool": "python -m segdiff.dataset synthesize",
+        "model": settings.model,
+        "data_credit": card.dataset or {"note": "the model card names no data set"},
+        "class_names": card.class_names,
+        "settings": asdict(settings),
+        "settings_from": source,
+        "sampling": _sampling(settings, card),
+        "deformation_bounds": deformation_bounds(),
+        "mask_fingerprints": fingerprints(names, masks),
+        "complete": False,
+        "pairs": records,
+    }
+
+
+def _attach(records: list[dict], checks: dict[str, dict]) -> None:
+    """Give each pair record its --min_dice record, where `checks` (by pair name) holds one."""
+    for record in records:
+        if record["name"] in checks:
+            record["check"] = checks[record["name"]]
+
+
+def _draw_batches(pipe, segmenter, new_masks, records: list[dict], batches, settings: Settings, out: Path,
+                  progress: bool) -> None:  # fmt: skip
+    """Draw `batches` (ranges of pair indices) and write their files, and their --min_dice records to
+    OUT/.checks, one file a batch."""
+    bar = tqdm(total=sum(len(b) for b in batches), desc="synthesize", unit="pair", disable=not progress)
+    for batch in batches:
+        images, checks = draw_checked(pipe, segmenter, new_masks, list(batch), settings)
+        for i, check in zip(batch, checks, strict=False):
+            records[i]["check"] = {**check, "dropped": check["dice"] < settings.min_dice}
+        for i, image in zip(batch, images, strict=True):
+            if not dropped(records[i]):
+                write_sample(image, out / records[i]["image"])
+                write_png(new_masks[i], out / records[i]["mask"])
+        if checks:  # which pairs were left out must outlive a killed run: they have no files to tell
+            found = {records[i]["name"]: records[i]["check"] for i in batch}
+            write_json(out / CHECKS / f"{records[batch[0]]['name']}.json", found)
+        bar.update(len(batch))
+    bar.close()
 
 
 def synthesize(
@@ -449,25 +374,10 @@ def synthesize(
     for record in records:
         image, mask = pair_paths(out, settings.layout, record["name"], suffix)
         record["image"], record["mask"] = str(image.relative_to(out)), str(mask.relative_to(out))
-    manifest = {
-        "tool": "python -m segdiff.dataset synthesize",
-        "model": settings.model,
-        "data_credit": card.dataset or {"note": "the model card names no data set"},
-        "class_names": card.class_names,
-        "settings": asdict(settings),
-        "settings_from": source,
-        "sampling": _sampling(settings, card),
-        "deformation_bounds": deformation_bounds(),
-        "mask_fingerprints": fingerprints(names, masks),
-        "complete": False,
-        "pairs": records,
-    }
+    manifest = _manifest(card, settings, source, names, masks, records)
     # Every process reads the folder alike before any writes to it: all refuse, or all go on.
     earlier = _check_folder(out, manifest, restart=shard is None)
-    checks = _checks(out, earlier) if earlier else {}
-    for record in records:
-        if record["name"] in checks:
-            record["check"] = checks[record["name"]]
+    _attach(records, _checks(out, earlier))
 
     def done(i: int) -> bool:  # pair i's files are there, or --min_dice left it out
         return dropped(records[i]) or all((out / records[i][k]).is_file() for k in ("image", "mask"))
@@ -479,51 +389,30 @@ def synthesize(
     if todo and not draw_missing:
         missing = [records[i]["name"] for b in todo for i in b if not done(i)]
         raise DataLayoutError(
-            f"{out}: {len(missing)} pairs not drawn yet ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)}); "
-            "rerun the shards that drew them, or synthesize without --shard to draw them here"
+            f"{out}: {len(missing)} pairs not drawn yet ({', '.join(missing[:3])}"
+            f"{', ...' * (len(missing) > 3)}); rerun the shards that draw them, or synthesize without "
+            "--shard to draw them here"
         )
     drawing = {b.start for b in todo}
     there = sum(not dropped(records[i]) for b in ours if b.start not in drawing for i in b)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if shard is None:
-            if not earlier:
-                shutil.rmtree(out / CHECKS, ignore_errors=True)  # an abandoned plan's, if any
-            for stale in out.rglob(".*.tmp"):  # what a killed run was writing when it stopped
+        if shard is None:  # alone in OUT: what a killed run was writing when it stopped goes
+            for stale in out.rglob(".*.tmp"):
                 stale.unlink()
         if shard is None or not (out / MANIFEST).is_file():  # shards leave one another's manifest be
             write_json(out / MANIFEST, manifest)
     state.wait_for_everyone()
-
-    mine = todo[state.process_index :: state.num_processes]
-    bar = tqdm(
-        total=sum(len(b) for b in mine),
-        desc="synthesize",
-        unit="pair",
-        disable=not (progress and state.is_main_process),
-    )
     started = time.perf_counter()
-    for batch in mine:
-        images, batch_checks = draw_checked(pipe, segmenter, new_masks, list(batch), settings)
-        for i, check in zip(batch, batch_checks, strict=False):
-            records[i]["check"] = {**check, "dropped": check["dice"] < settings.min_dice}
-        for i, image in zip(batch, images, strict=True):
-            if not dropped(records[i]):
-                write_sample(image, out / records[i]["image"])
-                write_png(new_masks[i], out / records[i]["mask"])
-        if batch_checks:  # which pairs were left out must outlive a killed run: they have no files to tell
-            found = {records[i]["name"]: records[i]["check"] for i in batch}
-            write_json(out / CHECKS / f"{records[batch[0]]['name']}.json", found)
-        bar.update(len(batch))
-    bar.close()
-    seconds = time.perf_counter() - started
+    mine = todo[state.process_index :: state.num_processes]
+    _draw_batches(
+        pipe, segmenter, new_masks, records, mine, settings, out, progress and state.is_main_process
+    )
     state.wait_for_everyone()  # every batch written before the main process describes them
+    seconds = time.perf_counter() - started
     if not state.is_main_process:
         return None
-    checks = _checks(out, earlier)
-    for record in records:
-        if record["name"] in checks:
-            record["check"] = checks[record["name"]]
+    _attach(records, _checks(out, earlier))  # the other processes' records too
     left_out = sum(dropped(records[i]) for b in ours for i in b)
     drawn = sum(len(b) for b in todo)
     if shard is None:
