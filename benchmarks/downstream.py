@@ -227,9 +227,9 @@ def draw_pairs(
 def variant(args) -> str:
     """The part of a folder name that tells pairs drawn on other deformations, in other steps, with mask
     guidance or with quality control apart."""
-    deform = f"-deform-{args.deform}" if args.deform != "mild" else ""
+    deform = f"-deform-{args.deform}" if args.deform not in (None, "mild") else ""
     steps = f"-steps{args.steps}" if args.steps else ""
-    guided = f"-w{args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+    guided = f"-w{args.guidance_scale:g}" if args.guidance_scale not in (None, 1) else ""
     checked = f"-dice{args.min_dice:g}" if args.min_dice is not None else ""
     # pseudo-labels are (a)'s segmenter's, so its steps tell them apart
     on = f"-on-pseudo{args.segmenter_steps}" if args.draw_on == "pseudo" else ""
@@ -348,8 +348,9 @@ def table(args, test: SegDataset) -> None:
     (work / f"table-N{sizes}{generators}{variant(args)}.json").write_text(
         json.dumps({str(n): s for n, s in scores.items()}, indent=2) + "\n"
     )
-    drawing = f", --deform {args.deform}" + (f", {args.steps} steps" if args.steps else "")
-    drawing += f", mask guidance {args.guidance_scale:g}" if args.guidance_scale != 1 else ""
+    drawing = f", --deform {args.deform}" if args.deform else ", the generator card's drawing settings"
+    drawing += f", {args.steps} steps" if args.steps else ""
+    drawing += f", mask guidance {args.guidance_scale:g}" if args.guidance_scale not in (None, 1) else ""
     drawing += ", on the pseudo-labels" if args.draw_on == "pseudo" else ""
     drawing += "; generators with the other train images unlabelled" if args.unlabelled else ""
     print(report(scores, args.synthetic, drawing))  # the rows trained
@@ -418,16 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[50, 200, 1086])
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--synthetic", type=int, default=512, help="M, synthetic pairs per generator")
+    # Left out, the drawing settings are what `dataset synthesize` takes with no flags: the generator card's
+    # recommendation (`synthesis`), else --deform mild, the model's default sampling and no mask guidance.
     parser.add_argument(
-        "--deform",
-        default="mild",
-        choices=DEFORM_LEVELS,
-        help="deformation of the masks the pairs are drawn on",
+        "--deform", choices=DEFORM_LEVELS, help="deformation of the masks the pairs are drawn on"
     )
-    parser.add_argument(
-        "--steps", type=int, help="sampling steps of the drawing (default: the model's, its student if any)"
-    )
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="mask guidance of the drawing")
+    parser.add_argument("--steps", type=int, help="sampling steps of the drawing")
+    parser.add_argument("--guidance_scale", type=float, help="mask guidance of the drawing")
     parser.add_argument(
         "--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)"
     )
