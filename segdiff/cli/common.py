@@ -54,3 +54,14 @@ def run(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace],
         command(args)
     except SegdiffError as e:
         fail(e)
+
+
+def command_line(
+    parser: Callable[[], argparse.ArgumentParser], command: Callable[[argparse.Namespace], None]
+) -> Callable[[Sequence[str] | None], None]:
+    """A command's `main(argv=None)`: its `parser()`'s flags, then `command(args)` under `run`."""
+
+    def main(argv: Sequence[str] | None = None) -> None:
+        run(parser(), command, argv)
+
+    return main

@@ -14,7 +14,7 @@ from ..measure.quality import STUDENT
 from ..synth import pairs
 from ..synth.pairs import MAX_ATTEMPTS, synthesize
 from ..synth.settings import DEFAULTS, LAYOUTS, MAX_BATCH, Settings, parse_shard
-from .common import Parser, defaults, run
+from .common import Parser, command_line, defaults
 
 CARD = "the model card's recommendation, else"  # where a setting comes from when no flag gives it
 
@@ -107,9 +107,4 @@ def command(args) -> None:
         print("once every shard is done: python -m segdiff.dataset merge, the same arguments but --shard")
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parser(), command, argv)
-
-
-if __name__ == "__main__":
-    main()
+main = command_line(parser, command)

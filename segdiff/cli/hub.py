@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..hub.publish import push
-from .common import Parser, run
+from .common import Parser, command_line
 
 
 def parser() -> Parser:
@@ -23,9 +23,4 @@ def command(args) -> None:
     print(f"uploaded {args.model_dir}: {url}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parser(), command, argv)
-
-
-if __name__ == "__main__":
-    main()
+main = command_line(parser, command)

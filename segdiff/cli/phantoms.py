@@ -8,7 +8,7 @@ from pathlib import Path
 from ..choices import MAX_SEED
 from ..data.phantoms import FAMILIES, MAX_SIZE, MIN_SIZE, write_dataset
 from ..errors import ArgumentError
-from .common import Parser, run
+from .common import Parser, command_line
 
 
 def parser() -> Parser:
@@ -44,9 +44,4 @@ def command(args) -> None:
           f"({args.size}x{args.size} px, seed {args.seed}) to {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parser(), command, argv)
-
-
-if __name__ == "__main__":
-    main()
+main = command_line(parser, command)

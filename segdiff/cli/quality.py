@@ -20,7 +20,7 @@ from ..measure.quality import (
 from ..measure.segmenter import Segmenter, train_segmenter
 from ..model.card import CARD_FILE
 from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline
-from .common import Parser, run
+from .common import Parser, command_line
 
 
 def parser() -> Parser:
@@ -122,9 +122,4 @@ def command(args) -> None:
         print(f"wrote the results to {Path(args.model) / CARD_FILE}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parser(), command, argv)
-
-
-if __name__ == "__main__":
-    main()
+main = command_line(parser, command)

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..choices import DEFAULT_STEPS, MAX_SEED, SPLITS
 from ..data.volumes import AXES, WINDOWS, convert, parse_window
 from ..errors import VolumeError
-from .common import Parser, run
+from .common import Parser, command_line
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -83,9 +83,4 @@ def command(args) -> None:
               f"intensities {info['intensity_range'][0]:g}..{info['intensity_range'][1]:g} {unit}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parser(), command, argv)
-
-
-if __name__ == "__main__":
-    main()
+main = command_line(parser, command)
