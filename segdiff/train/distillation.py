@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError
-from ..model.card import Student, Upscaling
+from ..model.card import Student
 from ..model.pipeline import student_scheduler
-from ..model.unet import denoise
 
 
 def segments(schedule, student: Student) -> torch.Tensor:
@@ -85,11 +84,9 @@ def distill_loss(
     trajectory: Trajectory,
     grid: torch.Tensor,
     images: torch.Tensor,
-    cond: torch.Tensor,
-    upscaling: Upscaling | None = None,
-    noise_level: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The student's loss on real `images` (B, C, H, W) in [-1, 1] with condition `cond`.
+    """The student's loss on real `images` (B, C, H, W) in [-1, 1]; `student` and `teacher` map a noisy batch
+    and its timesteps (x, t) to the network's output, the condition bound in (`segdiff.model.unet.denoise`).
 
     Each example takes a random student step (a row of `grid`, from `segments`), is noised to its start, and
     is carried to its end by the teacher's k DDIM steps; the student is regressed, in its own parametrisation
@@ -102,7 +99,7 @@ def distill_loss(
     with torch.no_grad():
         target = z
         for j in range(path.shape[1] - 1):
-            output = denoise(teacher, target, path[:, j], cond, upscaling, noise_level).float()
+            output = teacher(target, path[:, j]).float()
             target = trajectory.ddim_step(output, target, path[:, j], path[:, j + 1])
         # The x0 whose DDIM step start -> end lands on the teacher's image:
         # target = a_end x0 + s_end (z - a x0) / s  =>  x0 = (target - (s_end / s) z) / (a_end - (s_end / s) a)
@@ -110,5 +107,5 @@ def distill_loss(
         ratio = s_end / s
         x0 = (target - ratio * z) / (a_end - ratio * a)
         wanted = trajectory.output_for(x0, z, start)
-    prediction = denoise(student, z, start, cond, upscaling, noise_level)
+    prediction = student(z, start)
     return torch.nn.functional.mse_loss(prediction.float(), wanted)

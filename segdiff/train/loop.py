@@ -559,7 +559,10 @@ def _objective(config: TrainConfig, card: ModelCard, recipe: Recipe, noise_sched
                 images, cond, upscaling, noise_scheduler, config.crop_size, fixed
             )
         if teacher is not None:
-            return distill_loss(unet, teacher.unet, trajectory, grid, images, cond, upscaling, level)
+            def conditioned(net):
+                return lambda x, t: denoise(net, x, t, cond, upscaling, level)
+
+            return distill_loss(conditioned(unet), conditioned(teacher.unet), trajectory, grid, images)
         noise = torch.randn_like(images)
         t = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device
