@@ -340,7 +340,6 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     grid_set = _grid_set(config, palette)
     order = EpochOrder(len(train_set), config.seed)
     loader = _loader(config, train_set, order, accelerator)
-    resuming = config.resume and latest_checkpoint(out) is not None
     noise_scheduler = teacher.scheduler if teacher else recipe.noise_scheduler(config.model_type)
     unet = _initial_unet(config, card, noise_scheduler, out, teacher)
     if config.channels_last:
@@ -363,29 +362,17 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     )
     if config.resume_epoch is not None:
         state.step = config.resume_epoch * steps_per_epoch
-        with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
-            warnings.simplefilter("ignore")
-            for _ in range(state.step * accelerator.num_processes):
-                lr_scheduler.step()  # the original restarted the LR schedule; we continue it
+        _fast_forward(lr_scheduler, state.step * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if config.compile:  # after prepare: checkpoints keep the plain UNet's names, so any run can resume them
         unet = torch.compile(unet)
     if ema is not None:
         ema.to(accelerator.device)
-    latest, planned = None, total_steps
-    if resuming:
-        latest, saved = resume(accelerator, out, unet, ema, card, state)
-        state.step, state.ema_step, state.seconds = saved.step, saved.ema_step, saved.seconds
-        planned = saved.total_steps or total_steps
+    if config.resume:
+        _resume(accelerator, out, unet, ema, card, state)
     if accelerator.is_main_process:
         clean_interrupted(out)
         accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items() if _scalar(v)})
-    if latest is not None:
-        accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
-        if planned != total_steps:  # a new step budget: the cosine decay stretches or shrinks to it
-            accelerator.print(f"its run planned {planned} steps; the LR decay now ends at step {total_steps}")
-    elif config.resume:
-        accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
 
     def pipeline() -> SegDiffPipeline:
         return _pipeline(accelerator, unet, ema, noise_scheduler, card, base, teacher)
@@ -399,19 +386,8 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     objective = _objective(config, card, recipe, noise_scheduler, teacher)
 
     def save_grid(epochs_done: int) -> None:
-        if grid_set is None:
-            return
-        # Each grid shows the next validation cases, wrapping around: the original ran out and crashed.
-        n = min(config.eval_batch_size, len(grid_set))
-        start = epochs_done // config.save_image_epochs * n
-        items = [grid_set[(start + i) % len(grid_set)] for i in range(n)]
-        masks = torch.stack([item["mask"] for item in items]) if card.guided else None
-        images = torch.stack([item["image"] for item in items])
-        name = f"samples/{epochs_done - 1:04d}.png"
-        pipe = pipeline()
-        pipe.set_progress_bar_config(desc=name, leave=False)  # DDPM's 1000 steps: minutes on a CPU
-        grid = sample_grid(pipe, n, masks, images, sampler=sampler, steps=steps, seed=config.seed)
-        write_png(grid, out / name)
+        if grid_set is not None:
+            _save_grid(pipeline(), grid_set, config, epochs_done, sampler, steps)
 
     def save_model(epochs_done: int, seconds: float) -> None:
         record.update(steps=state.step, epochs=epochs_done, seconds=round(seconds, 1))
@@ -475,6 +451,45 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
     accelerator.wait_for_everyone()  # every process returns once the model is saved
     accelerator.end_training()
     return out
+
+
+def _fast_forward(lr_scheduler, steps: int) -> None:
+    """Step the LR schedule `steps` times: --resume_epoch continues it where the original restarted it."""
+    with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            lr_scheduler.step()
+
+
+def _resume(accelerator: Accelerator, out: Path, unet, ema, card: ModelCard, state: TrainerState) -> None:
+    """--resume: continue from the newest checkpoint that loads (its step, EMA and time into `state`), or say
+    that there is none yet."""
+    total_steps = state.total_steps
+    if latest_checkpoint(out) is None:
+        accelerator.print(f"--resume: no checkpoint in {out} yet, starting at step 0 of {total_steps}")
+        return
+    latest, saved = resume(accelerator, out, unet, ema, card, state)
+    state.step, state.ema_step, state.seconds = saved.step, saved.ema_step, saved.seconds
+    accelerator.print(f"resumed from {latest} at step {state.step} of {total_steps}")
+    planned = saved.total_steps or total_steps
+    if planned != total_steps:  # a new step budget: the cosine decay stretches or shrinks to it
+        accelerator.print(f"its run planned {planned} steps; the LR decay now ends at step {total_steps}")
+
+
+def _save_grid(
+    pipe: SegDiffPipeline, grid_set: SegDataset, config: TrainConfig, epochs_done: int, sampler, steps
+) -> None:
+    """samples/<epoch>.png: the next validation cases' masks, samples and real images. Each grid takes the
+    cases after the last one's, wrapping around: the original ran out and crashed."""
+    n = min(config.eval_batch_size, len(grid_set))
+    start = epochs_done // config.save_image_epochs * n
+    items = [grid_set[(start + i) % len(grid_set)] for i in range(n)]
+    masks = torch.stack([item["mask"] for item in items]) if pipe.card.guided else None
+    images = torch.stack([item["image"] for item in items])
+    name = f"samples/{epochs_done - 1:04d}.png"
+    pipe.set_progress_bar_config(desc=name, leave=False)  # DDPM's 1000 steps: minutes on a CPU
+    grid = sample_grid(pipe, n, masks, images, sampler=sampler, steps=steps, seed=config.seed)
+    write_png(grid, Path(config.output_dir) / name)
 
 
 def _accelerator(config: TrainConfig, out: Path) -> Accelerator:
