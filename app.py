@@ -32,17 +32,13 @@ from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
 from segdiff.studio.runs import Run
 
-try:  # on a ZeroGPU Space each batched network call borrows a GPU; elsewhere the decorators change nothing
+try:  # on a ZeroGPU Space each batched network call borrows a GPU, in a worker process (no progress bar)
     import spaces
 
     gpu = spaces.GPU(duration=60)
     gpu_briefly = spaces.GPU(duration=10)  # a preview: a shorter claim waits less in ZeroGPU's queue
-except ImportError:
-
-    def gpu(fn):
-        return fn
-
-    gpu_briefly = gpu
+except ImportError:  # elsewhere each call runs in this process, with its progress bar
+    gpu = gpu_briefly = None
 
 
 HERE = Path(__file__).resolve().parent

@@ -4,7 +4,8 @@ The studio is launched in this process on one model. Through gradio_client, exac
 `/preview` (upload the mask, one image at the model's defaults, download it) against a default `/generate`
 (4 images at the default sampler and steps, written with their settings and a zip, downloaded), both timed
 in the same run; their ratio is printed. With --browser, headless Chromium paints strokes on the canvas and
-times each from the mouse's release to the new preview image having loaded on the page.
+times each from the mouse's release to the new preview image having loaded on the page, and splits that time
+into phases from the page's own resource timings (the editor's PNG blobs, their upload, the server, the image).
 
     python benchmarks/preview_latency.py                                        # the bundled 64 px model
     python benchmarks/preview_latency.py --model assets/models/psfhs-ultrasound-256 --browser
@@ -45,10 +46,28 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--no-first-run"]  # fmt: skip
 # Records, in the page, each stroke's release and each preview image's load (performance.now() times).
 WATCH = """() => {
-  window.strokes = []; window.loads = [];
+  window.strokes = []; window.loads = []; performance.setResourceTimingBufferSize(100000);
   document.addEventListener('pointerup', e => window.strokes.push(e.timeStamp), true);
   document.querySelector('#preview').addEventListener(
     'load', e => window.loads.push({t: performance.now(), src: e.target.src}), true);
+}"""
+# Where a stroke's time goes, from the page's resource timings (same clock as the events above): the editor
+# extracts its canvases as PNG blobs and sends them (`component_server` and upload requests), the event goes
+# to the queue, the server samples and answers, the page fetches and shows the preview's file.
+PHASES = """([released, loaded]) => {
+  const after = performance.getEntriesByType('resource')
+    .filter(e => e.startTime > released && e.startTime < loaded);
+  const of = part => after.filter(e => e.name.includes(part));
+  const blobs = [...of('/component_server'), ...of('/upload')];
+  const joins = of('/queue/join'), files = of('/file=');
+  if (!blobs.length || !joins.length || !files.length) return null;
+  const first = Math.min(...blobs.map(e => e.startTime)), file = files[files.length - 1];
+  return {
+    'mouse-up to first blob sent (the editor extracts its PNGs)': first - released,
+    'first blob sent to event sent (blobs uploaded)': joins[0].startTime - first,
+    'event sent to preview file asked (queue, sampling, answer)': file.startTime - joins[0].startTime,
+    'preview file fetched and shown': loaded - file.startTime,
+  };
 }"""
 
 
@@ -81,8 +100,9 @@ def through_client(url: str, mask: Path, repeats: int) -> tuple[float, float]:
     return median_seconds(preview, repeats), median_seconds(generate, repeats)
 
 
-def in_browser(url: str, strokes: int) -> list[float]:
-    """Seconds from each stroke's release to its new preview loaded on the page, one stroke at a time."""
+def in_browser(url: str, strokes: int) -> tuple[list[float], dict[str, list[float]]]:
+    """Seconds from each stroke's release to its new preview loaded on the page, one stroke at a time, and
+    the seconds of each phase between (PHASES) for each stroke."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -96,7 +116,7 @@ def in_browser(url: str, strokes: int) -> list[float]:
         page.evaluate(WATCH)
         box = canvas.bounding_box()
         left, right = box["x"] + 0.2 * box["width"], box["x"] + 0.8 * box["width"]
-        latencies = []
+        latencies, phases = [], {}
         for k in range(strokes + 1):  # stroke 0 warms up
             y = box["y"] + box["height"] * (0.25 + 0.5 * k / max(strokes, 1))  # new rows: a new mask, a new image
             seen = page.evaluate("window.loads.length")
@@ -110,8 +130,10 @@ def in_browser(url: str, strokes: int) -> list[float]:
             first = page.evaluate("released => window.loads.find(l => l.t > released).t", released)
             if k:
                 latencies.append((first - released) / 1000)
+                for phase, ms in (page.evaluate(PHASES, [released, first]) or {}).items():
+                    phases.setdefault(phase, []).append(ms / 1000)
         browser.close()
-    return latencies
+    return latencies, phases
 
 
 def main(argv=None):
@@ -142,7 +164,7 @@ def main(argv=None):
                     lambda k: worker.submit(studio.preview, labels, (), k).result(), args.repeats
                 )
             preview, generate = through_client(demo.local_url, mask, args.repeats)
-        strokes = in_browser(demo.local_url, args.strokes) if args.browser else []
+        strokes, phases = in_browser(demo.local_url, args.strokes) if args.browser else ([], {})
     finally:
         demo.close()
 
@@ -158,6 +180,8 @@ def main(argv=None):
         shown = " ".join(f"{s:.3f}" for s in strokes)
         print(f"  browser, stroke released to preview loaded: median {statistics.median(strokes):.3f} s, "
               f"max {max(strokes):.3f} s over {len(strokes)} strokes ({shown})")
+        for phase, seconds in phases.items():
+            print(f"    {phase:<60} median {statistics.median(seconds):.3f} s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ drawn alone, one after another: the studio before batched serving), once at its 
 together are drawn in one network call). Against each, 1, 10 and 20 painters preview at once through
 gradio_client, each painter with its own client, mask and seeds, sending its next preview as soon as the last
 has come back (a painter stroking without pause). Prints p50 and p95 seconds from request to image downloaded,
-previews per second, and the ratio of 20 painters' p95 to one painter's p50 against the same server.
+previews per second, and the ratio of 20 painters' p95 to one painter's p50 against the same server. First,
+the network alone, in this process: 20 previews drawn one after another, on 20 threads at once (what raising
+the queue's concurrency alone would do), and in one batched call.
 
     python benchmarks/serving.py                         # the bundled default model, psfhs-ultrasound-256
     python benchmarks/serving.py --model assets/models/psfhs-ultrasound-64 --rounds 4
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from segdiff.studio.actions import Recipe, Studio  # noqa: E402
 from segdiff.studio.registry import Models  # noqa: E402
 
 PAINTERS = (1, 10, 20)
@@ -90,8 +94,8 @@ def painters(url: str, files: list[Path], rounds: int) -> tuple[list[float], flo
     def paint(k: int) -> None:
         def preview(seed: int) -> float:
             began = time.perf_counter()
-            image = clients[k].predict(mask=handle_file(str(files[k])), omit=[], seed=seed, api_name="/preview")
-            PIL.Image.open(image).load()
+            mask = handle_file(str(files[k]))
+            PIL.Image.open(clients[k].predict(mask=mask, omit=[], seed=seed, api_name="/preview")).load()
             return time.perf_counter() - began
 
         preview(10_000 + k)
@@ -114,8 +118,32 @@ def painters(url: str, files: list[Path], rounds: int) -> tuple[list[float], flo
     return times, len(times) / wall
 
 
+def network_alone(studio: Studio, files: list[Path]) -> dict[str, float]:
+    """Seconds to draw one preview of each file: one after another, all on threads at once, in one call."""
+    items = [(studio.mask_from_file(f)[0], k) for k, f in enumerate(files)]
+    # On a worker thread, as gradio runs handlers: beside another busy process the main thread's OpenMP pool
+    # was seen to sample several times slower than a worker thread's.
+    worker = ThreadPoolExecutor(1)
+    here = lambda batch: studio.draw_batch(Recipe(studio.name), batch, None)  # noqa: E731
+    draw = lambda batch: worker.submit(here, batch).result()  # noqa: E731
+    draw(items[:2])  # warm-up
+    ways = {
+        "one after another": lambda: [draw([item]) for item in items],
+        "on threads at once": lambda: list(ThreadPoolExecutor(len(items)).map(here, [[i] for i in items])),
+        "in one batched call": lambda: draw(items),
+    }
+    seconds = {}
+    for way, run in ways.items():
+        began = time.perf_counter()
+        run()
+        seconds[way] = time.perf_counter() - began
+    return seconds
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=None, help="default: the studio's default model")
     parser.add_argument("--rounds", type=int, default=6, help="previews each painter sends, timed")
     args = parser.parse_args(argv)
@@ -123,12 +151,15 @@ def main(argv=None):
     if model is None:
         bundled = Models.discover(app.MODELS, app.DEFAULT_MODEL)
         model = bundled.folders[bundled.default]
-    size = Models.discover(app.MODELS, app.DEFAULT_MODEL, model=model).get().size
+    studio = Models.discover(app.MODELS, app.DEFAULT_MODEL, model=model).get()
+    studio.pipe.set_progress_bar_config(disable=True)
+    size = studio.size
     load_before = os.getloadavg()[0]
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = masks(model.name, Path(tmp), size, max(PAINTERS))
+        alone = network_alone(studio, files)
         for label, max_batch in (("batching off (--max_batch 1)", 1), ("batched (default)", app.MAX_BATCH)):
             server, url = start(model, max_batch)
             try:
@@ -139,6 +170,8 @@ def main(argv=None):
 
     print(f"model {model.name}, {size} px, {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; {args.rounds} previews per painter")
+    print(f"  the network alone, {max(PAINTERS)} previews: " + ", ".join(
+        f"{way} {seconds:.2f} s" for way, seconds in alone.items()))
     print(f"  {'':<30}" + "".join(f"{f'{n} painters':>28}" for n in PAINTERS) + "   20 p95 / 1 p50")
     print(f"  {'':<30}" + "".join(f"{'p50 s':>9}{'p95 s':>9}{'/s':>10}" for _ in PAINTERS))
     for label, row in rows.items():

@@ -206,6 +206,10 @@ def test_missing_model_fails_at_start_with_a_clear_message(tmp_path, capsys):
         app.main(["--model", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "no model folder at" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--max_batch", "0"])
+    assert exit_info.value.code == 2
+    assert "batch of 0 images: expected at least 1 image per network call" in capsys.readouterr().err
 
 
 # ---- hostile and careless requests -------------------------------------------------------------------

@@ -13,7 +13,6 @@ block takes its most frequent class: a stroke counts where it covers most of a m
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import math
@@ -109,6 +108,16 @@ class Settings:
             object.__setattr__(self, name, value)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a batched network call draws, as plain values that may cross to another process (ZeroGPU): the
+    model by name, its settings (None: a preview, at the model's defaults) and start image (1, C, H, W)."""
+
+    model: str
+    settings: Settings | None = None
+    image: torch.Tensor | None = None
+
+
 class Studio:
     """An opened model and the actions the studio offers on it; `name` (default: the folder's) labels its results.
 
@@ -135,7 +144,7 @@ class Studio:
         self.size = card.img_size
         self.canvas_scale = max(1, round(CANVAS_SIDE / self.size))
         self.display_scale = max(1, round(DISPLAY_SIDE / self.size))
-        self.lanes = lanes or Lanes()
+        self.lanes = (lanes or Lanes()).serve(self.draw_batch)  # lanes a registry shares, it serves itself
         self.segmenter, self.segmenter_fault = load_segmenter(self)
         self.results = Path(tempfile.mkdtemp(prefix="segdiff-studio-"))
         weakref.finalize(self, shutil.rmtree, self.results, True)
@@ -373,13 +382,8 @@ class Studio:
         seed = check_seed(seed, "seed")
         self._check_omit(omit)
         kept = np.asarray(omit_classes(mask, omit))
-        [image] = self.lanes.preview.draw(self, [(kept, seed)], self._draw_previews)
+        [image] = self.lanes.preview.draw(self, [(kept, seed)], Recipe(self.name))
         return image
-
-    def _draw_previews(self, items: list[tuple[np.ndarray, int]], progress: Progress | None) -> list:
-        """(kept mask, seed) pairs -> one PIL image each, at the model's default settings."""
-        masks, seeds = zip(*items, strict=True)
-        return self.pipe(list(masks), generator=_generators(seeds), output_type="pil").images
 
     def _check_omit(self, omit: Sequence[int]) -> None:
         bad = [c for c in omit if not 1 <= c < self.card.num_classes]
@@ -390,11 +394,16 @@ class Studio:
         """One (H, W, C) uint8 image per (mask, seed), drawn with other requests at the same settings
         (`lanes.sample`); a request with a start image is drawn alone."""
         key = (self, settings.steps, settings.sampler, settings.guidance_scale) if image is None else object()
-        draw = functools.partial(self._draw_samples, settings, image)
-        return self.lanes.sample.draw(key, list(zip(masks, seeds, strict=True)), draw, progress)
+        items = list(zip(masks, seeds, strict=True))
+        return self.lanes.sample.draw(key, items, Recipe(self.name, settings, image), progress)
 
-    def _draw_samples(self, settings: Settings, image, items, progress: Progress | None) -> list[np.ndarray]:
+    def draw_batch(self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None) -> list:
+        """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults (a
+        preview recipe), or an (H, W, C) uint8 array each at the recipe's settings."""
         masks, seeds = zip(*items, strict=True)
+        if recipe.settings is None:
+            return self.pipe(list(masks), generator=_generators(seeds), output_type="pil").images
+        settings, image = recipe.settings, recipe.image
         out = self.pipe(
             list(masks),
             num_inference_steps=settings.steps,

@@ -7,12 +7,18 @@ images it would get alone, up to float rounding. Masks and settings are checked 
 bad one is refused alone; should a call still fail, each request in it is drawn again alone, and only the one
 at fault fails. A request waits on its own thread (gradio's worker); the leader draws on its own, so a ZeroGPU
 Space sees one `spaces.GPU` call per batch, made from a request (`on_device` wraps it).
+
+What a call draws is data, not code: a request names its `recipe` (what to draw, e.g. a model and its
+settings) and the lane hands recipe and items to its `runner`, which was bound once, before any call. ZeroGPU
+runs a call in a forked worker and pickles its arguments there: a recipe and arrays cross, an opened model
+never does (the worker has its own copy, from the fork, or opens it).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -21,20 +27,16 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 Progress = Callable[[int, int], None]
-Draw = Callable[[list, Progress | None], list]  # items -> one result per item, in order
+Runner = Callable[[object, list, Progress | None], list]  # (recipe, items, progress) -> a result per item
 
 log = logging.getLogger(__name__)
-
-
-def _draw(draw: Draw, items: list, progress: Progress | None) -> list:
-    return draw(items, progress)
 
 
 @dataclass(eq=False)
 class _Request:
     key: Hashable
     items: list
-    draw: Draw
+    recipe: object
     progress: Progress | None
     # A progress bar belongs to its request's context (gradio reads the event from context variables), while
     # the leader's thread calls it: each call runs in a copy of the requester's context.
@@ -52,27 +54,41 @@ class Lane:
     """One network call at a time; what waits meanwhile is drawn together next.
 
     max_items: images per call (a request bigger than this still runs, alone); 1 draws each request alone.
-    wait: seconds a call's leader waits for company when fewer than `max_items` images wait (the first
-    request after a quiet spell; later ones gather while a call runs). on_device: wraps each call
-    (`spaces.GPU` on a ZeroGPU Space).
+    wait: a call's leader waits until as many images wait as the last call drew, for at most a quarter of the
+    last call's time and never more than `wait` seconds. Painters whose previews came back together ask again
+    moments apart; without the wait, the first to ask would be drawn alone and the rest would wait for that
+    call. A lone painter, whose last call drew one image, never waits. on_device: wraps the runner
+    (`spaces.GPU` on a ZeroGPU Space); its calls get no progress callback, which could not cross to another
+    process.
     """
 
-    def __init__(self, max_items: int = 32, wait: float = 0.005, on_device: Callable | None = None):
+    def __init__(self, max_items: int = 32, wait: float = 0.5, on_device: Callable | None = None):
         if max_items < 1:
             raise ConfigError(f"batch of {max_items} images: expected at least 1 image per network call")
-        self.max_items, self.wait = max_items, wait
-        self._call = on_device(_draw) if on_device is not None else _draw
+        self.max_items, self.wait, self.on_device = max_items, wait, on_device
+        self._call: Runner | None = None
         self._waiting: list[_Request] = []
         self._busy = False  # a call is being drawn
+        self._last = (max_items, math.inf)  # (images, seconds) of the last call: what a leader waits for
         self._changed = threading.Condition()
 
-    def draw(self, key: Hashable, items: Sequence, draw: Draw, progress: Progress | None = None) -> list:
-        """`draw(items, progress)`'s results for these items, drawn with any others of the same `key`.
+    @property
+    def served(self) -> bool:
+        return self._call is not None
 
-        Requests with equal keys must be drawable in one call by either one's `draw`. Blocks until done;
+    def serve(self, runner: Runner) -> None:
+        """Draw every call with `runner(recipe, items, progress)`, wrapped by `on_device`; once, first."""
+        self._call = self.on_device(runner) if self.on_device is not None else runner
+
+    def draw(self, key: Hashable, items: Sequence, recipe: object, progress: Progress | None = None) -> list:
+        """The runner's results for these items, drawn with any others of the same `key` in one call.
+
+        Requests with equal keys must be drawable in one call by either one's `recipe`. Blocks until done;
         raises what drawing these items alone raised.
         """
-        request = _Request(key, list(items), draw, progress)
+        if self._call is None:
+            raise RuntimeError("a lane draws only once it is served (Lane.serve)")
+        request = _Request(key, list(items), recipe, progress)
         with self._changed:
             self._waiting.append(request)
             self._changed.notify_all()  # a leader gathering company may take this one
@@ -87,11 +103,13 @@ class Lane:
         return request.results
 
     def _lead(self, first: _Request) -> None:
-        deadline = time.monotonic() + self.wait
+        expected, seconds = self._last
+        expected, deadline = min(expected, self.max_items), time.monotonic() + min(self.wait, seconds / 4)
         with self._changed:
-            while self._items(first.key) < self.max_items and (left := deadline - time.monotonic()) > 0:
+            while self._items(first.key) < expected and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
             batch = self._take(first)
+        began = time.monotonic()
         try:
             self._run(batch)
         finally:
@@ -101,6 +119,7 @@ class Lane:
                         request.error = RuntimeError("the batched call was interrupted")
                     request.done = True
                 self._busy = False
+                self._last = (sum(len(r.items) for r in batch), time.monotonic() - began)
                 self._changed.notify_all()
 
     def _items(self, key: Hashable) -> int:
@@ -110,7 +129,8 @@ class Lane:
         """`first`, then the oldest waiting requests with its key while their images fit `max_items`."""
         batch, size = [first], len(first.items)
         for request in self._waiting:
-            if request is not first and request.key == first.key and size + len(request.items) <= self.max_items:
+            fits = size + len(request.items) <= self.max_items
+            if request is not first and request.key == first.key and fits:
                 batch.append(request)
                 size += len(request.items)
         self._waiting = [r for r in self._waiting if r not in batch]
@@ -124,7 +144,7 @@ class Lane:
                 request.report(step, total)
 
         try:
-            results = self._call(batch[0].draw, items, progress)
+            results = self._call(batch[0].recipe, items, progress if self.on_device is None else None)
         except Exception as e:
             if len(batch) == 1:
                 batch[0].error = e
@@ -148,3 +168,10 @@ class Lanes:
 
     preview: Lane = field(default_factory=Lane)
     sample: Lane = field(default_factory=Lane)
+
+    def serve(self, runner: Runner) -> Lanes:
+        """Serve both lanes with `runner`, unless served already (by the registry that shares them)."""
+        for lane in (self.preview, self.sample):
+            if not lane.served:
+                lane.serve(runner)
+        return self

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..model.pipeline import SegDiffPipeline
 from ..resolve import model_folder
-from .actions import Studio, model_name
+from .actions import Recipe, Studio, model_name
 from .batching import Lanes
 
 
@@ -33,7 +33,9 @@ class Models:
             raise CheckpointError(f"default model {default!r}: expected one of {list(folders)}")
         self.folders, self.default, self.examples_root = dict(folders), default, examples
         self.num_classes = num_classes or {}
-        self.lanes = lanes or Lanes()
+        # The lanes' calls find their model by name: on ZeroGPU they run in a worker forked from this process,
+        # which opens a model the fork did not hold.
+        self.lanes = (lanes or Lanes()).serve(self.draw_batch)
         self._open: dict[str, tuple[Studio, list[str]]] = {}
         self._lock = threading.Lock()  # two first requests for one model load it once
 
@@ -75,6 +77,10 @@ class Models:
         models = cls({studio.name: studio.folder}, studio.name, examples, lanes=studio.lanes)
         models._open[studio.name] = (studio, models._examples_of(studio))
         return models
+
+    def draw_batch(self, recipe: Recipe, items: list, progress) -> list:
+        """One network call of the lanes (`Studio.draw_batch`), by the model the recipe names."""
+        return self.get(recipe.model).draw_batch(recipe, items, progress)
 
     @property
     def names(self) -> list[str]:
