@@ -347,14 +347,8 @@ class Studio:
         notices = [*notices, *_nothing_to_follow(mask, kept)]
         return self._finish("generate", images, [kept] * len(seeds), captions, own, record, mask, notices)
 
-    def sweep(
-        self,
-        mask: np.ndarray,
-        settings: Settings,
-        image: torch.Tensor | None = None,
-        progress: Progress | None = None,
-        notices: Sequence[str] = (),
-    ) -> Run:
+    def sweep(self, mask: np.ndarray, settings: Settings, image: torch.Tensor | None = None,
+              progress: Progress | None = None, notices: Sequence[str] = ()) -> Run:  # fmt: skip
         """One noise, all classes kept, then each class present in the mask omitted in turn (`notices`: as
         for `generate`); `settings.omit` and `num_images` are not used."""
         settings = replace(settings, omit=(), num_images=1)
@@ -397,7 +391,9 @@ class Studio:
         items = list(zip(masks, seeds, strict=True))
         return self.lanes.sample.draw(key, items, Recipe(self.name, settings, image), progress)
 
-    def draw_batch(self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None) -> list:
+    def draw_batch(
+        self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None
+    ) -> list:
         """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults (a
         preview recipe), or an (H, W, C) uint8 array each at the recipe's settings."""
         masks, seeds = zip(*items, strict=True)
