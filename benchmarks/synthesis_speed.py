@@ -8,7 +8,7 @@ rates, their ratio (issue 36's target on 2 CPU cores: >= 1.6x) and whether the N
 one-process files byte for byte.
 
     python benchmarks/synthesis_speed.py [--model assets/models/psfhs-ultrasound-64]
-        [--masks assets/examples/psfhs-ultrasound-64] [--n 48] [--processes 2] [--rounds 2] [-- FLAGS]
+        [--masks assets/examples/psfhs-ultrasound-64] [--n 128] [--processes 2] [--rounds 2] [-- FLAGS]
 
 FLAGS go to `synthesize` as they are (say `--steps 4`); without them the model card's settings draw.
 """
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="assets/models/psfhs-ultrasound-64")
     parser.add_argument("--masks", default="assets/examples/psfhs-ultrasound-64")
-    parser.add_argument("--n", type=int, default=48, help="pairs per run")
+    parser.add_argument("--n", type=int, default=128, help="pairs per run (whole batches of 16 share out evenly)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("flags", nargs="*", help="after --: flags for synthesize")
