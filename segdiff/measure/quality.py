@@ -180,9 +180,9 @@ def measure_quality(
 
     masks: (N, H, W) class ids; real_images: the N real images of those masks, as `Segmenter.predict`
     takes them; baseline_images: other real images (a train subset) for the real-vs-real KID baseline.
-    Image i is drawn from its own generator for (seed, i), the one
-    `segdiff.model.sampling` samples with: every setting starts from the same noise, whatever the batching. Reported: per-class and mean Dice
-    against the masks; with `omit_each`, for each class c present, the Dice of the kept classes (not c,
+    Image i is drawn from its own generator for (seed, i), the one `segdiff.model.sampling` samples with: every
+    setting starts from the same noise, whatever the batching. Reported: per-class and mean Dice against the
+    masks; with `omit_each`, for each class c present, the Dice of the kept classes (not c,
     not background) when c is omitted; the segmenter's Dice on the real images (the ceiling); KID of the
     generated images against the real ones, beside KID(baseline_images, real_images). Dice values are
     rounded to 4 digits, undefined ones stored as null. `guidance_scale`: the pipeline's mask guidance.
@@ -262,17 +262,12 @@ def measure_quality(
                 **({"upscale_sampler": upscaler[0], "upscale_steps": upscaler[1]} if upscaler else {}),
                 **({"guidance_scale": guidance_scale} if guidance_scale != 1 else {}),
             },
-            "dice": _named(dice(pred, masks, k), names),
-            "mean_dice": round_score(mean_dice(pred, masks, k)),
+            **_dice_record(pred, masks, names),
             "omit": {},
         }
         for c in omitted:
             kept = [j for j in range(1, k) if j != c]
-            pred = segmenter.predict(sample((c,)))
-            result["omit"][names[c]] = {
-                "dice": _named(dice(pred, masks, k, kept), names),
-                "mean_dice": round_score(mean_dice(pred, masks, k, kept)),
-            }
+            result["omit"][names[c]] = _dice_record(segmenter.predict(sample((c,))), masks, names, kept)
         train_generated = None if train_masks is None else sample((), train_masks, n)
     finally:
         pipe.precision = previous_precision
@@ -280,12 +275,29 @@ def measure_quality(
         bar.close()
     if card.upscaling is not None:
         result["detail"] = detail(generated, real_images, card.upscaling.low_res_size)
-    result["real"] = {
-        "dice": _named(dice(real_pred, masks, k), names),
-        "mean_dice": round_score(mean_dice(real_pred, masks, k)),
+    result["real"] = _dice_record(real_pred, masks, names)
+    result["realism"] = _realism(segmenter, generated, real_images, baseline_images, seed, radiomics)
+    if train_masks is not None:
+        result["realism"].update(
+            _classifier_tests(train_generated, train_images, generated, real_images, card, seed)
+        )
+    return result
+
+
+def _dice_record(pred, masks, names: Sequence[str], classes: Sequence[int] | None = None) -> dict:
+    """Per-class and mean Dice of predicted masks against `masks` (over `classes`; default every
+    non-background class), by class name."""
+    return {
+        "dice": _named(dice(pred, masks, len(names), classes), names),
+        "mean_dice": round_score(mean_dice(pred, masks, len(names), classes)),
     }
+
+
+def _realism(segmenter: Segmenter, generated, real_images, baseline_images, seed: int, radiomics: bool) -> dict:
+    """KID and Frechet distance of the generated (and baseline) images to the real ones on the segmenter's
+    features; with `radiomics`, FRD too."""
     # Half-size subsets: with subsets as large as the sets, every subset would be the whole set (std 0).
-    real_features, subset = segmenter.features(real_images), max(2, n // 2)
+    real_features, subset = segmenter.features(real_images), max(2, len(real_images) // 2)
 
     def distances(features: np.ndarray, prefix: str = "") -> dict:
         return {
@@ -304,10 +316,7 @@ def measure_quality(
         realism["frd"] = float(f"{frd(generated, real_images):.4g}")
         if baseline_images is not None:
             realism["baseline_frd"] = float(f"{frd(baseline_images, real_images):.4g}")
-    if train_masks is not None:
-        realism.update(_classifier_tests(train_generated, train_images, generated, real_images, card, seed))
-    result["realism"] = realism
-    return result
+    return realism
 
 
 CLASSIFIER_SIZE = 128  # the largest size the classifier test reads images at: larger ones are shrunk to it
