@@ -10,6 +10,8 @@ preview redraws after each stroke; the API's `/generate`, `/sweep` and `/preview
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import functools
 import logging
 import random
@@ -68,6 +70,104 @@ CSS = """
 #reroll { align-self: flex-end; margin-bottom: 8px; }
 .tips { font-size: 0.88em; opacity: 0.85; }
 """
+# The live preview reads the painted canvas in the page itself. When an event listens to gradio's editor, the
+# editor spends about a second after each stroke in headless Chromium (software WebGL on a busy 2-core CPU)
+# extracting background, layer and composite as PNGs and uploading them before its `change` fires. No event
+# listens to it here, so it does none of that; HEAD watches the page for edits instead (a stroke released on the
+# canvas, a click on the editor's buttons: Undo, Redo, Clear canvas), reads the canvas's composite as one PNG
+# through the editor's own Pixi renderer, exactly as the editor extracts it for Generate, and, when it differs
+# from the one last sent, clicks the hidden `#stroke-done` button. The preview event's READ_CANVAS then sends
+# it, a data URL of a few KB, in place of the hidden `canvas` box's value. The editor's Pixi application is
+# caught as Pixi announces it to its devtools (`__PIXI_APP_INIT__`), which HEAD sets before the editor starts.
+HEAD = """<script>
+(() => {
+  const apps = [];
+  const announced = globalThis.__PIXI_APP_INIT__;
+  globalThis.__PIXI_APP_INIT__ = (app, version) => { apps.push(app); announced?.(app, version); };
+  const editorApp = () =>
+    apps.filter(a => a.canvas?.isConnected && a.canvas.closest("#mask-editor .pixi-target")).pop();
+
+  // The editor's composite (background and layers), as its own export for Generate reads it: a PNG data URL,
+  // or null while the editor is not drawn.
+  const read = () => {
+    try {
+      return extract(editorApp());
+    } catch (e) {  // an editor whose insides have moved (see "private Gradio workarounds" in app.py)
+      console.warn("segdiff: cannot read the canvas", e);
+      return null;
+    }
+  };
+  const extract = app => {
+    const image = app?.stage.children.find(c => c.sortableChildren);  // background (zIndex -1) and layers
+    const background = image?.children.find(c => c.zIndex === -1);
+    if (!background) return null;
+    const bounds = background.getLocalBounds();
+    const frame = new app.screen.constructor(0, 0, Math.round(bounds.width), Math.round(bounds.height));
+    const {pixels, width, height} = app.renderer.extract.pixels({target: image, resolution: 1, frame});
+    if (app.renderer.name === "webgl") {  // WebGL reads premultiplied alpha: undo it, as the editor does
+      for (let i = 0; i < pixels.length; i += 4) {
+        const a = pixels[i + 3];
+        if (a > 0 && a < 255) for (let c = 0; c < 3; c++) pixels[i + c] = pixels[i + c] * 255 / a;
+      }
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    const data = context.createImageData(width, height);
+    data.data.set(pixels);
+    context.putImageData(data, 0, 0);
+    return canvas.toDataURL("image/png");
+  };
+
+  // What the preview event sends (READ_CANVAS): the canvas as an edit left it, else as it is now.
+  let edited = null, sent = null;
+  window.segdiffCanvas = () => {
+    sent = edited ?? read();
+    edited = null;
+    return sent;
+  };
+  let armed = false;  // a pointer went down on the canvas: a stroke is being drawn
+  const check = () => {  // after an edit: a preview, unless the canvas is as last sent (a pan, a tool chosen)
+    if (armed) return;  // mid-stroke: its release looks
+    const now = read();
+    if (now === null || now === sent) return;
+    edited = now;
+    document.querySelector("#stroke-done")?.click();
+  };
+
+  // A stroke ends where the pointer is released after going down on the canvas. Pixi's own handler, which
+  // commits the stroke to its layer, listens on window as the event descends; this one as it rises back.
+  document.addEventListener("pointerdown", e => {
+    armed = !!e.target.closest?.("#mask-editor canvas");
+    // The editor's one filter, the light theme's soft shadow around the canvas (the dark theme has none),
+    // costs as much as the rest of a software-rendered frame together.
+    for (const part of armed ? editorApp()?.stage.children ?? [] : []) {
+      for (const child of part.children) child.filters = null;
+    }
+  }, true);
+  window.addEventListener("pointerup", () => {
+    if (!armed) return;
+    armed = false;
+    check();
+    // The editor renders frames for half a second after any pointer event; in software WebGL each one holds
+    // the page for a fifth of a second, and the preview's requests would wait behind them. One frame shows the
+    // committed stroke, then the loop rests until the next pointer event wakes it.
+    const app = editorApp();
+    app?.ticker.addOnce(() => app.ticker.stop(), null, -50);  // after that frame's render (priority -25)
+  });
+  // The editor's buttons stop their clicks from rising: catch them descending, and look once the button has
+  // acted, and again later for what it does asynchronously (Clear canvas).
+  document.addEventListener("click", e => {
+    if (!e.target.closest?.("#mask-editor button")) return;
+    setTimeout(check, 0);
+    setTimeout(check, 300);
+  }, true);
+})();
+</script>"""
+# The preview event's inputs as the page sends them: the canvas in place of the hidden `canvas` box's value.
+READ_CANVAS = "(model, canvas, keep, seed) => [model, window.segdiffCanvas?.() ?? null, keep, seed]"
+MAX_PAINTED = 2_000_000  # characters of a canvas's data URL (a 2048 px canvas of a few colours is far less)
 
 
 # How events run. The page's own events are private: any client can reach them, none is documented. Inputs
@@ -93,7 +193,13 @@ log = logging.getLogger("segdiff.studio")
 #   event, whose raw value names them by `id`; once an event has updated the editor, the session holds its own
 #   copy of the component (`LocalContext.blocks_config`). While an event listens to the editor, the browser
 #   sends each stroke's blobs, and most are never named by a value: gradio keeps them all, we keep the newest.
+#   The studio's page no longer has such an event (HEAD), so its Generate uploads the canvas's files instead;
+#   a client that sends blobs the editor's way is still read.
 # - `path_of` reads a raw (preprocess=False) file value: gradio's FileData as a dict.
+# - HEAD reads the editor's canvas through its Pixi application (Pixi 8's `__PIXI_APP_INIT__` devtools hook): the
+#   application whose canvas is in `#mask-editor .pixi-target`, its stage child that sorts its children (the
+#   editor's image container: background at zIndex -1, then the layers), extracted as the editor's `get_blobs`
+#   does; it stops the editor's render loop (`app.ticker`), which the editor restarts at the next pointer event.
 
 
 def refuse_foreign_files(demo: gr.Blocks) -> None:
@@ -140,6 +246,18 @@ def painted(editor: gr.ImageEditor) -> dict:
 
 def path_of(file) -> str | None:
     return file["path"] if isinstance(file, dict) else None
+
+
+def png_of(data_url: str) -> bytes:
+    """The PNG bytes of a canvas the page read itself (READ_CANVAS): a `data:image/png;base64,` URL."""
+    head, _, body = data_url.partition(",")
+    if head != "data:image/png;base64" or len(data_url) > MAX_PAINTED:
+        raise DataLayoutError(f"canvas: expected a PNG data URL of at most {MAX_PAINTED} characters, got "
+                              f"{data_url[:30]!r}... ({len(data_url)} characters)")
+    try:
+        return base64.b64decode(body, validate=True)
+    except binascii.Error as e:
+        raise DataLayoutError(f"canvas: the PNG data URL is not base64 ({e})") from e
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
@@ -255,8 +373,12 @@ class Handlers:
         return studio, labels, notices, settings
 
     def mask_of(self, studio: Studio, value) -> tuple[np.ndarray, list[str]]:
-        """The API's uploaded file or the editor's raw value -> (class ids, notices); images stay undecoded until
-        the studio has checked them."""
+        """The API's uploaded file, the editor's raw value, the canvas the page read itself or a mask the page
+        loaded -> (class ids, notices); images stay undecoded until the studio has checked them."""
+        if isinstance(value, str):  # the page's own reading of its canvas after a stroke (READ_CANVAS)
+            return studio.mask_from_editor(composite=png_of(value)), []
+        if isinstance(value, np.ndarray):  # a mask file just loaded into the editor, held by the session
+            return value, []
         if value is None or "path" in value:
             if path_of(value) is None:
                 raise ConfigError("mask: no file given; expected an integer-label PNG, a palette PNG or a .npy")
@@ -315,15 +437,16 @@ class Handlers:
             None,
         )
 
-    def loaded(self, studio: Studio, path) -> gr.ImageEditor:
+    def loaded(self, studio: Studio, path) -> tuple[gr.ImageEditor, np.ndarray]:
+        """The editor showing a mask file, and the mask, which the preview then draws."""
         mask, notices = studio.mask_from_file(path)
         for notice in notices:
             gr.Warning(notice)
-        return gr.ImageEditor(**editor_of(studio, mask))
+        return gr.ImageEditor(**editor_of(studio, mask)), mask
 
     @user_errors
     def load_mask(self, model, file):
-        return self.loaded(self.models.get(model), path_of(file)) if path_of(file) else gr.skip()
+        return self.loaded(self.models.get(model), path_of(file)) if path_of(file) else (gr.skip(), gr.skip())
 
     @user_errors
     def load_example(self, model, index):
@@ -345,12 +468,13 @@ class Handlers:
                        guidance_scale=guidance, strength=strength)
         return self.shown(run, contours)
 
-    def on_paint(self, model, editor, keep, seed):
-        """The live preview after a stroke (or a change of the kept classes or the seed), quietly: a blank
-        canvas shows none, and a mask or setting that cannot be read keeps the last one, without a message at
-        every stroke (Generate says what is wrong)."""
+    def on_paint(self, model, painted, keep, seed):
+        """The live preview after a stroke (or a change of the kept classes or the seed, or a mask loaded),
+        quietly: a blank canvas shows none, and a mask or setting that cannot be read keeps the last one, without
+        a message at every stroke (Generate says what is wrong). `painted`: the canvas as the page read it
+        (READ_CANVAS), or the mask just loaded."""
         try:
-            studio, labels, _, settings = self.request(model, editor, keep=keep or [], seed=seed)
+            studio, labels, _, settings = self.request(model, painted, keep=keep or [], seed=seed)
             return studio.preview(labels, settings.omit, settings.seed) if labels.any() else None
         except SegdiffError as e:
             log.info("segdiff studio: no preview: %s", e)
@@ -486,16 +610,18 @@ def build_demo(models: Models) -> gr.Blocks:
             on.on_sweep, [picker, editor, seed, steps, sampler, guidance, start_image, strength, contours],
             outputs, **PRIVATE, **sampling,
         )
-        # The editor's `change` comes once a stroke's paint has reached the server, and when a mask is loaded
-        # into it; its `input` comes sooner, with the canvas as it was before the stroke.
-        gr.on(
-            [editor.change, keep.change, seed.change], on.on_paint, [picker, editor, keep, seed], preview,
-            trigger_mode="always_last", show_progress="hidden", **PRIVATE, **previews,
-        )
+        # No event listens to the editor (HEAD says why): a stroke clicks `stroke_done`, and the page reads the
+        # canvas into `canvas` (READ_CANVAS). A mask loaded into the editor is previewed from the file read.
+        stroke_done = gr.Button(visible="hidden", elem_id="stroke-done")
+        canvas, loaded = gr.Textbox(visible=False), gr.State(None)
+        live = dict(outputs=preview, trigger_mode="always_last", show_progress="hidden", **PRIVATE, **previews)
+        gr.on([stroke_done.click, keep.change, seed.change], on.on_paint, [picker, canvas, keep, seed],
+              js=READ_CANVAS, **live)
         contours.change(on.redraw, [run_state, contours], gallery, **PRIVATE, queue=False)
         reroll.click(lambda: random.randint(0, MAX_SEED), None, seed, **PRIVATE, queue=False)
-        mask_file.upload(on.load_mask, [picker, mask_file], editor, **PRIVATE, **RAW)
-        examples.click(on.load_example, [picker, examples], editor, **PRIVATE, **RAW)
+        for load in (mask_file.upload(on.load_mask, [picker, mask_file], [editor, loaded], **PRIVATE, **RAW),
+                     examples.click(on.load_example, [picker, examples], [editor, loaded], **PRIVATE, **RAW)):
+            load.success(on.on_paint, [picker, loaded, keep, seed], **live)
         add_api(on, picker, seed, steps, num_images, sampler, guidance, sampling, previews)
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
@@ -539,7 +665,7 @@ def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance, sa
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
     """Start the server; host and port fall back to GRADIO_SERVER_NAME/PORT, then 127.0.0.1:7860."""
     return demo.launch(
-        server_name=host, server_port=port, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS, **kwargs
+        server_name=host, server_port=port, max_file_size=MAX_UPLOAD, theme=THEME, css=CSS, head=HEAD, **kwargs
     )
 
 

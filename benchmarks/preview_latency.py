@@ -5,14 +5,15 @@ The studio is launched in this process on one model. Through gradio_client, exac
 (4 images at the default sampler and steps, written with their settings and a zip, downloaded), both timed
 in the same run; their ratio is printed. With --browser, headless Chromium paints strokes on the canvas and
 times each from the mouse's release to the new preview image having loaded on the page, and splits that time
-into phases from the page's own resource timings (the editor's PNG blobs, their upload, the server, the image).
+into phases from the page's own timings (the canvas frame being drawn at the release, the page reading the canvas
+and sending it, the server, the image).
 
     python benchmarks/preview_latency.py                                        # the bundled 64 px model
     python benchmarks/preview_latency.py --model assets/models/psfhs-ultrasound-256 --browser
 
-Targets (issue 19): stroke to preview <= 0.3 s at 64 px and <= 1 s at 256 px on a 2-core CPU; a `/preview`
-call <= 0.3x a default 4-image `/generate`. The load average is printed before and after: numbers taken while
-another job uses the CPU are slower than the machine.
+Targets: stroke to preview <= 0.5 s in headless Chromium on a 2-core CPU (issue 32; issue 19 asked 0.3 s at 64 px
+and 1 s at 256 px); a `/preview` call <= 0.3x a default 4-image `/generate`. The load average is printed before
+and after: numbers taken while another job uses the CPU are slower than the machine.
 """
 
 from __future__ import annotations
@@ -44,28 +45,30 @@ from segdiff.studio.registry import Models  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]  # fmt: skip
-# Records, in the page, each stroke's release and each preview image's load (performance.now() times).
+# Records, in the page, each stroke's release, when the page got to handle it, and each preview image's load
+# (performance.now() times).
 WATCH = """() => {
-  window.strokes = []; window.loads = []; performance.setResourceTimingBufferSize(100000);
-  document.addEventListener('pointerup', e => window.strokes.push(e.timeStamp), true);
+  window.strokes = []; window.handled = []; window.loads = []; performance.setResourceTimingBufferSize(100000);
+  document.addEventListener('pointerup', e => {
+    window.strokes.push(e.timeStamp); window.handled.push(performance.now());
+  }, true);
   document.querySelector('#preview').addEventListener(
     'load', e => window.loads.push({t: performance.now(), src: e.target.src}), true);
 }"""
-# Where a stroke's time goes, from the page's resource timings (same clock as the events above): the editor
-# extracts its canvases as PNG blobs and sends them (`component_server` and upload requests), the event goes
-# to the queue, the server samples and answers, the page fetches and shows the preview's file.
-PHASES = """([released, loaded]) => {
+# Where a stroke's time goes, from the page's resource timings (same clock as the events above): the release
+# waits for the canvas frame being drawn, the page reads the canvas and sends the event to the queue, the server
+# samples and answers, the page fetches and shows the preview's file.
+PHASES = """([released, handled, loaded]) => {
   const after = performance.getEntriesByType('resource')
     .filter(e => e.startTime > released && e.startTime < loaded);
-  const of = part => after.filter(e => e.name.includes(part));
-  const blobs = [...of('/component_server'), ...of('/upload')];
-  const joins = of('/queue/join'), files = of('/file=');
-  if (!blobs.length || !joins.length || !files.length) return null;
-  const first = Math.min(...blobs.map(e => e.startTime)), file = files[files.length - 1];
+  const joins = after.filter(e => e.name.includes('/queue/join'));
+  const files = after.filter(e => e.name.includes('/file='));
+  if (!joins.length || !files.length) return null;
+  const sent = joins[0].startTime, file = files[files.length - 1];
   return {
-    'mouse-up to first blob sent (the editor extracts its PNGs)': first - released,
-    'first blob sent to event sent (blobs uploaded)': joins[0].startTime - first,
-    'event sent to preview file asked (queue, sampling, answer)': file.startTime - joins[0].startTime,
+    'mouse-up to the page handling it (the canvas frame being drawn)': handled - released,
+    'handled to event sent (the page reads the canvas, sends it)': sent - handled,
+    'event sent to preview file asked (queue, sampling, answer)': file.startTime - sent,
     'preview file fetched and shown': loaded - file.startTime,
   };
 }"""
@@ -126,11 +129,11 @@ def in_browser(url: str, strokes: int) -> tuple[list[float], dict[str, list[floa
             page.mouse.up()
             page.wait_for_function("seen => window.loads.length > seen", arg=seen)
             page.wait_for_timeout(1500)  # later loads of the same stroke's previews have arrived
-            released = page.evaluate("window.strokes[window.strokes.length - 1]")
+            released, handled = page.evaluate("[window.strokes.at(-1), window.handled.at(-1)]")
             first = page.evaluate("released => window.loads.find(l => l.t > released).t", released)
             if k:
                 latencies.append((first - released) / 1000)
-                for phase, ms in (page.evaluate(PHASES, [released, first]) or {}).items():
+                for phase, ms in (page.evaluate(PHASES, [released, handled, first]) or {}).items():
                     phases.setdefault(phase, []).append(ms / 1000)
         browser.close()
     return latencies, phases
@@ -181,7 +184,7 @@ def main(argv=None):
         print(f"  browser, stroke released to preview loaded: median {statistics.median(strokes):.3f} s, "
               f"max {max(strokes):.3f} s over {len(strokes)} strokes ({shown})")
         for phase, seconds in phases.items():
-            print(f"    {phase:<60} median {statistics.median(seconds):.3f} s")
+            print(f"    {phase:<66} median {statistics.median(seconds):.3f} s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCardData
 from .. import files
 from ..data.masks import ENCODINGS, Encoding, Palette, encoding_channels
 from ..errors import CheckpointError
+from .background import Background
 
 CARD_FILE = "segdiff_card.json"
 
@@ -106,6 +107,9 @@ class ModelCard:
     # The `dataset synthesize` settings whose pairs trained segmenters best (deform, steps, scheduler,
     # guidance_scale; checked by `segdiff.synth.pairs`), used wherever a run's flags leave them open.
     synthesis: dict = field(default_factory=dict)
+    # Its scans' constant `Background` outside their field of view, which the pipeline draws exactly; {} for
+    # models whose images have none.
+    background: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -117,7 +121,7 @@ class ModelCard:
             self.colors = [list(c) for c in Palette.default(self.num_classes).colors]
         if self.segmenter is not None:
             check_subfolder("segmenter", self.segmenter)
-        for name, record in (("upscale", "upscaling"), ("student", "distilled")):
+        for name, record in (("upscale", "upscaling"), ("student", "distilled"), ("background", "backdrop")):
             try:
                 getattr(self, record)  # refuses a damaged record now, not mid-sampling
             except TypeError as e:
@@ -136,6 +140,10 @@ class ModelCard:
     @property
     def distilled(self) -> Student | None:
         return Student(**self.student) if self.student else None
+
+    @property
+    def backdrop(self) -> Background | None:
+        return Background(**self.background) if self.background else None
 
     @property
     def last_training(self) -> dict:

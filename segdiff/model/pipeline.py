@@ -369,6 +369,7 @@ class SegDiffPipeline(DiffusionPipeline):
         upscale_steps: int | None = None,
         sampler: str | None = None,
         guidance_scale: float = 1.0,
+        exact_background: bool = True,
     ) -> ImagePipelineOutput | tuple:
         """Draw one image per mask.
 
@@ -398,6 +399,9 @@ class SegDiffPipeline(DiffusionPipeline):
             guidance_scale: mask guidance w in [1, MAX_GUIDANCE]; 1 = none. Above 1, each step also predicts for
                 the blank mask and extrapolates away from it, so images follow their masks more closely
                 (meant for models trained with mask ablation; for a cascade, its base model is guided).
+            exact_background: where the card records its scans' constant background (`card.backdrop`), set
+                the field each image draws outside its field of view to it (`segdiff.model.background`);
+                False for the network's own pixels.
         """
         scheduler = _check_arguments(num_inference_steps, upscale_steps, scheduler, sampler, output_type, strength)
         card = self.card
@@ -437,6 +441,7 @@ class SegDiffPipeline(DiffusionPipeline):
                 latents=latents, output_type="pt", batch_size=batch_size,
                 image=None if image is None else shrink(image, upscaling.low_res_size), strength=strength,
                 callback=outer and (lambda i, _: outer(i, total_steps)), guidance_scale=guidance_scale,
+                exact_background=False,
             ).images  # (B, C, h, w) in [0, 1]  # fmt: skip
             noise_level = torch.full((batch_size,), upscaling.noise_level, device=device)
             aug = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -454,7 +459,10 @@ class SegDiffPipeline(DiffusionPipeline):
         guidance = Guidance(blank, guidance_scale) if blank is not None else None
         x = self._denoise(stage, latents.to(device, torch.float32), cond, guidance, noise_level, eta, generator,
                           image, strength, callback)  # fmt: skip
-        images = self._output((x / 2 + 0.5).clamp(0, 1), output_type)
+        images = (x / 2 + 0.5).clamp(0, 1)
+        if exact_background and card.backdrop is not None:
+            images = card.backdrop.apply(images, masks if card.guided else None)
+        images = self._output(images, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _output(self, images: torch.Tensor, output_type: str):
