@@ -26,10 +26,10 @@ from gradio.exceptions import InvalidPathError
 from gradio_client.utils import is_http_url_like
 
 from segdiff import ConfigError, SegdiffError
-from segdiff.choices import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from segdiff.choices import DEFAULT_STEPS, SAMPLERS
 from segdiff.errors import DataLayoutError, check_integer
 from segdiff.resolve import is_hub_id
-from segdiff.studio.actions import MAX_IMAGES, MAX_SEED, MAX_STEPS, Settings, Studio
+from segdiff.studio.actions import MAX_IMAGES, MAX_SEED, MAX_STEPS, STUDENT, Settings, Studio
 from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
 from segdiff.studio.runs import Run
@@ -54,6 +54,7 @@ EDITOR_HEIGHT = 572  # pixels on screen, the toolbar included; the editor zooms 
 GUIDANCE_SLIDER_MAX = 8  # mask guidance past this saturates images; the API takes up to MAX_GUIDANCE
 KEEP_PAINTED = 256  # canvases a browser sent ahead of an event, held per editor (tens of KB each)
 SAMPLER_LABELS = {
+    STUDENT: "Student (the model's own few-step network: fastest)",
     "dpm++": "DPM++ 2M (fast)",
     "unipc": "UniPC (fast)",
     "ddim": "DDIM (original)",
@@ -343,6 +344,21 @@ def editor_of(studio: Studio, mask=None) -> dict:
     )
 
 
+def sampler_menu(studio: Studio) -> dict:
+    """The sampler dropdown of a model: the samplers it draws with, its default chosen."""
+    return dict(choices=[(SAMPLER_LABELS[s], s) for s in studio.samplers], value=studio.samplers[0])
+
+
+def steps_info(studio: Studio) -> str:
+    """What the Steps slider sets for a model: the student draws in its own steps, whatever the slider says."""
+    if STUDENT not in studio.samplers:
+        return "Denoising steps of the sampler."
+    drawn = studio.sampling(STUDENT, DEFAULT_STEPS)
+    own = (f"{drawn['steps']} + {drawn['upscale_steps']} (base, then upscaler)" if "upscale_steps" in drawn
+           else drawn["steps"])  # fmt: skip
+    return f"Not used by the student, which draws in its own {own} steps; sets the other samplers' steps."
+
+
 def progress_to(progress: gr.Progress):
     return lambda step, total: progress((step, total), desc="denoising", unit="steps")
 
@@ -430,6 +446,8 @@ class Handlers:
             studio.summary(),
             tips(studio),
             gr.Image(value=None, image_mode="L" if studio.card.img_channels == 1 else "RGB"),
+            gr.Dropdown(**sampler_menu(studio)),
+            gr.Slider(info=steps_info(studio)),
             None,
             gr.Gallery(value=None),
             None,
@@ -486,14 +504,19 @@ class Handlers:
         return self.gallery_of(run, contours) if run is not None else gr.skip()
 
     # ---- the API ----
+    # `sampler=None`: gradio lets a client leave out a parameter whose component has no value when its argument
+    # defaults to None, and sends None (the model's default); the defaults after it only satisfy Python, since
+    # their components' values are what gradio sends.
 
     @user_errors
-    def generate(self, mask, omit, seed, steps, num_images, sampler, guidance, model, progress=gr.Progress()):  # noqa: B008
+    def generate(self, mask, omit, seed, steps, num_images, sampler=None, guidance=Settings.guidance_scale, model=None,
+                 progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("generate", model, mask, None, progress, omit=omit, seed=seed, steps=steps,
                                       num_images=num_images, sampler=sampler, guidance_scale=guidance))
 
     @user_errors
-    def sweep(self, mask, seed, steps, sampler, guidance, model, progress=gr.Progress()):  # noqa: B008
+    def sweep(self, mask, seed, steps, sampler=None, guidance=Settings.guidance_scale, model=None,
+              progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler,
                                       guidance_scale=guidance))
 
@@ -559,10 +582,9 @@ def build_demo(models: Models) -> gr.Blocks:
                     )
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
+                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", info=steps_info(first))
                 with gr.Row():
-                    choices = [(SAMPLER_LABELS[s], s) for s in SAMPLERS]
-                    sampler = gr.Dropdown(choices, value=DEFAULT_SAMPLER, label="Sampler")
+                    sampler = gr.Dropdown(**sampler_menu(first), label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
                 guidance = gr.Slider(
@@ -597,7 +619,7 @@ def build_demo(models: Models) -> gr.Blocks:
         outputs = [gallery, settings_json, download, run_state]
         picker.change(
             on.switch, picker,
-            [editor, legend, keep, examples, model_line, painting_tips, start_image, preview, *outputs],
+            [editor, legend, keep, examples, model_line, painting_tips, start_image, sampler, steps, preview, *outputs],
             **PRIVATE, **RAW,
         )
         sampling, previews = lanes_of(models.lanes)
@@ -622,7 +644,7 @@ def build_demo(models: Models) -> gr.Blocks:
         for load in (mask_file.upload(on.load_mask, [picker, mask_file], [editor, loaded], **PRIVATE, **RAW),
                      examples.click(on.load_example, [picker, examples], [editor, loaded], **PRIVATE, **RAW)):
             load.success(on.on_paint, [picker, loaded, keep, seed], **live)
-        add_api(on, picker, seed, steps, num_images, sampler, guidance, sampling, previews)
+        add_api(on, picker, seed, steps, num_images, guidance, sampling, previews)
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
@@ -637,14 +659,16 @@ def lanes_of(lanes: Lanes) -> tuple[dict, dict]:
     )
 
 
-def add_api(on: Handlers, picker, seed, steps, num_images, sampler, guidance, sampling, previews) -> None:
+def add_api(on: Handlers, picker, seed, steps, num_images, guidance, sampling, previews) -> None:
     """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
 
     They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
     inputs their defaults, and the model is the picker's value, so a request that names none gets the launch
-    default.
+    default. The sampler has none: left out, it is the model's own default (`Studio.samplers`), whichever model
+    the request names.
     """
     mask = gr.File(label="mask", visible=False)
+    sampler = gr.Dropdown([*SAMPLERS, STUDENT], value=None, label="sampler", visible=False)
     omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)
     results = [
         gr.Gallery(label="images", visible=False, format="png"),

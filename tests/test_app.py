@@ -19,7 +19,7 @@ import pytest
 from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from test_studio import truncate, with_segmenter
+from test_studio import at_the_defaults, save_student, truncate, with_segmenter
 
 import app
 from segdiff import SegDiffPipeline
@@ -420,3 +420,63 @@ def test_concurrent_previews_are_drawn_together_as_each_would_be_alone(client, t
         batched.close()
     finally:
         demo.close()
+
+
+# ---- fast at the defaults: the model's own student (issue 32) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_model_dir, tmp_path_factory):
+    return save_student(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-student")
+
+
+@pytest.fixture(scope="module")
+def student_client(student_dir, tiny_model_dir):
+    """A client of the studio over a tiny model with a 2-step student (the default) and one without (tiny-breast)."""
+    demo = app.build_demo(Models({"tiny-student": student_dir, "tiny-breast": tiny_model_dir}, "tiny-student"))
+    app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    client = Client(demo.local_url, verbose=False)
+    yield client
+    client.close()
+    demo.close()
+
+
+def test_generate_and_sweep_draw_with_the_student_unless_a_sampler_is_named(student_client, student_dir, mask_png,
+                                                                             mask):  # fmt: skip
+    client = student_client
+    page = {c["props"].get("label"): c["props"] for c in client.config["components"]}
+    assert page["Sampler"]["value"] == "student" and "student" in [v for _, v in page["Sampler"]["choices"]]
+    assert "own 2 steps" in page["Steps"]["info"]
+    gallery, settings, archive = client.predict(mask=handle_file(str(mask_png)), seed=3, num_images=2,
+                                                api_name="/generate")  # no sampler; the slider's 12 steps  # fmt: skip
+    assert (settings["sampler"], settings["steps"]) == ("student", 2)
+    with zipfile.ZipFile(archive) as written:
+        assert json.loads(written.read("settings.json"))["sampler"] == "student"
+    expected = at_the_defaults(SegDiffPipeline.from_pretrained(student_dir), [mask, mask], [3, 4])
+    for image, drawn in zip(images_of(gallery), expected, strict=True):  # what `pipe(masks)` draws
+        assert np.abs(image.astype(int) - drawn[..., 0]).max() <= 1
+    _, named, _ = generate(client, mask_png, sampler="ddim")
+    assert (named["sampler"], named["steps"]) == ("ddim", 3)  # a named sampler at the steps asked, as before
+    _, swept, _ = client.predict(mask=handle_file(str(mask_png)), seed=2, api_name="/sweep")
+    assert (swept["sampler"], swept["steps"]) == ("student", 2)
+
+
+def test_a_model_without_a_student_defaults_to_dpm_and_refuses_the_student_by_name(student_client, mask_png):
+    _, settings, _ = generate(student_client, mask_png, model="tiny-breast")  # no sampler named
+    assert (settings["sampler"], settings["steps"]) == ("dpm++", 3)
+    with pytest.raises(AppError, match=r"sampler 'student': tiny-breast has no distilled student; expected one of "
+                                       r"\['dpm\+\+', 'unipc', 'ddim', 'ddpm'\]"):  # fmt: skip
+        generate(student_client, mask_png, model="tiny-breast", sampler="student")
+    _, settings, _ = generate(student_client, mask_png)  # the server goes on
+    assert settings["sampler"] == "student"
+
+
+def test_switching_model_brings_its_samplers_and_default(student_client):
+    switch = private_endpoint(student_client, "switch")
+    sampler, steps = student_client.predict("tiny-breast", fn_index=switch)[7:9]
+    assert [v for _, v in sampler["choices"]] == ["dpm++", "unipc", "ddim", "ddpm"] and sampler["value"] == "dpm++"
+    assert "student" not in steps["info"]
+    sampler, steps = student_client.predict("tiny-student", fn_index=switch)[7:9]
+    assert [v for _, v in sampler["choices"]] == ["student", "dpm++", "unipc", "ddim", "ddpm"]
+    assert sampler["value"] == "student"
+    assert "own 2 steps" in steps["info"]

@@ -59,14 +59,17 @@ def draw_stroke(page, canvas, x0, y0, x1, y1):
     page.mouse.up()
 
 
-def new_preview(page, previous) -> str:
-    """The preview's address once it shows an image other than `previous` (None: none yet)."""
-    page.wait_for_function(
+def new_preview(page, previous) -> tuple[str, int]:
+    """The preview's address and width once it shows an image other than `previous` (None: none yet), read
+    together: a later stroke's preview may replace it at any moment."""
+    shown = page.wait_for_function(
         "previous => { const img = document.querySelector('#preview img');"
-        " return img && img.src && img.src !== previous && img.complete && img.naturalWidth > 0; }",
+        " return img && img.src && img.src !== previous && img.complete && img.naturalWidth > 0"
+        " && [img.src, img.naturalWidth]; }",
         arg=previous,
     )
-    return page.locator("#preview img").get_attribute("src")
+    src, width = shown.json_value()
+    return src, width
 
 
 @pytest.mark.timeout(1200)
@@ -140,7 +143,7 @@ def test_paint_two_classes_untick_one_generate_then_switch_model_and_paint_again
 
     def preview_after(previous):
         """The preview's address once it shows an image other than `previous`, and its width."""
-        return new_preview(page, previous), page.locator("#preview img").evaluate("img => img.naturalWidth")
+        return new_preview(page, previous)
 
     def generate_and_download(name, count=4):
         page.get_by_role("button", name="Generate", exact=True).click()
@@ -216,7 +219,7 @@ def test_each_edit_previews_exactly_the_mask_generate_reads(page, studio_url, ti
 
     def preview_after(previous):
         """The preview's image once it shows one other than `previous` (None: none yet), and its address."""
-        src = new_preview(page, previous)
+        src, _ = new_preview(page, previous)
         return np.asarray(PIL.Image.open(io.BytesIO(page.request.get(src).body()))), src
 
     def generated_mask(name, previous=None):

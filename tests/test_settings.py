@@ -8,12 +8,14 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from test_studio import save_student
 
 import train_cli
 from segdiff import SegDiffPipeline
 from segdiff.choices import MAX_SEED, accelerate_precision, precision_of
 from segdiff.cli import dataset, phantoms, quality, volumes
 from segdiff.errors import ArgumentError, ConfigError
+from segdiff.measure.quality import STUDENT
 from segdiff.model.sampling import EvalConfig, noise_generator, sample_grid
 from segdiff.studio.actions import Settings, Studio
 from segdiff.synth.pairs import Settings as PairSettings
@@ -151,12 +153,16 @@ def test_dataset_flags_default_to_the_pairs_settings(tmp_path):
             assert getattr(args, field.name) == field.default, field.name
 
 
-def test_studio_settings_default_to_settings(small_model_dir):
+def test_studio_settings_default_to_settings(small_model_dir, tmp_path):
     studio = Studio(SegDiffPipeline.from_pretrained(small_model_dir, device="cpu"))
-    assert studio.settings() == Settings()
+    assert studio.settings() == Settings() == studio.settings(sampler=None)
     assert studio.settings(seed=3, keep=["fetal head"]) == Settings(seed=3, omit=(1,))
     with pytest.raises(TypeError):
         studio.settings(seeds=3)
+    # A model with a student draws with it unless a request names a sampler: the word the command lines speak.
+    with_student = Studio(SegDiffPipeline.from_pretrained(save_student(small_model_dir, tmp_path / "m"), device="cpu"))
+    assert with_student.settings() == Settings(sampler=STUDENT) == Settings(sampler="student")
+    assert with_student.settings(sampler="ddim", steps=20) == Settings(sampler="ddim", steps=20)
 
 
 # ---- one vocabulary, the other spelling an alias --------------------------------------------------------

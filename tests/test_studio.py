@@ -1,11 +1,14 @@
 """segdiff.studio, .runs, .registry: canvas and file masks in, reproducible results and their files out."""
 
 import contextvars
+import copy
+import dataclasses
 import json
 import logging
 import pickle
 import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,7 +17,7 @@ import torch
 
 import segdiff.studio.runs
 from segdiff import SegDiffPipeline
-from segdiff.errors import CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
+from segdiff.errors import ArgumentError, CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.measure.segmenter import Segmenter, SegmenterConfig
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Settings, Studio
 from segdiff.studio.batching import Lane, Lanes
@@ -22,6 +25,7 @@ from segdiff.studio.registry import Models
 from segdiff.studio.runs import settings_of
 
 FAST = dict(steps=3, num_images=2)
+BUNDLED_256 = Path(__file__).resolve().parent.parent / "assets" / "models" / "psfhs-ultrasound-256"
 
 
 @pytest.fixture(scope="module")
@@ -456,3 +460,104 @@ def test_requests_drawn_together_get_the_images_they_would_get_alone(tiny_model_
         assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(run.images, alone.images, strict=True))
     for image, (m, o, s) in zip(shown, previews, strict=True):
         assert np.abs(np.asarray(image, int) - np.asarray(studio.preview(m, o, s))).max() <= 1
+
+
+# ---- the model's own student (issue 32) ----------------------------------------------------------------------
+
+
+def save_student(teacher_dir, folder, steps: int = 2):
+    """The model in `teacher_dir` saved in `folder` with a `steps`-step student beside it: a copy of its UNet,
+    nudged so that the student draws images of its own."""
+    teacher = SegDiffPipeline.from_pretrained(teacher_dir)
+    student = copy.deepcopy(teacher.unet)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    card = dataclasses.replace(teacher.card, student={"steps": steps, "teacher_steps": 2 * steps})
+    SegDiffPipeline(teacher.unet, teacher.scheduler, card, student=student).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student_studio(tiny_model_dir, tmp_path_factory):
+    folder = save_student(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-student")
+    return Studio(SegDiffPipeline.from_pretrained(folder), folder)
+
+
+def at_the_defaults(pipe, masks, seeds) -> list[np.ndarray]:
+    """What `pipe(masks)` draws at its defaults, image k from its own CPU generator seeded with seeds[k] (the
+    studio's seeds), as (H, W, C) uint8."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(masks, generator=generators, output_type="np").images
+    return list((out * 255).round().astype(np.uint8))
+
+
+def test_generate_draws_with_the_models_student_by_default_exactly_as_the_pipelines_defaults(student_studio, mask):
+    studio = student_studio
+    assert studio.samplers[0] == "student" and studio.settings().sampler == "student"
+    run = studio.generate(mask, studio.settings(seed=5, num_images=2))
+    expected = at_the_defaults(studio.pipe, [mask, mask], [5, 6])
+    assert all(np.array_equal(a, b) for a, b in zip(run.images, expected, strict=True))
+    teacher = studio.generate(mask, studio.settings(seed=5, num_images=2, sampler="dpm++"))
+    assert not np.array_equal(teacher.images[0], run.images[0])  # the student, not the model itself
+    # Every record says what drew: the student in its own 2 steps, whatever steps were asked.
+    assert (run.settings["sampler"], run.settings["steps"]) == ("student", 2) and "upscale_steps" not in run.settings
+    assert settings_of(run.files[1])["sampler"] == "student" and settings_of(run.files[1])["steps"] == 2
+    with zipfile.ZipFile(run.archive) as archive:
+        written = json.loads(archive.read("settings.json"))
+    assert (written["sampler"], written["steps"]) == ("student", 2)
+    asked = studio.generate(mask, studio.settings(seed=5, num_images=2, steps=40))
+    assert all(np.array_equal(a, b) for a, b in zip(asked.images, run.images, strict=True))
+    assert asked.settings["steps"] == 2
+    # An explicit sampler draws with the model itself, as before.
+    assert (teacher.settings["sampler"], teacher.settings["steps"]) == ("dpm++", 12)
+
+
+def test_a_sweep_with_the_student_renders_one_noise_as_generate_does(student_studio, mask):
+    sweep = student_studio.sweep(mask, student_studio.settings(seed=3))
+    alone = student_studio.generate(mask, student_studio.settings(seed=3, num_images=1))
+    assert np.abs(sweep.images[0].astype(int) - alone.images[0]).max() <= 1  # a batch of 4 against 1: rounding
+    assert (sweep.settings["sampler"], sweep.settings["steps"]) == ("student", 2)
+
+
+def test_mask_guidance_works_with_the_student(student_studio, mask):
+    plain = student_studio.generate(mask, student_studio.settings(seed=4, num_images=1))
+    guided = student_studio.generate(mask, student_studio.settings(seed=4, num_images=1, guidance_scale=3))
+    assert not np.array_equal(plain.images[0], guided.images[0])
+    assert guided.settings["guidance_scale"] == 3.0 and guided.settings["sampler"] == "student"
+    generator = [torch.Generator("cpu").manual_seed(4)]
+    expected = student_studio.pipe(mask, generator=generator, output_type="np", guidance_scale=3).images[0]
+    assert np.array_equal(guided.images[0], (expected * 255).round().astype(np.uint8))
+
+
+def test_a_model_without_a_student_refuses_it_by_name_and_keeps_its_default(studio, mask):
+    assert "student" not in studio.samplers and studio.settings().sampler == "dpm++"
+    refusal = r"^sampler 'student': tiny-breast has no distilled student; expected one of \['dpm\+\+', 'unipc'"
+    with pytest.raises(ConfigError, match=refusal):
+        studio.settings(sampler="student")
+    for action in (studio.generate, studio.sweep):
+        with pytest.raises(ConfigError, match=refusal):
+            action(mask, Settings(sampler="student"))
+    with pytest.raises(ConfigError, match=r"^sampler 'teacher': expected one of \['dpm\+\+'.*'student'\]"):
+        Settings(sampler="teacher")
+    with pytest.raises(ArgumentError, match=r"scheduler='student'"):  # the studio's word, not the pipeline's
+        studio.pipe(mask, sampler="student")
+
+
+@pytest.mark.skipif(not BUNDLED_256.is_dir(), reason="the bundled 256 px cascade is not in this checkout")
+def test_the_bundled_cascade_draws_and_records_both_students_by_default():
+    studio = Studio(SegDiffPipeline.from_pretrained(BUNDLED_256, device="cpu"), BUNDLED_256)
+    studio.pipe.set_progress_bar_config(disable=True)
+    settings = studio.settings(seed=0, num_images=1)
+    assert settings.sampler == "student"
+    assert studio.sampling("student", 12) == dict(sampler="student", steps=2, upscale_sampler="student", upscale_steps=2)
+    upscaling = studio.card.upscaling
+    assert studio.sampling("dpm++", 12) == dict(sampler="dpm++", steps=12, upscale_sampler=upscaling.scheduler,
+                                                upscale_steps=upscaling.steps)  # fmt: skip
+    mask = np.zeros((256, 256), np.int64)
+    mask[150:230, 60:200] = 2
+    mask[100:130, 110:150] = 1
+    run = studio.generate(mask, settings)
+    assert np.array_equal(run.images[0], at_the_defaults(studio.pipe, [mask], [0])[0])
+    assert settings_of(run.files[0])["upscale_steps"] == 2

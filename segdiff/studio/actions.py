@@ -42,7 +42,7 @@ from ..errors import (
     check_integer,
 )
 from ..files import write_png
-from ..measure.quality import faithfulness
+from ..measure.quality import STUDENT, faithfulness
 from ..measure.segmenter import Segmenter
 from ..model.pipeline import MAX_GUIDANCE, SegDiffPipeline
 from .batching import Lanes
@@ -69,13 +69,14 @@ class Settings:
 
     Checked when made, so a `Settings` always holds typed values in range: a request's raw JSON may hold
     anything, and the first value that is off is refused by name (ConfigError). Whole floats (3.0, as JSON
-    numbers may arrive) become ints; 2.9, True, "7" and None are refused, never rounded. `omit` is checked
-    against a model's classes where a model applies it (`Studio`).
+    numbers may arrive) become ints; 2.9, True, "7" and None are refused, never rounded. `omit` and the
+    student are checked against a model where a model applies them (`Studio`), whose requests default to its
+    own sampler (`Studio.settings`).
     """
 
     seed: int = 0
-    steps: int = DEFAULT_STEPS
-    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS  # not used by STUDENT, which draws in its own steps
+    sampler: str = DEFAULT_SAMPLER  # one of SAMPLERS, or STUDENT: the model's few-step student (its defaults)
     omit: tuple[int, ...] = ()  # class ids the model may invent
     num_images: int = 4
     strength: float = 1.0  # with a start image: the fraction of the schedule run from it
@@ -87,8 +88,8 @@ class Settings:
             steps=check_integer("steps", self.steps, 1, MAX_STEPS),
             num_images=check_integer("num_images", self.num_images, 1, MAX_IMAGES),
         )
-        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler {self.sampler!r}: expected one of {sorted(SAMPLERS)}")
+        if not isinstance(self.sampler, str) or self.sampler not in (*SAMPLERS, STUDENT):
+            raise ConfigError(f"sampler {self.sampler!r}: expected one of {[*SAMPLERS, STUDENT]}")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
@@ -173,17 +174,42 @@ class Studio:
             parts.append(f"no Dice readout: {self.segmenter_fault}")
         return " · ".join(parts)
 
-    def settings(self, omit=(), keep=None, **raw) -> Settings:
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers this model draws with, its default first: STUDENT where the model has a distilled
+        student (what its measured quality is measured at), then SAMPLERS."""
+        return (STUDENT, *SAMPLERS) if self.card.distilled is not None else SAMPLERS
+
+    def sampling(self, sampler: str, steps: int) -> dict:
+        """What draws at `sampler` and `steps`, as a run records it: the sampler and steps of the model (of a
+        cascade's base), and a cascade's upscaler's. STUDENT draws at the pipeline's defaults: each model's
+        own student in its own steps (a cascade's base without one draws as the pipeline draws it then)."""
+        upscaling = self.card.upscaling
+        upscaler = upscaling and (upscaling.scheduler, upscaling.steps)
+        if sampler == STUDENT:
+            first = (self.pipe.base.card if self.pipe.base is not None else self.card).distilled
+            sampler, steps = (STUDENT, first.steps) if first else (DEFAULT_SAMPLER, DEFAULT_STEPS)
+            upscaler = upscaling and (STUDENT, self.card.distilled.steps)
+        drawn = {"sampler": sampler, "steps": steps}
+        if upscaler:
+            drawn.update(upscale_sampler=upscaler[0], upscale_steps=upscaler[1])
+        return drawn
+
+    def settings(self, omit=(), keep=None, sampler=None, **raw) -> Settings:
         """Settings from a request's raw values (JSON of any type); the first one that is off is refused by name.
 
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
-        follow instead (a checklist's ticked names), every other class being omitted. The other keywords are
-        `Settings`' fields, their defaults its own.
+        follow instead (a checklist's ticked names), every other class being omitted; sampler: one of
+        `samplers`, None for the model's default (its first). The other keywords are `Settings`' fields, their
+        defaults its own.
         """
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
             omit = [c for c in range(1, self.card.num_classes) if c not in kept]
-        return Settings(**raw, omit=self.omit_ids(omit))
+        settings = Settings(**raw, sampler=self.samplers[0] if sampler is None else sampler,
+                            omit=self.omit_ids(omit))  # fmt: skip
+        self._check_sampler(settings.sampler)
+        return settings
 
     def omit_ids(self, names: Sequence[str | int] | str | None, what: str = "omit") -> tuple[int, ...]:
         """Class names (or ids) -> sorted class ids; background cannot be omitted. One name may come alone."""
@@ -337,6 +363,7 @@ class Studio:
         results record them, then the run's own (a mask that leaves the model nothing to follow).
         """
         self._check_omit(settings.omit)
+        self._check_sampler(settings.sampler)
         seeds = [(settings.seed + k) % (MAX_SEED + 1) for k in range(settings.num_images)]
         kept = np.asarray(omit_classes(mask, settings.omit))
         images = self._sample([kept] * len(seeds), seeds, settings, image, progress)
@@ -351,6 +378,7 @@ class Studio:
               progress: Progress | None = None, notices: Sequence[str] = ()) -> Run:  # fmt: skip
         """One noise, all classes kept, then each class present in the mask omitted in turn (`notices`: as
         for `generate`); `settings.omit` and `num_images` are not used."""
+        self._check_sampler(settings.sampler)
         settings = replace(settings, omit=(), num_images=1)
         present = [c for c in range(1, self.card.num_classes) if (mask == c).any()]
         variants = [(), *((c,) for c in present)]
@@ -384,10 +412,18 @@ class Studio:
         if bad:
             raise MaskError(f"omit={list(omit)}: {bad[0]} is not a class id 1..{self.card.num_classes - 1}")
 
+    def _check_sampler(self, sampler: str) -> None:
+        if sampler not in self.samplers:
+            raise ConfigError(
+                f"sampler {sampler!r}: {self.name} has no distilled student; expected one of {list(self.samplers)}"
+            )
+
     def _sample(self, masks, seeds, settings: Settings, image, progress) -> list[np.ndarray]:
         """One (H, W, C) uint8 image per (mask, seed), drawn with other requests at the same settings
         (`lanes.sample`); a request with a start image is drawn alone."""
-        key = (self, settings.steps, settings.sampler, settings.guidance_scale) if image is None else object()
+        # The student draws in its own steps, whatever a request asks: requests differing only there share a call.
+        steps = None if settings.sampler == STUDENT else settings.steps
+        key = (self, steps, settings.sampler, settings.guidance_scale) if image is None else object()
         items = list(zip(masks, seeds, strict=True))
         return self.lanes.sample.draw(key, items, Recipe(self.name, settings, image), progress)
 
@@ -395,15 +431,17 @@ class Studio:
         self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None
     ) -> list:
         """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults (a
-        preview recipe), or an (H, W, C) uint8 array each at the recipe's settings."""
+        preview recipe), or an (H, W, C) uint8 array each at the recipe's settings (STUDENT: the pipeline's
+        defaults, which draw with the model's student)."""
         masks, seeds = zip(*items, strict=True)
         if recipe.settings is None:
             return self.pipe(list(masks), generator=_generators(seeds), output_type="pil").images
         settings, image = recipe.settings, recipe.image
+        student = settings.sampler == STUDENT
         out = self.pipe(
             list(masks),
-            num_inference_steps=settings.steps,
-            sampler=settings.sampler,
+            num_inference_steps=None if student else settings.steps,
+            sampler=None if student else settings.sampler,
             generator=_generators(seeds),
             image=image,
             strength=settings.strength if image is not None else 1.0,
@@ -417,8 +455,7 @@ class Studio:
         return {
             "kind": kind,
             "model": self.name,
-            "sampler": settings.sampler,
-            "steps": settings.steps,
+            **self.sampling(settings.sampler, settings.steps),
             "guidance_scale": settings.guidance_scale,
             "seed": settings.seed,
             **extra,
