@@ -38,6 +38,10 @@ def accelerate_precision(precision: Precision) -> str | None:
 # accepted wherever it was the name: `pipe(sampler=...)`, the command lines' --sampler, the studio's field.
 SAMPLERS = ("dpm++", "unipc", "ddim", "ddpm")
 DEFAULT_SAMPLER = "dpm++"
+# Not a sampler: the word for a distilled model's own few-step student at its steps, wherever a command line
+# (`quality evaluate --scheduler`, `dataset synthesize`) or the studio names how to draw. `pipe()` does not take
+# it: its defaults (no steps, no scheduler) are the student.
+STUDENT = "student"
 
 # Seeds: one range for every use, from each command line's --seed to the studio's field: 32 bits, what numpy's
 # legacy seeding and torch's CPU generator both take whole. Image i's noise comes from a generator seeded with

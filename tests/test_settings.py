@@ -12,10 +12,9 @@ from test_studio import save_student
 
 import train_cli
 from segdiff import SegDiffPipeline
-from segdiff.choices import MAX_SEED, accelerate_precision, precision_of
+from segdiff.choices import MAX_SEED, STUDENT, accelerate_precision, precision_of
 from segdiff.cli import dataset, phantoms, quality, volumes
 from segdiff.errors import ArgumentError, ConfigError
-from segdiff.measure.quality import STUDENT
 from segdiff.model.sampling import EvalConfig, noise_generator, sample_grid
 from segdiff.studio.actions import Settings, Studio
 from segdiff.synth.pairs import Settings as PairSettings

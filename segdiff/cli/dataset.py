@@ -8,9 +8,8 @@ after the module's name, as an abbreviation of its own options (`--nnodes`, `--n
 
 from __future__ import annotations
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS, STUDENT
 from ..data.masks import DEFORM_LEVELS
-from ..measure.quality import STUDENT
 from ..synth import pairs
 from ..synth.pairs import MAX_ATTEMPTS, synthesize
 from ..synth.settings import DEFAULTS, LAYOUTS, MAX_BATCH, Settings, parse_shard

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..choices import check_seed, precision_of
+from ..choices import STUDENT, check_seed, precision_of
 from ..data.layout import SegDataset, find_cases, read_image
 from ..errors import ArgumentError, ImageError, MaskError
 from ..model.card import CARD_FILE, ModelCard
@@ -153,7 +153,6 @@ def detail(generated, real, low_res_size: int) -> dict:
 # ---- quality of a diffusion model ----------------------------------------------------------------------
 
 
-STUDENT = "student"  # measure_quality's name for a distilled model's default settings
 
 
 def measure_quality(

@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 from safetensors import SafetensorError
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS, check_seed
+from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS, STUDENT, check_seed
 from ..data.layout import read_image
 from ..data.masks import omit_classes, overlay
 from ..errors import (
@@ -42,7 +42,7 @@ from ..errors import (
     check_integer,
 )
 from ..files import write_png
-from ..measure.quality import STUDENT, faithfulness
+from ..measure.quality import faithfulness
 from ..measure.segmenter import Segmenter
 from ..model.pipeline import MAX_GUIDANCE, SegDiffPipeline
 from .batching import Lanes

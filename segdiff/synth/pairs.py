@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import STUDENT
 from ..data.layout import read_mask
 from ..data.masks import deform_keeping_classes, deformation_bounds
 from ..errors import ConfigError, DataLayoutError
 from ..files import write_json, write_png
-from ..measure.quality import STUDENT
 from ..measure.segmenter import Segmenter, mean_dice
 from ..model.card import ModelCard
 from ..model.pipeline import DEFAULT_SCHEDULER, DEFAULT_STEPS, SegDiffPipeline, check_guidance

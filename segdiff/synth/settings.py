@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from ..choices import MAX_STEPS, SAMPLERS, check_seed
+from ..choices import MAX_STEPS, SAMPLERS, STUDENT, check_seed
 from ..data.masks import DEFORM_LEVELS
 from ..errors import CheckpointError, ConfigError, check_integer
-from ..measure.quality import STUDENT
 from ..model.card import CARD_FILE, ModelCard
 from ..model.pipeline import MAX_GUIDANCE
 
