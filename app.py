@@ -58,7 +58,7 @@ SAMPLER_LABELS = {
     "dpm++": "DPM++ 2M (fast)",
     "unipc": "UniPC (fast)",
     "ddim": "DDIM (original)",
-    "ddpm": "DDPM (stochastic, needs ~1000 steps)",
+    "ddpm": "DDPM (stochastic: the most scan-like texture, from ~20 steps)",
 }
 THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="slate", neutral_hue="slate")
 CSS = """
@@ -351,6 +351,10 @@ def sampler_menu(studio: Studio) -> dict:
 
 def steps_info(studio: Studio) -> str:
     """What the Steps slider sets for a model: the student draws in its own steps, whatever the slider says."""
+    chosen = studio.card.generation
+    if chosen is not None:
+        return (f"Denoising steps of the sampler; this model's images measured most like real scans at "
+                f"{SAMPLER_LABELS[chosen.sampler].split(' (')[0]}, {chosen.steps} steps.")
     if STUDENT not in studio.samplers:
         return "Denoising steps of the sampler."
     drawn = studio.sampling(STUDENT, DEFAULT_STEPS)
@@ -447,7 +451,7 @@ class Handlers:
             tips(studio),
             gr.Image(value=None, image_mode="L" if studio.card.img_channels == 1 else "RGB"),
             gr.Dropdown(**sampler_menu(studio)),
-            gr.Slider(info=steps_info(studio)),
+            gr.Slider(value=studio.steps_for(studio.samplers[0]), info=steps_info(studio)),
             None,
             gr.Gallery(value=None),
             None,
@@ -509,13 +513,13 @@ class Handlers:
     # their components' values are what gradio sends.
 
     @user_errors
-    def generate(self, mask, omit, seed, steps, num_images, sampler=None, guidance=Settings.guidance_scale, model=None,
-                 progress=gr.Progress()):  # noqa: B008
+    def generate(self, mask, omit, seed, steps=None, num_images=Settings.num_images, sampler=None,
+                 guidance=Settings.guidance_scale, model=None, progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("generate", model, mask, None, progress, omit=omit, seed=seed, steps=steps,
                                       num_images=num_images, sampler=sampler, guidance_scale=guidance))
 
     @user_errors
-    def sweep(self, mask, seed, steps, sampler=None, guidance=Settings.guidance_scale, model=None,
+    def sweep(self, mask, seed, steps=None, sampler=None, guidance=Settings.guidance_scale, model=None,
               progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler,
                                       guidance_scale=guidance))
@@ -582,7 +586,8 @@ def build_demo(models: Models) -> gr.Blocks:
                     )
                 with gr.Row():
                     num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", info=steps_info(first))
+                    steps = gr.Slider(1, MAX_STEPS, value=first.steps_for(first.samplers[0]), step=1, label="Steps",
+                                      info=steps_info(first))
                 with gr.Row():
                     sampler = gr.Dropdown(**sampler_menu(first), label="Sampler")
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
@@ -644,7 +649,7 @@ def build_demo(models: Models) -> gr.Blocks:
         for load in (mask_file.upload(on.load_mask, [picker, mask_file], [editor, loaded], **PRIVATE, **RAW),
                      examples.click(on.load_example, [picker, examples], [editor, loaded], **PRIVATE, **RAW)):
             load.success(on.on_paint, [picker, loaded, keep, seed], **live)
-        add_api(on, picker, seed, steps, num_images, guidance, sampling, previews)
+        add_api(on, picker, seed, num_images, guidance, sampling, previews)
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
@@ -659,14 +664,15 @@ def lanes_of(lanes: Lanes) -> tuple[dict, dict]:
     )
 
 
-def add_api(on: Handlers, picker, seed, steps, num_images, guidance, sampling, previews) -> None:
+def add_api(on: Handlers, picker, seed, num_images, guidance, sampling, previews) -> None:
     """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
 
     They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
     inputs their defaults, and the model is the picker's value, so a request that names none gets the launch
-    default. The sampler has none: left out, it is the model's own default (`Studio.samplers`), whichever model
-    the request names.
+    default. The sampler and steps have none: left out, they are the model's own (`Studio.samplers`,
+    `Studio.steps_for`), whichever model the request names.
     """
+    steps = gr.Number(value=None, precision=0, label="steps", visible=False)
     mask = gr.File(label="mask", visible=False)
     sampler = gr.Dropdown([*SAMPLERS, STUDENT], value=None, label="sampler", visible=False)
     omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)

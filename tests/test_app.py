@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from test_studio import at_the_defaults, save_student, truncate, with_segmenter
 import app
 from segdiff import SegDiffPipeline
 from segdiff.data.masks import Palette
+from segdiff.model.card import ModelCard
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Studio
 from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
@@ -285,7 +287,6 @@ def test_refusals_name_the_value_in_one_log_line_without_a_traceback(client, mas
         (dict(seed="abc"), r"seed 'abc': expected an integer in 0\.\.4294967295"),
         (dict(seed=1.5), r"seed 1\.5: expected an integer"),
         (dict(steps="x"), r"steps 'x': expected an integer in 1\.\.100"),
-        (dict(steps=None), r"steps empty: expected an integer"),
         (dict(steps=2.9), r"steps 2\.9: expected an integer"),
         (dict(num_images=None), r"num_images empty: expected an integer"),
         (dict(num_images=2.9), r"num_images 2\.9: expected an integer"),
@@ -307,6 +308,8 @@ def test_refusals_name_the_value_in_one_log_line_without_a_traceback(client, mas
     assert "Traceback" not in capfd.readouterr().err
     gallery, settings, _ = generate(client, mask_png, omit="vessels")  # one class named alone
     assert settings["omit"] == ["vessels"] and len(gallery) == 2
+    _, settings, _ = generate(client, mask_png, steps=None)  # no steps, like no sampler: the model's own
+    assert (settings["sampler"], settings["steps"]) == ("dpm++", 12)
 
 
 def test_a_path_on_the_server_is_refused_in_words(studio_url, caplog):
@@ -431,9 +434,22 @@ def student_dir(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student_client(student_dir, tiny_model_dir):
-    """A client of the studio over a tiny model with a 2-step student (the default) and one without (tiny-breast)."""
-    demo = app.build_demo(Models({"tiny-student": student_dir, "tiny-breast": tiny_model_dir}, "tiny-student"))
+def recorded_dir(student_dir, tmp_path_factory):
+    """The student model, its card recording the sampling whose images measured most like scans: DDPM, 5 steps."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-recorded"
+    shutil.copytree(student_dir, folder)
+    card = ModelCard.load(folder)
+    card.sampling = {"sampler": "ddpm", "steps": 5}
+    card.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student_client(student_dir, tiny_model_dir, recorded_dir):
+    """A client of the studio over a tiny model with a 2-step student (the default), one without (tiny-breast)
+    and the student model with a recorded sampling (tiny-recorded)."""
+    models = {"tiny-student": student_dir, "tiny-breast": tiny_model_dir, "tiny-recorded": recorded_dir}
+    demo = app.build_demo(Models(models, "tiny-student"))
     app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
     client = Client(demo.local_url, verbose=False)
     yield client
@@ -448,7 +464,7 @@ def test_generate_and_sweep_draw_with_the_student_unless_a_sampler_is_named(stud
     assert page["Sampler"]["value"] == "student" and "student" in [v for _, v in page["Sampler"]["choices"]]
     assert "own 2 steps" in page["Steps"]["info"]
     gallery, settings, archive = client.predict(mask=handle_file(str(mask_png)), seed=3, num_images=2,
-                                                api_name="/generate")  # no sampler; the slider's 12 steps  # fmt: skip
+                                                api_name="/generate")  # no sampler, no steps  # fmt: skip
     assert (settings["sampler"], settings["steps"]) == ("student", 2)
     with zipfile.ZipFile(archive) as written:
         assert json.loads(written.read("settings.json"))["sampler"] == "student"
@@ -480,3 +496,14 @@ def test_switching_model_brings_its_samplers_and_default(student_client):
     assert [v for _, v in sampler["choices"]] == ["student", "dpm++", "unipc", "ddim", "ddpm"]
     assert sampler["value"] == "student"
     assert "own 2 steps" in steps["info"]
+
+
+def test_a_model_whose_card_records_its_sampling_generates_there_unless_asked(student_client, mask_png):
+    _, settings, _ = generate(student_client, mask_png, model="tiny-recorded", steps=None)  # neither named
+    assert (settings["sampler"], settings["steps"]) == ("ddpm", 5)
+    _, settings, _ = generate(student_client, mask_png, model="tiny-recorded", sampler="dpm++", steps=None)
+    assert (settings["sampler"], settings["steps"]) == ("dpm++", 12)
+    _, settings, _ = generate(student_client, mask_png, model="tiny-recorded", sampler="student")
+    assert (settings["sampler"], settings["steps"]) == ("student", 2)
+    _, settings, _ = generate(student_client, mask_png, model="tiny-student", steps=None)  # no record: as before
+    assert (settings["sampler"], settings["steps"]) == ("student", 2)

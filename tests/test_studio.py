@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import segdiff.studio.runs
 from segdiff import SegDiffPipeline
 from segdiff.errors import ArgumentError, CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.measure.segmenter import Segmenter, SegmenterConfig
+from segdiff.model.card import ModelCard
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Settings, Studio
 from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
@@ -261,7 +263,6 @@ def test_omit_names_and_ids(studio):
         (dict(seed=1.5), r"^seed 1\.5: expected an integer"),
         (dict(seed=True), r"^seed True: expected an integer"),
         (dict(steps="x"), r"^steps 'x': expected an integer in 1\.\.100"),
-        (dict(steps=None), r"^steps empty: expected an integer in 1\.\.100"),
         (dict(steps=2.9), r"^steps 2\.9: expected an integer"),
         (dict(num_images=None), r"^num_images empty: expected an integer in 1\.\.8"),
         (dict(num_images=2.9), r"^num_images 2\.9: expected an integer"),
@@ -283,6 +284,7 @@ def test_raw_request_values_that_mean_one_thing_are_taken(studio):
     settings = studio.settings(seed=7.0, steps=3, num_images=2.0, keep=["breast"], strength=1)
     assert (settings.seed, settings.steps, settings.num_images, settings.omit) == (7, 3, 2, (2, 3))
     assert isinstance(settings.seed, int) and isinstance(settings.num_images, int)
+    assert studio.settings(steps=None).steps == 12  # no steps, like no sampler: the model's own
 
 
 def test_result_folders_are_bounded_and_the_previews_stay(studio, mask, monkeypatch):
@@ -561,3 +563,30 @@ def test_the_bundled_cascade_draws_and_records_both_students_by_default():
     run = studio.generate(mask, settings)
     assert np.array_equal(run.images[0], at_the_defaults(studio.pipe, [mask], [0])[0])
     assert settings_of(run.files[0])["upscale_steps"] == 2
+
+
+def test_generate_starts_at_the_sampling_its_card_records_and_a_request_still_picks(student_studio, mask, tmp_path):
+    """A card's `sampling` (the most scan-like settings measured) is where Generate starts; previews keep the
+    student, and a request's sampler or steps still win."""
+    folder = tmp_path / "tiny-recorded"
+    shutil.copytree(student_studio.folder, folder)
+    card = ModelCard.load(folder)
+    card.sampling = {"sampler": "ddpm", "steps": 7, "measured": {"classifier": 0.69}}
+    card.save(folder)
+    studio = Studio(SegDiffPipeline.from_pretrained(folder), folder)
+    assert studio.samplers[:2] == ("ddpm", "student") and sorted(studio.samplers) == sorted(student_studio.samplers)
+    default = studio.settings(seed=2, num_images=1)
+    assert (default.sampler, default.steps) == ("ddpm", 7)
+    run = studio.generate(mask, default)
+    assert (run.settings["sampler"], run.settings["steps"]) == ("ddpm", 7)
+    generator = [torch.Generator("cpu").manual_seed(2)]
+    expected = studio.pipe(mask, sampler="ddpm", num_inference_steps=7, generator=generator, output_type="np")
+    assert np.array_equal(run.images[0], (expected.images[0] * 255).round().astype(np.uint8))
+    assert studio.settings(sampler="dpm++").steps == 12 and studio.settings(steps=3).steps == 3
+    assert studio.settings(sampler="student").sampler == "student"
+    preview = studio.preview(mask, seed=2)  # the live preview stays at the pipeline's defaults: the student
+    assert np.array_equal(np.asarray(preview), np.asarray(student_studio.preview(mask, seed=2)))
+    card.sampling = {"sampler": "ddpm", "steps": 0}
+    with pytest.raises(CheckpointError, match=r"sampling 'ddpm' at 0 steps: expected one of .* at 1 to 100 steps"):
+        card.save(folder)
+        ModelCard.load(folder)

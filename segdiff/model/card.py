@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import ModelCardData
 
 from .. import files
+from ..choices import MAX_STEPS, SAMPLERS
 from ..data.masks import ENCODINGS, Encoding, Palette, encoding_channels
 from ..errors import CheckpointError
 from .background import Background
@@ -81,6 +82,26 @@ class Student:
             )
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The sampler and steps whose images measured most like real scans (`quality evaluate --realism`) at a
+    cost the studio affords; recorded in the card, where the studio's Generate and sweep start. The pipeline's
+    own defaults (the student, fastest) stay what previews and `SegDiffPipeline()` draw with."""
+
+    sampler: str
+    steps: int
+    measured: dict = field(default_factory=dict)  # what chose it: the measures at these and other settings
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS or isinstance(self.steps, bool) or not isinstance(self.steps, int) or not (
+            1 <= self.steps <= MAX_STEPS
+        ):
+            raise CheckpointError(
+                f"sampling {self.sampler!r} at {self.steps!r} steps: expected one of {list(SAMPLERS)} at 1 to "
+                f"{MAX_STEPS} steps"
+            )
+
+
 @dataclass
 class ModelCard:
     """What a model needs to be used well: its classes, input format, encoding, training and quality.
@@ -110,6 +131,8 @@ class ModelCard:
     # Its scans' constant `Background` outside their field of view, which the pipeline draws exactly; {} for
     # models whose images have none.
     background: dict = field(default_factory=dict)
+    # Its `Sampling`: the settings the studio generates at by default; {} for the pipeline's defaults.
+    sampling: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -121,7 +144,8 @@ class ModelCard:
             self.colors = [list(c) for c in Palette.default(self.num_classes).colors]
         if self.segmenter is not None:
             check_subfolder("segmenter", self.segmenter)
-        for name, record in (("upscale", "upscaling"), ("student", "distilled"), ("background", "backdrop")):
+        for name, record in (("upscale", "upscaling"), ("student", "distilled"), ("background", "backdrop"),
+                             ("sampling", "generation")):
             try:
                 getattr(self, record)  # refuses a damaged record now, not mid-sampling
             except TypeError as e:
@@ -144,6 +168,10 @@ class ModelCard:
     @property
     def backdrop(self) -> Background | None:
         return Background(**self.background) if self.background else None
+
+    @property
+    def generation(self) -> Sampling | None:
+        return Sampling(**self.sampling) if self.sampling else None
 
     @property
     def last_training(self) -> dict:
@@ -261,11 +289,19 @@ def _use(card: ModelCard, model: str) -> str:
         if card.guided
         else "pipe(batch_size=4).images"
     )
+    chosen = card.generation
+    realistic = (
+        f"\n\nThe call above draws at the defaults, the fastest. The images most like real scans came from "
+        f"`pipe(mask, sampler=\"{chosen.sampler}\", num_inference_steps={chosen.steps})`, where the studio's "
+        "Generate starts."
+        if chosen and card.guided
+        else ""
+    )
     return (
         "## Use\n\nWith segdiff installed:\n\n"
         f'```python\nfrom segdiff import SegDiffPipeline\n\npipe = SegDiffPipeline.from_pretrained("{model}")\n'
         f"images = {call}\n```\n\n"
-        f"or paint masks in the studio: `python app.py --model {model}`."
+        f"or paint masks in the studio: `python app.py --model {model}`.{realistic}"
     )
 
 

@@ -176,9 +176,18 @@ class Studio:
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        """The samplers this model draws with, its default first: STUDENT where the model has a distilled
-        student (what its measured quality is measured at), then SAMPLERS."""
-        return (STUDENT, *SAMPLERS) if self.card.distilled is not None else SAMPLERS
+        """The samplers this model draws with, its default first: the card's `Sampling` where it records one
+        (the sampler whose images measured most like real scans), else STUDENT where the model has a distilled
+        student (the fastest), else DEFAULT_SAMPLER; STUDENT comes only with a student."""
+        offered = (STUDENT, *SAMPLERS) if self.card.distilled is not None else SAMPLERS
+        chosen = self.card.generation
+        return offered if chosen is None else (chosen.sampler, *(s for s in offered if s != chosen.sampler))
+
+    def steps_for(self, sampler: str) -> int:
+        """The steps `sampler` draws in when a request names none: those the card's `Sampling` records for its
+        sampler, else DEFAULT_STEPS (which STUDENT ignores)."""
+        chosen = self.card.generation
+        return chosen.steps if chosen is not None and chosen.sampler == sampler else DEFAULT_STEPS
 
     def sampling(self, sampler: str, steps: int) -> dict:
         """What draws at `sampler` and `steps`, as a run records it: the sampler and steps of the model (of a
@@ -200,14 +209,16 @@ class Studio:
 
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
         follow instead (a checklist's ticked names), every other class being omitted; sampler: one of
-        `samplers`, None for the model's default (its first). The other keywords are `Settings`' fields, their
-        defaults its own.
+        `samplers`, None for the model's default (its first); steps: None (or left out) for the sampler's own
+        (`steps_for`). The other keywords are `Settings`' fields, their defaults its own.
         """
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
             omit = [c for c in range(1, self.card.num_classes) if c not in kept]
-        settings = Settings(**raw, sampler=self.samplers[0] if sampler is None else sampler,
-                            omit=self.omit_ids(omit))  # fmt: skip
+        sampler = self.samplers[0] if sampler is None else sampler
+        if raw.get("steps") is None and isinstance(sampler, str):
+            raw["steps"] = self.steps_for(sampler)
+        settings = Settings(**raw, sampler=sampler, omit=self.omit_ids(omit))
         self._check_sampler(settings.sampler)
         return settings
 
