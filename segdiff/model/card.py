@@ -93,9 +93,8 @@ class Sampling:
     measured: dict = field(default_factory=dict)  # what chose it: the measures at these and other settings
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS or isinstance(self.steps, bool) or not isinstance(self.steps, int) or not (
-            1 <= self.steps <= MAX_STEPS
-        ):
+        whole = isinstance(self.steps, int) and not isinstance(self.steps, bool)
+        if self.sampler not in SAMPLERS or not (whole and 1 <= self.steps <= MAX_STEPS):
             raise CheckpointError(
                 f"sampling {self.sampler!r} at {self.steps!r} steps: expected one of {list(SAMPLERS)} at 1 to "
                 f"{MAX_STEPS} steps"
