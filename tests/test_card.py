@@ -2,9 +2,11 @@
 
 from dataclasses import asdict
 
+import pytest
 from diffusers import DDPMScheduler
 
 from segdiff import SegDiffPipeline
+from segdiff.errors import CheckpointError
 from segdiff.model.card import ModelCard
 from segdiff.model.unet import build_unet
 
@@ -32,3 +34,15 @@ def test_cards_written_before_the_credit_field_still_open(tmp_path):
     text = (tmp_path / "segdiff_card.json").read_text().replace("\"dataset\": {},", "")
     (tmp_path / "segdiff_card.json").write_text(text)
     assert "dataset" not in text and ModelCard.load(tmp_path).dataset == {}
+
+
+def test_a_recorded_sampling_survives_a_save_and_its_readme_names_it(tmp_path):
+    card = ModelCard(num_classes=3, img_channels=1, img_size=32, sampling={"sampler": "ddpm", "steps": 20})
+    card.save(tmp_path)
+    loaded = ModelCard.load(tmp_path)
+    assert (loaded.generation.sampler, loaded.generation.steps) == ("ddpm", 20)
+    assert 'pipe(mask, sampler="ddpm", num_inference_steps=20)' in (tmp_path / "README.md").read_text()
+    assert ModelCard(num_classes=3, img_channels=1, img_size=32).generation is None
+    for bad in ({"sampler": "euler", "steps": 20}, {"sampler": "ddpm", "steps": True}, {"sampler": "ddpm"}):
+        with pytest.raises(CheckpointError, match=r"sampling"):
+            ModelCard(num_classes=3, img_channels=1, img_size=32, sampling=bad)
