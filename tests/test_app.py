@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,12 +19,11 @@ import pytest
 from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from test_studio import at_the_defaults, save_student, truncate, with_segmenter
+from test_studio import at_the_defaults, save_recorded, save_student, truncate, with_segmenter
 
 import app
 from segdiff import SegDiffPipeline
 from segdiff.data.masks import Palette
-from segdiff.model.card import ModelCard
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Studio
 from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
@@ -436,12 +434,7 @@ def student_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def recorded_dir(student_dir, tmp_path_factory):
     """The student model, its card recording the sampling whose images measured most like scans: DDPM, 5 steps."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-recorded"
-    shutil.copytree(student_dir, folder)
-    card = ModelCard.load(folder)
-    card.sampling = {"sampler": "ddpm", "steps": 5}
-    card.save(folder)
-    return folder
+    return save_recorded(student_dir, tmp_path_factory.mktemp("models") / "tiny-recorded", "ddpm", 5)
 
 
 @pytest.fixture(scope="module")

@@ -565,14 +565,20 @@ def test_the_bundled_cascade_draws_and_records_both_students_by_default():
     assert settings_of(run.files[0])["upscale_steps"] == 2
 
 
+def save_recorded(model_dir, folder, sampler: str, steps: int):
+    """A copy of a model whose card records `sampler` at `steps` as its most scan-like sampling."""
+    shutil.copytree(model_dir, folder)
+    card = ModelCard.load(folder)
+    card.sampling = {"sampler": sampler, "steps": steps}
+    card.save(folder)
+    return folder
+
+
 def test_generate_starts_at_the_sampling_its_card_records_and_a_request_still_picks(student_studio, mask, tmp_path):
     """A card's `sampling` (the most scan-like settings measured) is where Generate starts; previews keep the
     student, and a request's sampler or steps still win."""
-    folder = tmp_path / "tiny-recorded"
-    shutil.copytree(student_studio.folder, folder)
+    folder = save_recorded(student_studio.folder, tmp_path / "tiny-recorded", "ddpm", 7)
     card = ModelCard.load(folder)
-    card.sampling = {"sampler": "ddpm", "steps": 7, "measured": {"classifier": 0.69}}
-    card.save(folder)
     studio = Studio(SegDiffPipeline.from_pretrained(folder), folder)
     assert studio.samplers[:2] == ("ddpm", "student") and sorted(studio.samplers) == sorted(student_studio.samplers)
     default = studio.settings(seed=2, num_images=1)
