@@ -21,6 +21,7 @@ from segdiff import SegDiffPipeline
 from segdiff.errors import ArgumentError, CheckpointError, ConfigError, DataLayoutError, ImageError, MaskError
 from segdiff.measure.segmenter import Segmenter, SegmenterConfig
 from segdiff.model.card import ModelCard
+from segdiff.studio import actions
 from segdiff.studio.actions import MAX_IMAGE_SIDE, Settings, Studio
 from segdiff.studio.batching import Lane, Lanes
 from segdiff.studio.registry import Models
@@ -462,6 +463,26 @@ def test_requests_drawn_together_get_the_images_they_would_get_alone(tiny_model_
         assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(run.images, alone.images, strict=True))
     for image, (m, o, s) in zip(shown, previews, strict=True):
         assert np.abs(np.asarray(image, int) - np.asarray(studio.preview(m, o, s))).max() <= 1
+
+
+def test_on_a_cpu_a_call_holds_few_large_images_and_each_still_gets_its_own(tiny_model_dir, studio, mask, monkeypatch):
+    sizes = []
+
+    def counted(draw):
+        return lambda *args: sizes.append(len(args[1])) or draw(*args)
+
+    monkeypatch.setattr(actions, "CPU_CALL_PIXELS", 2 * studio.size**2 + 1)  # two images a call
+    lanes = Lanes(preview=Lane(8, wait=60, on_device=counted), sample=Lane(8, wait=60, on_device=counted))
+    batched = Studio(studio.pipe, tiny_model_dir, lanes=lanes)
+    assert batched.per_call == 2
+    previews = [(mask, (), 3), (mask, (1,), 5), (mask, (), 8)]
+    shown = together(*(lambda m=m, o=o, s=s: batched.preview(m, o, s) for m, o, s in previews))
+    assert sorted(sizes) == [1, 2]  # two in the first call, the third in the next
+    for image, (m, o, s) in zip(shown, previews, strict=True):
+        assert np.abs(np.asarray(image, int) - np.asarray(studio.preview(m, o, s))).max() <= 1
+    sizes.clear()
+    run = batched.generate(mask, Settings(seed=1, steps=2, num_images=3))  # a request bigger than that: alone
+    assert sizes == [3] and len(run.images) == 3
 
 
 # ---- the model's own student (issue 32) ----------------------------------------------------------------------

@@ -58,6 +58,11 @@ MAX_IMAGE_SIDE = 2048
 # 256 px 0.07 s. The editor zooms the canvas to fit its box, so this sets resolution, not size on screen.
 CANVAS_SIDE = 256
 DISPLAY_SIDE = 256  # results are shown (and outlined) at about this size; files keep the model's size
+# On a CPU, one network call of many large images runs out of cache: 20 previews at 256 px took 0.20 s each in
+# one call and 0.13-0.17 s each in calls of 4 to 8 (2-core CPU, 2026-12-07; 64 px: as fast per image from 8 to
+# 64 a call). There the lanes put at most this many pixels in a call (requests that wait longer are drawn in
+# the next); on a GPU, as many images as the lane takes.
+CPU_CALL_PIXELS = 8 * 256 * 256
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -143,6 +148,8 @@ class Studio:
         self.pipe, self.name, self.folder = pipe, name, folder
         self.card, self.palette = card, card.palette
         self.size = card.img_size
+        self.device = pipe.device.type  # read once: the lookup walks every module
+        self.per_call = max(1, CPU_CALL_PIXELS // self.size**2) if self.device == "cpu" else None
         self.canvas_scale = max(1, round(CANVAS_SIDE / self.size))
         self.display_scale = max(1, round(DISPLAY_SIDE / self.size))
         self.lanes = (lanes or Lanes()).serve(self.draw_batch)  # lanes a registry shares, it serves itself
@@ -164,7 +171,7 @@ class Studio:
             f"{self.size} px",
             f"{card.img_channels} channel{'s' if card.img_channels > 1 else ''}",
             f"{card.num_classes} classes",
-            f"runs on {self.pipe.device.type.upper()}",
+            f"runs on {self.device.upper()}",
         ]
         if card.dataset:  # the credit the training data's licence asks for, wherever the model is shown
             parts.append(
@@ -415,7 +422,7 @@ class Studio:
         seed = check_seed(seed, "seed")
         self._check_omit(omit)
         kept = np.asarray(omit_classes(mask, omit))
-        [image] = self.lanes.preview.draw(self, [(kept, seed)], Recipe(self.name))
+        [image] = self.lanes.preview.draw(self, [(kept, seed)], Recipe(self.name), most=self.per_call)
         return image
 
     def _check_omit(self, omit: Sequence[int]) -> None:
@@ -436,7 +443,7 @@ class Studio:
         steps = None if settings.sampler == STUDENT else settings.steps
         key = (self, steps, settings.sampler, settings.guidance_scale) if image is None else object()
         items = list(zip(masks, seeds, strict=True))
-        return self.lanes.sample.draw(key, items, Recipe(self.name, settings, image), progress)
+        return self.lanes.sample.draw(key, items, Recipe(self.name, settings, image), progress, self.per_call)
 
     def draw_batch(
         self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None
@@ -472,7 +479,7 @@ class Studio:
             **extra,
             "start_image_strength": settings.strength if image is not None else None,
             "precision": self.pipe.precision,
-            "device": self.pipe.device.type,
+            "device": self.device,
             "classes": self.class_names,
         }
 

@@ -38,6 +38,7 @@ class _Request:
     items: list
     recipe: object
     progress: Progress | None
+    most: int  # images a call holding this request may draw
     # A progress bar belongs to its request's context (gradio reads the event from context variables), while
     # the leader's thread calls it: each call runs in a copy of the requester's context.
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -80,15 +81,19 @@ class Lane:
         """Draw every call with `runner(recipe, items, progress)`, wrapped by `on_device`; once, first."""
         self._call = self.on_device(runner) if self.on_device is not None else runner
 
-    def draw(self, key: Hashable, items: Sequence, recipe: object, progress: Progress | None = None) -> list:
+    def draw(
+        self, key: Hashable, items: Sequence, recipe: object, progress: Progress | None = None,
+        most: int | None = None,
+    ) -> list:  # fmt: skip
         """The runner's results for these items, drawn with any others of the same `key` in one call.
 
-        Requests with equal keys must be drawable in one call by either one's `recipe`. Blocks until done;
-        raises what drawing these items alone raised.
+        Requests with equal keys must be drawable in one call by either one's `recipe`, and ask the same
+        `most`: images per call, below the lane's `max_items` (a model whose large images draw faster a few at a
+        time). Blocks until done; raises what drawing these items alone raised.
         """
         if self._call is None:
             raise RuntimeError("a lane draws only once it is served (Lane.serve)")
-        request = _Request(key, list(items), recipe, progress)
+        request = _Request(key, list(items), recipe, progress, min(most or self.max_items, self.max_items))
         with self._changed:
             self._waiting.append(request)
             self._changed.notify_all()  # a leader gathering company may take this one
@@ -104,7 +109,7 @@ class Lane:
 
     def _lead(self, first: _Request) -> None:
         expected, seconds = self._last
-        expected, deadline = min(expected, self.max_items), time.monotonic() + min(self.wait, seconds / 4)
+        expected, deadline = min(expected, first.most), time.monotonic() + min(self.wait, seconds / 4)
         with self._changed:
             while self._items(first.key) < expected and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
@@ -126,10 +131,10 @@ class Lane:
         return sum(len(r.items) for r in self._waiting if r.key == key)
 
     def _take(self, first: _Request) -> list[_Request]:
-        """`first`, then the oldest waiting requests with its key while their images fit `max_items`."""
+        """`first`, then the oldest waiting requests with its key while their images fit `first.most`."""
         batch, size = [first], len(first.items)
         for request in self._waiting:
-            fits = size + len(request.items) <= self.max_items
+            fits = size + len(request.items) <= first.most
             if request is not first and request.key == first.key and fits:
                 batch.append(request)
                 size += len(request.items)
