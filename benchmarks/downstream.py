@@ -3,11 +3,11 @@ synthetic pairs alone and pseudo-labelled images, scored by Dice on real patient
 
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--work runs/downstream] \\
         [--sizes 50,200,1086] [--seeds 0,1,2] [--synthetic 512] [--generator_steps 3000] \\
-        [--generator_preset small] [--segmenter_steps 2000] [--deform mild] [--steps S] \\
+        [--generator_preset small] [--segmenter_steps 2000] [--deform mild] [--steps S] [--scheduler ddpm] \\
         [--guidance_scale 1] [--min_dice D] [--unlabelled] [--draw_on labelled|pseudo] [--conditions abcd]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 [--seeds 0,1,2] \\
         --train-on-synthetic assets/models/psfhs-ultrasound-64 [--synthetic 512] [--real_segmenter DIR] \\
-        [--deform mild] [--steps S] [--guidance_scale 1] [--min_dice D]
+        [--deform mild] [--steps S] [--scheduler ddpm] [--guidance_scale 1] [--min_dice D]
     python benchmarks/downstream.py --data ../shared/data/psfhs-128 --smoke  # every condition, tiny: minutes
 
 The table: for each N and seed, N real train pairs drawn by the seed; a generator trained by `train_cli.py` on
@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from segdiff.choices import SAMPLERS
 from segdiff.data.layout import SPLITS, SegDataset, find_cases, image_format
 from segdiff.data.masks import DEFORM_LEVELS
 from segdiff.files import write_text
@@ -212,7 +213,8 @@ def draw_pairs(
     """M pairs drawn by `model` on deformed `masks`; with --min_dice, read back by `reader` (default: the
     model's own segmenter)."""
     settings = Settings(model=str(model), masks=str(masks), n=args.synthetic, deform=args.deform, seed=seed,
-                        steps=args.steps, guidance_scale=args.guidance_scale, min_dice=args.min_dice,
+                        steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
+                        min_dice=args.min_dice,
                         segmenter=str(reader) if reader and args.min_dice is not None else None)  # fmt: skip
     result = synthesize(settings, out)
     if result["drawn"]:
@@ -229,6 +231,7 @@ def variant(args) -> str:
     guidance or with quality control apart."""
     deform = f"-deform-{args.deform}" if args.deform not in (None, "mild") else ""
     steps = f"-steps{args.steps}" if args.steps else ""
+    steps = (f"-{args.scheduler.replace('+', 'p')}" if args.scheduler else "") + steps
     guided = f"-w{args.guidance_scale:g}" if args.guidance_scale not in (None, 1) else ""
     checked = f"-dice{args.min_dice:g}" if args.min_dice is not None else ""
     # pseudo-labels are (a)'s segmenter's, so its steps tell them apart
@@ -350,6 +353,7 @@ def table(args, test: SegDataset) -> None:
     )
     drawing = f", --deform {args.deform}" if args.deform else ", the generator card's drawing settings"
     drawing += f", {args.steps} steps" if args.steps else ""
+    drawing += f" of {args.scheduler}" if args.scheduler else ""
     drawing += f", mask guidance {args.guidance_scale:g}" if args.guidance_scale not in (None, 1) else ""
     drawing += ", on the pseudo-labels" if args.draw_on == "pseudo" else ""
     drawing += "; generators with the other train images unlabelled" if args.unlabelled else ""
@@ -425,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         "--deform", choices=DEFORM_LEVELS, help="deformation of the masks the pairs are drawn on"
     )
     parser.add_argument("--steps", type=int, help="sampling steps of the drawing")
+    parser.add_argument(
+        "--scheduler", "--sampler", choices=SAMPLERS, help="sampler of the drawing (ddpm: the texture of scans)"
+    )
     parser.add_argument("--guidance_scale", type=float, help="mask guidance of the drawing")
     parser.add_argument(
         "--min_dice", type=float, help="quality control of the drawing (synthesize --min_dice)"
