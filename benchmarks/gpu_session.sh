@@ -9,22 +9,25 @@
 #                                                          know it will not crash on the GPU
 #   bash benchmarks/gpu_session.sh --train-demo          # then train the demo model in the time left
 #   bash benchmarks/gpu_session.sh --no-bench --train-demo   # only the demo model (psfhs-128 in shared/data)
+#   bash benchmarks/gpu_session.sh --no-bench --train-upscaler   # only the 256 px upscaler (issue 32)
 #
-# The data: $DATA, else shared/data/psfhs-256 in the repository root (the device machine gets it there when
-# it is carried), else ../shared/data/psfhs-256 beside the checkout, else synthetic phantoms (said so).
+# The data: $DATA, else shared/data/psfhs-256 or data/psfhs-256 in the repository root (the device machine gets
+# it there when it is carried: `cp -r ../shared/data/psfhs-256 data/`, 44 MB, carry ["data/psfhs-256"]), else
+# ../shared/data/psfhs-256 beside the checkout, else synthetic phantoms (said so).
 # A machine without diffusers gets it from wheels in .whl/ (pip download ... -d .whl diffusers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/segdiff-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-DRY=0 DEMO=0 BENCH=1
+DRY=0 DEMO=0 BENCH=1 UPSCALER=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
     --train-demo) DEMO=1 ;;
+    --train-upscaler) UPSCALER=1 ;;
     --no-bench) BENCH=0 ;;
-    *) echo "unknown argument $arg (expected --dry-run, --train-demo or --no-bench)" >&2; exit 2 ;;
+    *) echo "unknown argument $arg (expected --dry-run, --train-demo, --train-upscaler or --no-bench)" >&2; exit 2 ;;
   esac
 done
 if [ -d .whl ]; then
@@ -32,7 +35,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site
 fi
 DATA=${DATA:-}
-for candidate in shared/data/psfhs-256 ../shared/data/psfhs-256; do
+for candidate in shared/data/psfhs-256 data/psfhs-256 ../shared/data/psfhs-256; do
   [ -z "$DATA" ] && [ -d "$candidate/img/train" ] && DATA=$candidate
 done
 data_args=()
@@ -76,6 +79,37 @@ for name in ("sample", "train"):
         print(f"| {row['row']} | {steps} | {row['images_per_s']:.2f} | {row['ratio']:.2f}x | {mfu} |")
     print()
 PY
+fi
+
+if [ "$UPSCALER" = 1 ]; then
+  # Issue 32: the 256 px cascade's upscaler, the bundled one's preset (so a CPU draws it as fast) trained about
+  # 20x longer: batch 64 of 128 px crops, bf16, over psfhs-ultrasound-64-medium as its base (the cascade that
+  # follows masks at 0.93x). What comes back ($OUT/upscaler.tar) is a complete cascade folder; on the CPU,
+  # copy the bundled model's segmenter/ and background record in, then `quality evaluate --realism`.
+  if [ -z "$DATA" ]; then echo "psfhs-256 not found: no upscaler trained" | tee "$OUT/upscaler.log"; exit 1; fi
+  UPS_STEPS=${UPS_STEPS:-12000}
+  UPS_DEADLINE=${UPS_DEADLINE:-540}  # seconds for the whole script
+  batch=64 crop=128 workers=6 checkpoints=1000
+  if [ "$DRY" = 1 ]; then UPS_STEPS=3 batch=2 crop=64 workers=0 checkpoints=2; fi
+  left=$((UPS_DEADLINE - SECONDS - 30))
+  rm -rf /tmp/ups
+  timeout "$left" python3 train_cli.py --mode train --dataset psfhs --img_size 256 --img_dir "$DATA/img" \
+    --seg_dir "$DATA/mask" --segmentation_guided --num_segmentation_classes 3 --use_ablated_segmentations \
+    --upscale_from assets/models/psfhs-ultrasound-64-medium --preset upscaler --crop_size "$crop" \
+    --train_batch_size "$batch" --max_train_steps "$UPS_STEPS" --checkpointing_steps "$checkpoints" \
+    --checkpoints_total_limit 2 --save_image_epochs 100000 --save_model_epochs 100000 --mixed_precision bf16 \
+    --dataloader_num_workers "$workers" --sampler dpm++ --num_inference_steps 12 --seed 0 --output_dir /tmp/ups \
+    > /tmp/ups_full.log 2>&1  # dpm++ 12: the end-of-run grid in seconds, not DDPM's 1000 steps
+  echo "upscaler exit $?" > "$OUT/upscaler.log"
+  tr '\r' '\n' < /tmp/ups_full.log | grep -v '^\s*$' | awk 'NR % 200 == 1' >> "$OUT/upscaler.log"
+  tr '\r' '\n' < /tmp/ups_full.log | grep -v '^\s*$' | tail -n 20 >> "$OUT/upscaler.log"
+  cp /tmp/ups/train_log.csv "$OUT/upscaler_train_log.csv" 2>/dev/null
+  model=/tmp/ups
+  if ! grep -q '"finished": true' /tmp/ups/segdiff_card.json 2>/dev/null; then
+    model=$(ls -d /tmp/ups/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1)
+  fi
+  [ -n "$model" ] && tar -C "$model" -cf "$OUT/upscaler.tar" model_index.json segdiff_card.json README.md unet scheduler base
+  echo "upscaler from $model" >> "$OUT/upscaler.log"
 fi
 
 [ "$DEMO" = 1 ] || exit 0
