@@ -459,6 +459,14 @@ class Handlers:
             None,
         )
 
+    @user_errors
+    def sampler_steps(self, model, sampler, steps):
+        """The Steps slider once a sampler is picked by hand: that sampler's own steps (`Studio.steps_for`:
+        DDPM's 20 where the card records them), unless the slider holds steps the painter chose."""
+        studio = self.models.get(model)
+        own = {studio.steps_for(s) for s in studio.samplers}
+        return studio.steps_for(sampler) if steps in own else steps
+
     def loaded(self, studio: Studio, path) -> tuple[gr.ImageEditor, np.ndarray]:
         """The editor showing a mask file, and the mask, which the preview then draws."""
         mask, notices = studio.mask_from_file(path)
@@ -627,6 +635,7 @@ def build_demo(models: Models) -> gr.Blocks:
             [editor, legend, keep, examples, model_line, painting_tips, start_image, sampler, steps, preview, *outputs],
             **PRIVATE, **RAW,
         )
+        sampler.input(on.sampler_steps, [picker, sampler, steps], steps, **PRIVATE, queue=False)
         sampling, previews = lanes_of(models.lanes)
         generate_btn.click(
             on.on_generate,

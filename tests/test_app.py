@@ -491,6 +491,14 @@ def test_switching_model_brings_its_samplers_and_default(student_client):
     assert "own 2 steps" in steps["info"]
 
 
+def test_picking_a_sampler_moves_the_steps_to_its_own_unless_the_painter_chose_them(student_client):
+    picked = private_endpoint(student_client, "sampler_steps")
+    assert student_client.predict("tiny-recorded", "dpm++", 5, fn_index=picked) == 12  # left from DDPM's 5
+    assert student_client.predict("tiny-recorded", "ddpm", 12, fn_index=picked) == 5  # the card's DDPM steps
+    assert student_client.predict("tiny-recorded", "ddim", 31, fn_index=picked) == 31  # chosen: kept
+    assert student_client.predict("tiny-breast", "ddpm", 12, fn_index=picked) == 12  # no record: the default
+
+
 def test_a_model_whose_card_records_its_sampling_generates_there_unless_asked(student_client, mask_png):
     _, settings, _ = generate(student_client, mask_png, model="tiny-recorded", steps=None)  # neither named
     assert (settings["sampler"], settings["steps"]) == ("ddpm", 5)
