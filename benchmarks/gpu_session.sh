@@ -34,6 +34,23 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+# What a training run leaves in $OUT: NAME.log (its exit status, every 200th line of its output and the last 30),
+# NAME_train_log.csv, and NAME.tar holding FILE... of its model (the finished one, else its last checkpoint).
+bring_back() {  # bring_back STATUS RUN_DIR OUTPUT_FILE NAME FILE...
+  local status=$1 run=$2 output=$3 name=$4 model
+  shift 4
+  echo "$name exit $status" > "$OUT/$name.log"
+  tr '\r' '\n' < "$output" | grep -v '^\s*$' | awk 'NR % 200 == 1' >> "$OUT/$name.log"
+  tr '\r' '\n' < "$output" | grep -v '^\s*$' | tail -n 30 >> "$OUT/$name.log"
+  cp "$run/train_log.csv" "$OUT/${name}_train_log.csv" 2>/dev/null
+  model=$run
+  if ! grep -q '"finished": true' "$run/segdiff_card.json" 2>/dev/null; then
+    model=$(ls -d "$run"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1)
+  fi
+  [ -n "$model" ] && tar -C "$model" -cf "$OUT/$name.tar" "$@"
+  echo "$name from $model" >> "$OUT/$name.log"
+}
+
 DATA=${DATA:-}
 for candidate in shared/data/psfhs-256 data/psfhs-256 ../shared/data/psfhs-256; do
   [ -z "$DATA" ] && [ -d "$candidate/img/train" ] && DATA=$candidate
@@ -100,16 +117,7 @@ if [ "$UPSCALER" = 1 ]; then
     --checkpoints_total_limit 2 --save_image_epochs 100000 --save_model_epochs 100000 --mixed_precision bf16 \
     --dataloader_num_workers "$workers" --sampler dpm++ --num_inference_steps 12 --seed 0 --output_dir /tmp/ups \
     > /tmp/ups_full.log 2>&1  # dpm++ 12: the end-of-run grid in seconds, not DDPM's 1000 steps
-  echo "upscaler exit $?" > "$OUT/upscaler.log"
-  tr '\r' '\n' < /tmp/ups_full.log | grep -v '^\s*$' | awk 'NR % 200 == 1' >> "$OUT/upscaler.log"
-  tr '\r' '\n' < /tmp/ups_full.log | grep -v '^\s*$' | tail -n 20 >> "$OUT/upscaler.log"
-  cp /tmp/ups/train_log.csv "$OUT/upscaler_train_log.csv" 2>/dev/null
-  model=/tmp/ups
-  if ! grep -q '"finished": true' /tmp/ups/segdiff_card.json 2>/dev/null; then
-    model=$(ls -d /tmp/ups/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1)
-  fi
-  [ -n "$model" ] && tar -C "$model" -cf "$OUT/upscaler.tar" model_index.json segdiff_card.json README.md unet scheduler base
-  echo "upscaler from $model" >> "$OUT/upscaler.log"
+  bring_back $? /tmp/ups /tmp/ups_full.log upscaler model_index.json segdiff_card.json README.md unet scheduler base
 fi
 
 [ "$DEMO" = 1 ] || exit 0
@@ -119,7 +127,7 @@ STEPS=${DEMO_STEPS:-20000}
 DEADLINE=${DEADLINE:-570}  # seconds for the whole script; training gets what the benchmarks leave
 DEMO_DATA=${DEMO_DATA:-shared/data/psfhs-128}
 left=$((DEADLINE - SECONDS - 25))
-if [ "$left" -lt 60 ]; then echo "no time left to train the demo model ($left s)" | tee "$OUT/train.log"; exit 0; fi
+if [ "$left" -lt 60 ]; then echo "no time left to train the demo model ($left s)" | tee "$OUT/demo.log"; exit 0; fi
 rm -rf /tmp/run
 timeout "$left" python3 train_cli.py --mode train --model_type DDPM --img_size 64 \
   --num_img_channels 1 --dataset psfhs --img_dir "$DEMO_DATA/img" --seg_dir "$DEMO_DATA/mask" \
@@ -128,14 +136,4 @@ timeout "$left" python3 train_cli.py --mode train --model_type DDPM --img_size 6
   --max_train_steps "$STEPS" --checkpointing_steps 500 --save_image_epochs 100000 --save_model_epochs 100000 \
   --dataloader_num_workers 2 --class_names background "pubic symphysis" "fetal head" \
   --output_dir /tmp/run > /tmp/train_full.log 2>&1
-echo "train exit $?" > "$OUT/train.log"
-tr '\r' '\n' < /tmp/train_full.log | grep -v '^\s*$' | awk 'NR % 200 == 1' >> "$OUT/train.log"
-tr '\r' '\n' < /tmp/train_full.log | grep -v '^\s*$' | tail -n 30 >> "$OUT/train.log"
-cp /tmp/run/train_log.csv "$OUT/" 2>/dev/null
-
-model=/tmp/run
-if ! grep -q '"finished": true' /tmp/run/segdiff_card.json 2>/dev/null; then
-  model=$(ls -d /tmp/run/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1)
-fi
-[ -n "$model" ] && tar -C "$model" -cf "$OUT/demo.tar" model_index.json segdiff_card.json unet scheduler
-echo "model from $model" >> "$OUT/train.log"
+bring_back $? /tmp/run /tmp/train_full.log demo model_index.json segdiff_card.json unet scheduler
