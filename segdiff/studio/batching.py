@@ -2,8 +2,8 @@
 
 A `Lane` draws one network call at a time. Requests that arrive while a call runs wait for it; when it ends,
 one of them leads the next call and takes every waiting request with its key (the same model and sampling
-settings) into it, up to `max_items` images (fewer where its requests ask: large images on a CPU). Each request's noise comes from its own seeds, so it gets the
-images it would get alone, up to float rounding. Masks and settings are checked before a request joins, so a
+settings) into it, up to `max_items` images (fewer where its requests ask: large images on a CPU). Each
+request's noise comes from its own seeds, so it gets the images it would get alone, up to float rounding. Masks and settings are checked before a request joins, so a
 bad one is refused alone; should a call still fail, each request in it is drawn again alone, and only the one
 at fault fails. A request waits on its own thread (gradio's worker); the leader draws on its own, so a ZeroGPU
 Space sees one `spaces.GPU` call per batch, made from a request (`on_device` wraps it).
