@@ -91,6 +91,39 @@ def test_corrupt_files_are_named(tmp_path):
         SegDataset(img_dir, seg_dir, "train", img_size=16, num_classes=4)
 
 
+def test_file_manager_litter_is_not_a_case(tmp_path):
+    img_dir, seg_dir = write_layout(tmp_path)
+    for litter in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+        (img_dir / "train" / litter).write_bytes(b"\0")
+    assert [case.name for case in find_cases(img_dir, seg_dir, "train")] == ["a.png", "b.png", "c.png"]
+
+
+def test_a_mask_of_another_shape_than_its_image_is_refused_and_a_scaled_copy_is_not(tmp_path):
+    img_dir, seg_dir = write_layout(tmp_path, size=16)
+    half = np.zeros((8, 8), np.uint8)
+    half[1:4, 1:4] = 1
+    PIL.Image.fromarray(half).save(seg_dir / "all" / "train" / "a.png")  # a scaled copy: lines up
+    assert SegDataset(img_dir, seg_dir, "train", img_size=16, num_classes=4)[0]["mask"].sum() > 0
+    PIL.Image.fromarray(np.zeros((16, 12), np.uint8)).save(seg_dir / "all" / "train" / "b.png")
+    with pytest.raises(DataLayoutError, match=r"all/train/b.png: 12x16 pixels, but its image .*b.png is 16x16"):
+        SegDataset(img_dir, seg_dir, "train", img_size=16, num_classes=4)
+
+
+def test_deep_greyscale_images_read_where_8_bits_hold_them_and_are_refused_where_they_would_clip(tmp_path):
+    low = np.arange(256, dtype=np.uint16).reshape(16, 16)  # 16-bit PNG, values 0..255: exact in 8 bits
+    PIL.Image.fromarray(low).save(tmp_path / "low.png")
+    assert PIL.Image.open(tmp_path / "low.png").mode.startswith("I;16")
+    assert np.array_equal(read_image(tmp_path / "low.png", channels=1, size=16)[0], low.astype(np.uint8))
+    PIL.Image.fromarray(low * 16).save(tmp_path / "ct.png")  # 12-bit values: would turn white
+    with pytest.raises(DataLayoutError, match=r"ct.png: I;16\S* pixels with values 0..4080, expected 0..255: .*Window the image"):
+        read_image(tmp_path / "ct.png", channels=1, size=16)
+    PIL.Image.fromarray(low.astype(np.float32) / 255).save(tmp_path / "float.tiff")  # floats in [0, 1], as .npy
+    assert np.array_equal(read_image(tmp_path / "float.tiff", channels=1, size=16)[0], low.astype(np.uint8))
+    PIL.Image.fromarray(low.astype(np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(DataLayoutError, match=r"float.tiff: F pixels with values 0..255, expected \[0, 1\]"):
+        read_image(tmp_path / "float.tiff", channels=1, size=16)
+
+
 def test_npy_images_need_the_declared_channels(tmp_path):
     np.save(tmp_path / "five.npy", np.random.default_rng(0).random((5, 12, 12), dtype=np.float32))
     image = read_image(tmp_path / "five.npy", channels=5, size=6)

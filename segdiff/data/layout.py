@@ -36,10 +36,18 @@ class Case:
     masks: tuple[Path, ...]
 
 
+# What file managers leave in folders they show (besides dotfiles such as .DS_Store): never a case.
+LITTER = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini"})
+
+
 def _listing(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataLayoutError(f"{folder}: missing {what} folder")
-    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    files = {
+        p.name: p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name not in LITTER
+    }
     if not files:
         raise DataLayoutError(f"{folder}: the {what} folder is empty")
     return files
@@ -161,8 +169,11 @@ def read_image(path: str | os.PathLike, channels: int, size: int) -> np.ndarray:
             if channels not in (1, 3):
                 raise DataLayoutError(f"{path}: {channels}-channel images must be .npy (C, H, W) arrays")
             with PIL.Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), PIL.Image.BILINEAR)
+                im = _eight_bit(im, path).convert("L" if channels == 1 else "RGB")
+                im = im.resize((size, size), PIL.Image.BILINEAR)
                 return np.asarray(im).reshape(size, size, channels).transpose(2, 0, 1).copy()
+    except DataLayoutError:
+        raise
     except (OSError, ValueError, SyntaxError) as e:
         raise DataLayoutError(f"{path}: cannot read the image ({e})") from e
     if array.ndim != 3 or array.shape[0] != channels:
@@ -177,6 +188,35 @@ def read_image(path: str | os.PathLike, channels: int, size: int) -> np.ndarray:
         )
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0].numpy()
+
+
+def _eight_bit(im: PIL.Image.Image, path: Path) -> PIL.Image.Image:
+    """A 16-bit, 32-bit or float greyscale image as 8 bits ("L"), exactly, or refused in words: integers must lie
+    in 0..255 and floats in [0, 1] (as `.npy` images), else PIL's conversion would clip them, silently."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    scale, expected = (255, "[0, 1]") if im.mode == "F" else (1, "0..255")
+    low, high = im.getextrema()
+    if low < 0 or high * scale > 255:
+        raise DataLayoutError(
+            f"{path}: {im.mode} pixels with values {low:g}..{high:g}, expected {expected}: converting them to "
+            "the 8 bits images are read as would clip them. Window the image to 8 bits first (the same window for "
+            "every image)"
+        )
+    return PIL.Image.fromarray(np.rint(np.asarray(im, np.float64) * scale).astype(np.uint8), "L")
+
+
+def stored_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """An image's or mask's stored (H, W), from its header (`.npy`: the last two axes)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return tuple(shape[-2:]) if len(shape) >= 2 else (0, 0)
+        with PIL.Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataLayoutError(f"{path}: cannot read it ({e})") from e
 
 
 def image_format(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -233,6 +273,8 @@ class SegDataset(torch.utils.data.Dataset):
         image = read_image(case.image, self.img_channels, self.img_size) if case.image else None
         mask = np.zeros((self.img_size, self.img_size), np.int64)
         for path in case.masks:  # first non-zero wins, in sorted segtype order
+            if case.image:
+                _check_aligned(case.image, path)
             layer = read_mask(path, self.num_classes, self.palette, size=self.img_size)
             mask = np.where(mask == 0, layer, mask)
         return image, mask.astype(np.uint8 if self.num_classes <= 256 else np.int64)
@@ -303,6 +345,17 @@ class UnlabelledDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         mask = torch.zeros(self.img_size, self.img_size, dtype=torch.int64)  # every class ablated
         return {"image": _as_tensor(self.images[i]), "mask": mask, "name": self.names[i]}
+
+
+def _check_aligned(image: Path, mask: Path) -> None:
+    """Refuse a mask whose shape is not its image's: both are resized to the square model size, so a mask may be
+    a scaled copy (half the pixels each way), but one of another aspect would not line up with its image."""
+    (h, w), (mh, mw) = stored_shape(image), stored_shape(mask)
+    if abs(h * mw - mh * w) > 0.01 * max(h * mw, mh * w):
+        raise DataLayoutError(
+            f"{mask}: {mw}x{mh} pixels, but its image {image} is {w}x{h}: a mask must have its image's shape "
+            "(or be a scaled copy of it), else the two do not line up"
+        )
 
 
 def _refuse_labelled_names(files: dict[str, Path], img_dir: Path) -> None:
