@@ -9,10 +9,12 @@
 #                                                          know it will not crash on the GPU
 #   bash benchmarks/gpu_session.sh --train-demo          # then train the demo model in the time left
 #   bash benchmarks/gpu_session.sh --no-bench --train-demo   # only the demo model (psfhs-128 in shared/data)
-#   bash benchmarks/gpu_session.sh --no-bench --train-upscaler   # only the 256 px upscaler (issue 32)
+#   bash benchmarks/gpu_session.sh --no-bench --train-upscaler   # only the 256 px cascade (issue 32): the
+#                                                          medium base's student, the upscaler, its student
 #
 # The data: $DATA, else shared/data/psfhs-256 or data/psfhs-256 in the repository root (the device machine gets
-# it there when it is carried: `cp -r ../shared/data/psfhs-256 data/`, 44 MB, carry ["data/psfhs-256"]), else
+# it there when it is carried: `cp -r ../shared/data/psfhs-256 data/`, 44 MB, carry ["data/psfhs-256"]; the
+# upscaler run also wants data/psfhs-128, 18 MB, for the base's student), else
 # ../shared/data/psfhs-256 beside the checkout, else synthetic phantoms (said so).
 # A machine without diffusers gets it from wheels in .whl/ (pip download ... -d .whl diffusers).
 set -uo pipefail
@@ -36,17 +38,19 @@ if [ -d .whl ]; then
 fi
 # What a training run leaves in $OUT: NAME.log (its exit status, every 200th line of its output and the last 30),
 # NAME_train_log.csv, and NAME.tar holding FILE... of its model (the finished one, else its last checkpoint).
-bring_back() {  # bring_back STATUS RUN_DIR OUTPUT_FILE NAME FILE...
+latest() {  # the model a run folder holds: the finished one, else its last checkpoint, else nothing
+  if grep -q '"finished": true' "$1/segdiff_card.json" 2>/dev/null; then echo "$1"; return; fi
+  ls -d "$1"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1
+}
+bring_back() {  # bring_back STATUS RUN_DIR OUTPUT_FILE NAME FILE...  (RUN_DIR may be a checkpoint itself)
   local status=$1 run=$2 output=$3 name=$4 model
   shift 4
   echo "$name exit $status" > "$OUT/$name.log"
   tr '\r' '\n' < "$output" | grep -v '^\s*$' | awk 'NR % 200 == 1' >> "$OUT/$name.log"
   tr '\r' '\n' < "$output" | grep -v '^\s*$' | tail -n 30 >> "$OUT/$name.log"
   cp "$run/train_log.csv" "$OUT/${name}_train_log.csv" 2>/dev/null
-  model=$run
-  if ! grep -q '"finished": true' "$run/segdiff_card.json" 2>/dev/null; then
-    model=$(ls -d "$run"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -n 1)
-  fi
+  model=$(latest "$run")
+  [ -z "$model" ] && [ -f "$run/model_index.json" ] && model=$run
   [ -n "$model" ] && tar -C "$model" -cf "$OUT/$name.tar" "$@"
   echo "$name from $model" >> "$OUT/$name.log"
 }
@@ -99,25 +103,58 @@ PY
 fi
 
 if [ "$UPSCALER" = 1 ]; then
-  # Issue 32: the 256 px cascade's upscaler, the bundled one's preset (so a CPU draws it as fast) trained about
-  # 20x longer: batch 64 of 128 px crops, bf16, over psfhs-ultrasound-64-medium as its base (the cascade that
-  # follows masks at 0.93x). What comes back ($OUT/upscaler.tar) is a complete cascade folder; on the CPU,
-  # copy the bundled model's segmenter/ and background record in, then `quality evaluate --realism`.
+  # Issue 32: a 256 px cascade that follows masks and draws fast, in three runs within $UPS_DEADLINE:
+  # 1. psfhs-ultrasound-64-medium's 2-step student (the base that follows masks at 0.93x; without a student it
+  #    previews in 0.61 s against 0.21 s on the 2-core CPU), on psfhs-128 as that model was trained;
+  # 2. the upscaler over it, the bundled one's preset (so a CPU draws it as fast) trained about 20x longer:
+  #    batch 64 of 128 px crops, bf16;
+  # 3. the upscaler's 2-step student.
+  # Each run that is cut leaves its last checkpoint, which the next one starts from. What comes back
+  # ($OUT/upscaler.tar) is a complete cascade folder; on the CPU, copy the bundled model's segmenter/ and
+  # background record in, then `quality evaluate --realism`.
   if [ -z "$DATA" ]; then echo "psfhs-256 not found: no upscaler trained" | tee "$OUT/upscaler.log"; exit 1; fi
-  UPS_STEPS=${UPS_STEPS:-12000}
-  UPS_DEADLINE=${UPS_DEADLINE:-540}  # seconds for the whole script
-  batch=64 crop=128 workers=6 checkpoints=1000
-  if [ "$DRY" = 1 ]; then UPS_STEPS=3 batch=2 crop=64 workers=0 checkpoints=2; fi
-  left=$((UPS_DEADLINE - SECONDS - 30))
-  rm -rf /tmp/ups
+  DATA128=${DATA128:-}
+  for candidate in shared/data/psfhs-128 data/psfhs-128 ../shared/data/psfhs-128; do
+    [ -z "$DATA128" ] && [ -d "$candidate/img/train" ] && DATA128=$candidate
+  done
+  UPS_STEPS=${UPS_STEPS:-12000} STUDENT_STEPS=${STUDENT_STEPS:-1500}
+  UPS_DEADLINE=${UPS_DEADLINE:-540}  # seconds for the whole script: with the start, under the 15 device minutes
+  batch=64 crop=128 workers=6 checkpoints=500
+  if [ "$DRY" = 1 ]; then UPS_STEPS=3 STUDENT_STEPS=2 batch=2 crop=64 workers=0 checkpoints=2; fi
+  guided=(--segmentation_guided --num_segmentation_classes 3 --mixed_precision bf16 --seed 0
+          --save_image_epochs 100000 --save_model_epochs 100000 --checkpoints_total_limit 2)
+  rm -rf /tmp/base-student /tmp/ups /tmp/ups-student
+  base=assets/models/psfhs-ultrasound-64-medium
+  if [ -n "$DATA128" ]; then
+    timeout "${BASE_STUDENT_S:-100}" python3 train_cli.py --mode distill --model_dir "$base" --img_size 64 \
+      --img_dir "$DATA128/img" --seg_dir "$DATA128/mask" "${guided[@]}" --train_batch_size "$batch" \
+      --max_train_steps "$STUDENT_STEPS" --checkpointing_steps "$checkpoints" --dataloader_num_workers "$workers" \
+      --output_dir /tmp/base-student > /tmp/base_student_full.log 2>&1
+    bring_back $? /tmp/base-student /tmp/base_student_full.log base-student segdiff_card.json student
+    student=$(latest /tmp/base-student)
+    [ -n "$student" ] && base=$student
+  else
+    echo "psfhs-128 not found: the base keeps no student" | tee "$OUT/base-student.log"
+  fi
+  left=$((UPS_DEADLINE - SECONDS - ${UPS_STUDENT_S:-120} - 40))
   timeout "$left" python3 train_cli.py --mode train --dataset psfhs --img_size 256 --img_dir "$DATA/img" \
-    --seg_dir "$DATA/mask" --segmentation_guided --num_segmentation_classes 3 --use_ablated_segmentations \
-    --upscale_from assets/models/psfhs-ultrasound-64-medium --preset upscaler --crop_size "$crop" \
-    --train_batch_size "$batch" --max_train_steps "$UPS_STEPS" --checkpointing_steps "$checkpoints" \
-    --checkpoints_total_limit 2 --save_image_epochs 100000 --save_model_epochs 100000 --mixed_precision bf16 \
-    --dataloader_num_workers "$workers" --sampler dpm++ --num_inference_steps 12 --seed 0 --output_dir /tmp/ups \
-    > /tmp/ups_full.log 2>&1  # dpm++ 12: the end-of-run grid in seconds, not DDPM's 1000 steps
-  bring_back $? /tmp/ups /tmp/ups_full.log upscaler model_index.json segdiff_card.json README.md unet scheduler base
+    --seg_dir "$DATA/mask" "${guided[@]}" --use_ablated_segmentations --upscale_from "$base" --preset upscaler \
+    --crop_size "$crop" --train_batch_size "$batch" --max_train_steps "$UPS_STEPS" \
+    --checkpointing_steps "$checkpoints" --dataloader_num_workers "$workers" --sampler dpm++ \
+    --num_inference_steps 12 --output_dir /tmp/ups > /tmp/ups_full.log 2>&1  # dpm++ 12: a grid in seconds
+  status=$?
+  cascade=$(latest /tmp/ups)
+  if [ -n "$cascade" ]; then
+    left=$((UPS_DEADLINE - SECONDS - 25))
+    timeout "$left" python3 train_cli.py --mode distill --model_dir "$cascade" --img_size 256 \
+      --img_dir "$DATA/img" --seg_dir "$DATA/mask" "${guided[@]}" --crop_size "$crop" \
+      --train_batch_size "$batch" --max_train_steps "$STUDENT_STEPS" --checkpointing_steps "$checkpoints" \
+      --dataloader_num_workers "$workers" --output_dir /tmp/ups-student >> /tmp/ups_full.log 2>&1
+    status=$?
+    [ -n "$(latest /tmp/ups-student)" ] && cascade=/tmp/ups-student
+  fi
+  bring_back $status "$cascade" /tmp/ups_full.log upscaler model_index.json segdiff_card.json README.md unet \
+    scheduler base student
 fi
 
 [ "$DEMO" = 1 ] || exit 0
