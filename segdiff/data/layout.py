@@ -206,26 +206,14 @@ def _eight_bit(im: PIL.Image.Image, path: Path) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.rint(np.asarray(im, np.float64) * scale).astype(np.uint8), "L")
 
 
-def stored_shape(path: str | os.PathLike) -> tuple[int, int]:
-    """An image's or mask's stored (H, W), from its header (`.npy`: the last two axes)."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".npy":
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-            return tuple(shape[-2:]) if len(shape) >= 2 else (0, 0)
-        with PIL.Image.open(path) as im:
-            return im.height, im.width
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataLayoutError(f"{path}: cannot read it ({e})") from e
-
-
 def image_format(path: str | os.PathLike) -> tuple[int, int, int]:
-    """An image file's stored (H, W, channels), from its header: what `read_image` resizes away."""
+    """An image (or mask) file's stored (H, W, channels), from its header: what `read_image` resizes away.
+    `.npy` arrays are (C, H, W), or (H, W) with one channel."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-            return (shape[1], shape[2], shape[0]) if len(shape) == 3 else (0, 0, 0)
+            return (*shape[-2:], shape[0] if len(shape) == 3 else 1) if len(shape) in (2, 3) else (0, 0, 0)
         with PIL.Image.open(path) as im:
             return im.height, im.width, len(im.getbands())
     except (OSError, ValueError, SyntaxError) as e:
@@ -273,9 +261,9 @@ class SegDataset(torch.utils.data.Dataset):
         image = read_image(case.image, self.img_channels, self.img_size) if case.image else None
         mask = np.zeros((self.img_size, self.img_size), np.int64)
         for path in case.masks:  # first non-zero wins, in sorted segtype order
+            layer = read_mask(path, self.num_classes, self.palette, size=self.img_size)
             if case.image:
                 _check_aligned(case.image, path)
-            layer = read_mask(path, self.num_classes, self.palette, size=self.img_size)
             mask = np.where(mask == 0, layer, mask)
         return image, mask.astype(np.uint8 if self.num_classes <= 256 else np.int64)
 
@@ -350,7 +338,7 @@ class UnlabelledDataset(torch.utils.data.Dataset):
 def _check_aligned(image: Path, mask: Path) -> None:
     """Refuse a mask whose shape is not its image's: both are resized to the square model size, so a mask may be
     a scaled copy (half the pixels each way), but one of another aspect would not line up with its image."""
-    (h, w), (mh, mw) = stored_shape(image), stored_shape(mask)
+    (h, w, _), (mh, mw, _) = image_format(image), image_format(mask)
     if abs(h * mw - mh * w) > 0.01 * max(h * mw, mh * w):
         raise DataLayoutError(
             f"{mask}: {mw}x{mh} pixels, but its image {image} is {w}x{h}: a mask must have its image's shape "
