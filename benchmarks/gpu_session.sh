@@ -130,7 +130,8 @@ if [ "$UPSCALER" = 1 ]; then
       --img_dir "$DATA128/img" --seg_dir "$DATA128/mask" "${guided[@]}" --train_batch_size "$batch" \
       --max_train_steps "$STUDENT_STEPS" --checkpointing_steps "$checkpoints" --dataloader_num_workers "$workers" \
       --output_dir /tmp/base-student > /tmp/base_student_full.log 2>&1
-    bring_back $? /tmp/base-student /tmp/base_student_full.log base-student segdiff_card.json student
+    # its card only: the student itself comes back inside the cascade (base/student/)
+    bring_back $? /tmp/base-student /tmp/base_student_full.log base-student segdiff_card.json
     student=$(latest /tmp/base-student)
     [ -n "$student" ] && base=$student
   else
