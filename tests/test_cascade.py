@@ -16,6 +16,8 @@ from test_training import config, steps_logged, write_data
 
 import train_cli
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
+from segdiff.measure.quality import measure_quality, run_label
+from segdiff.measure.segmenter import Segmenter, SegmenterConfig
 from segdiff.model.card import CARD_FILE
 from segdiff.train.loop import train
 
@@ -146,6 +148,19 @@ def test_a_cascades_upscaler_gets_a_student_that_draws_at_the_defaults(tmp_path,
     assert steps() == base_steps + 2  # the upscaler's student
     assert steps(upscale_steps=4) == base_steps + 4  # asked for: the upscaler itself
     assert steps(num_inference_steps=3) == 3 + pipe.card.upscaling.steps  # any setting asked: no students
+
+    # measured as drawn: the students, or the base's student and the upscaler itself at the steps asked
+    torch.manual_seed(0)
+    segmenter = Segmenter(SegmenterConfig(num_classes=3, img_size=32))
+    masks = np.stack([mask, mask[::-1]])
+    images = np.zeros((2, 64, 64, 1), np.float32)
+    settings = dict(scheduler="student", progress=False, omit_each=False)
+    students = measure_quality(pipe, segmenter, masks, images, **settings)
+    detail = measure_quality(pipe, segmenter, masks, images, upscale_steps=4, **settings)
+    base = run_label(students).split(" + ")[0]  # this base has no student: the pipeline's default sampler
+    assert run_label(students) == f"{base} + student 2 auto"
+    assert run_label(detail) == f"{base} + {pipe.card.upscaling.scheduler} 4 auto"
+    assert detail["detail"]["generated"] != students["detail"]["generated"]
 
 
 def test_a_cascade_with_a_missing_or_mismatched_stage_is_refused(tmp_path, cascade):

@@ -310,7 +310,7 @@ def test_measure_quality_of_a_student_records_the_default_settings(model_dir, se
     pipe = SegDiffPipeline(teacher.unet, teacher.scheduler, card, student=teacher.unet)
     result = measure_quality(pipe, segmenter, masks, images, **settings)
     assert run_label(result) == "student 2 fp32"
-    with pytest.raises(ArgumentError, match="upscale_steps=4"):
+    with pytest.raises(ArgumentError, match="upscale_steps=4: the model draws in one stage"):
         measure_quality(pipe, segmenter, masks, images, upscale_steps=4, **settings)
 
 

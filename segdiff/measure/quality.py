@@ -195,18 +195,16 @@ def measure_quality(
     student = scheduler == STUDENT
     if student and card.distilled is None:
         raise ArgumentError(f"scheduler={STUDENT!r}: the model has no distilled student")
-    if student and upscale_steps:
-        raise ArgumentError(
-            f"upscale_steps={upscale_steps}: scheduler={STUDENT!r} measures the default settings, "
-            "whose steps are the students'"
-        )
+    if upscale_steps and not card.upscaling:
+        raise ArgumentError(f"upscale_steps={upscale_steps}: the model draws in one stage, without an upscaler")
     upscaler = card.upscaling and (card.upscaling.scheduler, upscale_steps or card.upscaling.steps)
     if student:  # the model's default settings: its student, and a cascade's base's student where it has one
         first = pipe.base.card if pipe.base is not None else card
         scheduler, num_inference_steps = (
             (STUDENT, first.distilled.steps) if first.distilled else (DEFAULT_SCHEDULER, DEFAULT_STEPS)
         )
-        upscaler = card.upscaling and (STUDENT, card.distilled.steps)
+        if not upscale_steps:  # with upscale_steps the upscaler itself draws the detail, as the pipeline does
+            upscaler = card.upscaling and (STUDENT, card.distilled.steps)
     segmenter.check_reads(card.num_classes, card.img_channels, card.img_size)
     precision, seed = precision_of(precision), check_seed(seed, "seed")
     masks = pipe.prepare_masks(masks)  # (N, H, W) int64, validated
