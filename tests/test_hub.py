@@ -309,6 +309,12 @@ def test_the_readme_front_matter_and_text_follow_the_card(tmp_path):
         assert f"| {i} | {name} | `{card.palette.hex(i)}` |" in readme
     for fact in ("train_cli.py --mode train", CREDIT["citation"], CREDIT["license"], "0.875", "0.8125"):
         assert fact in readme, fact
+    assert "FRD" not in readme  # realism columns only where a run measured them
+    card.quality["runs"]["student 2"] = {"realism": {"frd": 8.07, "baseline_frd": 5.37, "classifier": 0.75}}
+    card.save(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| FRD (real vs real) | classifier accuracy (real vs real) |" in readme
+    assert "| 8.07 (5.37) | 0.75 (?) |" in readme and readme.count("| dpm++ 12 |") == 1
     card.class_names[2] = "head"
     card.dataset = {**CREDIT, "license": "CC BY-NC-SA 4.0", "hub_id": "org/psfhs"}
     card.save(tmp_path)  # any later save of the card rewrites the README

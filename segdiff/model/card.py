@@ -369,6 +369,9 @@ def _quality(card: ModelCard) -> str:
         return ""
     names = card.class_names[1:]
     head = ["sampling", "masks", "mean Dice", *names, "Dice on real images", "KID", "FD", "FD real vs real"]
+    # FRD and the classifier test, where any run measured them, each beside its real-vs-real floor
+    measured = [m for m in ("frd", "classifier") if any(m in r.get("realism", {}) for r in runs.values())]
+    head += [{"frd": "FRD (real vs real)", "classifier": "classifier accuracy (real vs real)"}[m] for m in measured]
     rows = []
     for label, run in runs.items():
         dice, real, realism = run.get("dice", {}), run.get("real", {}), run.get("realism", {})
@@ -381,6 +384,7 @@ def _quality(card: ModelCard) -> str:
             realism.get("kid", {}).get("mean", ""),
             realism.get("fd", ""),
             realism.get("baseline_fd", ""),
+            *(f"{realism[m]} ({realism.get(f'baseline_{m}', '?')})" if m in realism else "" for m in measured),
         ])  # fmt: skip
     table = "\n".join(
         "| " + " | ".join(str(v) for v in row) + " |" for row in [head, ["---"] * len(head), *rows]
@@ -389,6 +393,14 @@ def _quality(card: ModelCard) -> str:
         "## Measured quality\n\n"
         "Dice of the model's own segmenter on images drawn from held-out test masks, against those masks "
         "(how closely the images follow the mask), beside its Dice on the real test images; realism as KID "
-        "and Frechet distance (FD) on the segmenter's pooled features, lower is closer to the real images. "
-        "Measured by `python -m segdiff.quality`.\n\n" + table
+        "and Frechet distance (FD) on the segmenter's pooled features, lower is closer to the real images"
+        + (
+            "; FRD, the Frechet radiomics distance (`frd-score`), and the held-out accuracy of a small CNN "
+            "trained to tell generated from real images (0.5: it cannot), each beside the same measure on "
+            "real images alone"
+            if measured
+            else ""
+        )
+        + ". Measured by `python -m segdiff.quality`.\n\n"
+        + table
     )
