@@ -9,12 +9,11 @@
 #                                                          know it will not crash on the GPU
 #   bash benchmarks/gpu_session.sh --train-demo          # then train the demo model in the time left
 #   bash benchmarks/gpu_session.sh --no-bench --train-demo   # only the demo model (psfhs-128 in shared/data)
-#   bash benchmarks/gpu_session.sh --no-bench --train-upscaler   # only the 256 px cascade (issue 32): the
-#                                                          medium base's student, the upscaler, its student
+#   bash benchmarks/gpu_session.sh --no-bench --train-upscaler   # only the 256 px cascade (issue 32): a
+#                                                          longer-trained upscaler over the bundled base, its student
 #
 # The data: $DATA, else shared/data/psfhs-256 or data/psfhs-256 in the repository root (the device machine gets
-# it there when it is carried: `cp -r ../shared/data/psfhs-256 data/`, 44 MB, carry ["data/psfhs-256"]; the
-# upscaler run also wants data/psfhs-128, 18 MB, for the base's student), else
+# it there when it is carried: `cp -r ../shared/data/psfhs-256 data/`, 44 MB, carry ["data/psfhs-256"]), else
 # ../shared/data/psfhs-256 beside the checkout, else synthetic phantoms (said so).
 # A machine without diffusers gets it from wheels in .whl/ (pip download ... -d .whl diffusers).
 set -uo pipefail
@@ -103,40 +102,23 @@ PY
 fi
 
 if [ "$UPSCALER" = 1 ]; then
-  # Issue 32: a 256 px cascade that follows masks and draws fast, in three runs within $UPS_DEADLINE:
-  # 1. psfhs-ultrasound-64-medium's 2-step student (the base that follows masks at 0.93x; without a student it
-  #    previews in 0.61 s against 0.21 s on the 2-core CPU), on psfhs-128 as that model was trained;
-  # 2. the upscaler over it, the bundled one's preset (so a CPU draws it as fast) trained about 20x longer:
-  #    batch 64 of 128 px crops, bf16;
-  # 3. the upscaler's 2-step student.
-  # Each run that is cut leaves its last checkpoint, which the next one starts from. What comes back
+  # Issue 32: the 256 px cascade's upscaler trained far longer, in two runs within $UPS_DEADLINE, over the
+  # bundled cascade's base (psfhs-ultrasound-64-medium and its 2-step student, which the upscaler's run copies):
+  # 1. the upscaler, the bundled one's preset (so a CPU draws it as fast) trained about 20x longer: batch 64 of
+  #    128 px crops, bf16;
+  # 2. its 2-step student.
+  # A run that is cut leaves its last checkpoint, which the next one starts from. What comes back
   # ($OUT/upscaler.tar) is a complete cascade folder; on the CPU, copy the bundled model's segmenter/ and
   # background record in, then `quality evaluate --realism`.
   if [ -z "$DATA" ]; then echo "psfhs-256 not found: no upscaler trained" | tee "$OUT/upscaler.log"; exit 1; fi
-  DATA128=${DATA128:-}
-  for candidate in shared/data/psfhs-128 data/psfhs-128 ../shared/data/psfhs-128; do
-    [ -z "$DATA128" ] && [ -d "$candidate/img/train" ] && DATA128=$candidate
-  done
   UPS_STEPS=${UPS_STEPS:-12000} STUDENT_STEPS=${STUDENT_STEPS:-1500}
   UPS_DEADLINE=${UPS_DEADLINE:-540}  # seconds for the whole script: with the start, under the 15 device minutes
   batch=64 crop=128 workers=6 checkpoints=500
   if [ "$DRY" = 1 ]; then UPS_STEPS=3 STUDENT_STEPS=2 batch=2 crop=64 workers=0 checkpoints=2; fi
   guided=(--segmentation_guided --num_segmentation_classes 3 --mixed_precision bf16 --seed 0
           --save_image_epochs 100000 --save_model_epochs 100000 --checkpoints_total_limit 2)
-  rm -rf /tmp/base-student /tmp/ups /tmp/ups-student
-  base=assets/models/psfhs-ultrasound-64-medium
-  if [ -n "$DATA128" ]; then
-    timeout "${BASE_STUDENT_S:-100}" python3 train_cli.py --mode distill --model_dir "$base" --img_size 64 \
-      --img_dir "$DATA128/img" --seg_dir "$DATA128/mask" "${guided[@]}" --train_batch_size "$batch" \
-      --max_train_steps "$STUDENT_STEPS" --checkpointing_steps "$checkpoints" --dataloader_num_workers "$workers" \
-      --output_dir /tmp/base-student > /tmp/base_student_full.log 2>&1
-    # its card only: the student itself comes back inside the cascade (base/student/)
-    bring_back $? /tmp/base-student /tmp/base_student_full.log base-student segdiff_card.json
-    student=$(latest /tmp/base-student)
-    [ -n "$student" ] && base=$student
-  else
-    echo "psfhs-128 not found: the base keeps no student" | tee "$OUT/base-student.log"
-  fi
+  rm -rf /tmp/ups /tmp/ups-student
+  base=assets/models/psfhs-ultrasound-256/base
   left=$((UPS_DEADLINE - SECONDS - ${UPS_STUDENT_S:-120} - 40))
   timeout "$left" python3 train_cli.py --mode train --dataset psfhs --img_size 256 --img_dir "$DATA/img" \
     --seg_dir "$DATA/mask" "${guided[@]}" --use_ablated_segmentations --upscale_from "$base" --preset upscaler \
