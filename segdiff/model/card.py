@@ -363,6 +363,9 @@ def _data(card: ModelCard) -> str:
     return "## Training data\n\n" + "\n".join(lines)
 
 
+_FIELD_MEASURES = {"frd": "FRD (real vs real)", "classifier": "classifier accuracy (real vs real)"}
+
+
 def _quality(card: ModelCard) -> str:
     runs = card.quality.get("runs", {})
     if not runs:
@@ -370,8 +373,8 @@ def _quality(card: ModelCard) -> str:
     names = card.class_names[1:]
     head = ["sampling", "masks", "mean Dice", *names, "Dice on real images", "KID", "FD", "FD real vs real"]
     # FRD and the classifier test, where any run measured them, each beside its real-vs-real floor
-    measured = [m for m in ("frd", "classifier") if any(m in r.get("realism", {}) for r in runs.values())]
-    head += [{"frd": "FRD (real vs real)", "classifier": "classifier accuracy (real vs real)"}[m] for m in measured]
+    measured = [m for m in _FIELD_MEASURES if any(m in r.get("realism", {}) for r in runs.values())]
+    head += [_FIELD_MEASURES[m] for m in measured]
     rows = []
     for label, run in runs.items():
         dice, real, realism = run.get("dice", {}), run.get("real", {}), run.get("realism", {})
