@@ -452,6 +452,7 @@ class Handlers:
             gr.Image(value=None, image_mode="L" if studio.card.img_channels == 1 else "RGB"),
             gr.Dropdown(**sampler_menu(studio)),
             gr.Slider(value=studio.steps_for(studio.samplers[0]), info=steps_info(studio)),
+            gr.Slider(value=studio.guidance),
             None,
             gr.Gallery(value=None),
             None,
@@ -521,13 +522,13 @@ class Handlers:
     # their components' values are what gradio sends.
 
     @user_errors
-    def generate(self, mask, omit, seed, steps=None, num_images=Settings.num_images, sampler=None,
-                 guidance=Settings.guidance_scale, model=None, progress=gr.Progress()):  # noqa: B008
+    def generate(self, mask, omit, seed, steps=None, num_images=Settings.num_images, sampler=None, guidance=None,
+                 model=None, progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("generate", model, mask, None, progress, omit=omit, seed=seed, steps=steps,
                                       num_images=num_images, sampler=sampler, guidance_scale=guidance))
 
     @user_errors
-    def sweep(self, mask, seed, steps=None, sampler=None, guidance=Settings.guidance_scale, model=None,
+    def sweep(self, mask, seed, steps=None, sampler=None, guidance=None, model=None,
               progress=gr.Progress()):  # noqa: B008
         return self.returned(self.run("sweep", model, mask, None, progress, seed=seed, steps=steps, sampler=sampler,
                                       guidance_scale=guidance))
@@ -601,7 +602,7 @@ def build_demo(models: Models) -> gr.Blocks:
                     seed = gr.Number(value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     reroll = gr.Button("Random seed", size="md", min_width=80, elem_id="reroll")
                 guidance = gr.Slider(
-                    1, GUIDANCE_SLIDER_MAX, value=1, step=0.5, label="Mask guidance",
+                    1, GUIDANCE_SLIDER_MAX, value=first.guidance, step=0.5, label="Mask guidance",
                     info="Above 1, images follow the kept classes more closely (each step costs two passes); "
                          "for models trained with mask ablation. 1: none.",
                 )
@@ -632,7 +633,8 @@ def build_demo(models: Models) -> gr.Blocks:
         outputs = [gallery, settings_json, download, run_state]
         picker.change(
             on.switch, picker,
-            [editor, legend, keep, examples, model_line, painting_tips, start_image, sampler, steps, preview, *outputs],
+            [editor, legend, keep, examples, model_line, painting_tips, start_image, sampler, steps, guidance, preview,
+             *outputs],
             **PRIVATE, **RAW,
         )
         sampler.input(on.sampler_steps, [picker, sampler, steps], steps, **PRIVATE, queue=False)
@@ -658,7 +660,7 @@ def build_demo(models: Models) -> gr.Blocks:
         for load in (mask_file.upload(on.load_mask, [picker, mask_file], [editor, loaded], **PRIVATE, **RAW),
                      examples.click(on.load_example, [picker, examples], [editor, loaded], **PRIVATE, **RAW)):
             load.success(on.on_paint, [picker, loaded, keep, seed], **live)
-        add_api(on, picker, seed, num_images, guidance, sampling, previews)
+        add_api(on, picker, seed, num_images, sampling, previews)
     demo.queue(default_concurrency_limit=1, max_size=32)
     refuse_foreign_files(demo)
     return demo
@@ -673,15 +675,16 @@ def lanes_of(lanes: Lanes) -> tuple[dict, dict]:
     )
 
 
-def add_api(on: Handlers, picker, seed, num_images, guidance, sampling, previews) -> None:
+def add_api(on: Handlers, picker, seed, num_images, sampling, previews) -> None:
     """The named endpoints `/generate`, `/sweep` and `/preview`, in the page being built.
 
     They take a mask file instead of the canvas and class names to omit; the page's widgets give the other
     inputs their defaults, and the model is the picker's value, so a request that names none gets the launch
-    default. The sampler and steps have none: left out, they are the model's own (`Studio.samplers`,
-    `Studio.steps_for`), whichever model the request names.
+    default. The sampler, steps and mask guidance have none: left out, they are the model's own
+    (`Studio.samplers`, `Studio.steps_for`, `Studio.guidance`), whichever model the request names.
     """
     steps = gr.Number(value=None, precision=0, label="steps", visible=False)
+    guidance = gr.Number(value=None, label="guidance", visible=False)
     mask = gr.File(label="mask", visible=False)
     sampler = gr.Dropdown([*SAMPLERS, STUDENT], value=None, label="sampler", visible=False)
     omit = gr.Dropdown([], multiselect=True, allow_custom_value=True, value=[], label="omit", visible=False)

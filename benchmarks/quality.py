@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help="the fast run's sampler")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="the fast run's steps")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=1.0, help="the fast run's mask guidance (default: 1, none)"
+    )
     parser.add_argument("--no-original", action="store_true", help="measure the fast settings only")
     parser.add_argument("--no-omit", action="store_true", help="skip the one-class-omitted runs")
     parser.add_argument(
@@ -192,11 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, batch_size=args.batch_size, omit_each=not args.no_omit, baseline_images=baseline,
         train_masks=train[0], train_images=train[1], radiomics=args.realism,
     )  # fmt: skip
-    settings = [("fast", args.scheduler, args.steps, "auto", None)]  # None: the default layout
+    settings = [("fast", args.scheduler, args.steps, "auto", None, args.guidance_scale)]  # None: default layout
     if not args.no_original:
-        settings.append(("original", "ddim", 50, "fp32", False))
+        settings.append(("original", "ddim", 50, "fp32", False, 1.0))
     runs = {}
-    for name, scheduler, steps, precision, channels_last in settings:
+    for name, scheduler, steps, precision, channels_last, guidance_scale in settings:
         pipe.set_speed(precision=precision, channels_last=channels_last)
         started = time.perf_counter()
         runs[name] = measure_quality(
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             scheduler=scheduler,
             num_inference_steps=steps,
             precision=precision,
+            guidance_scale=guidance_scale,
             **common,
         )
         print(f"{name}: {run_label(runs[name])} measured in {time.perf_counter() - started:.0f} s")
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.set_speed(precision="auto", channels_last=None)
         run = measure_quality(
             pipe, segmenter, masks, images, scheduler=args.scheduler, num_inference_steps=args.steps,
-            upscale_steps=steps, **{**common, "omit_each": False},
+            upscale_steps=steps, guidance_scale=args.guidance_scale, **{**common, "omit_each": False},
         )  # fmt: skip
         runs[f"upscaler {steps} steps"] = run
         print(f"{run_label(run)}: mean Dice {run['mean_dice']:.4f}")

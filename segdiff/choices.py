@@ -43,6 +43,10 @@ DEFAULT_SAMPLER = "dpm++"
 # it: its defaults (no steps, no scheduler) are the student.
 STUDENT = "student"
 
+# Mask guidance (classifier-free guidance against the blank mask): 1 is none; beyond the cap, images saturate
+# long before they follow the mask any closer.
+MAX_GUIDANCE = 20.0
+
 # Seeds: one range for every use, from each command line's --seed to the studio's field: 32 bits, what numpy's
 # legacy seeding and torch's CPU generator both take whole. Image i's noise comes from a generator seeded with
 # `mixed_seed(seed, stream, i)` (`segdiff.model.sampling.noise_generator`).

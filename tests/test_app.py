@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import CLASS_NAMES, SMALL_CLASS_NAMES
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -59,7 +60,7 @@ def test_generate_returns_images_with_their_settings(client, mask_png):
     assert [item["caption"] for item in gallery] == ["seed 5", "seed 6"]
     assert settings["omit"] == ["vessels"] and settings["seeds"] == [5, 6] and settings["model"] == "tiny-breast"
     assert archive.endswith(".zip")
-    assert settings["guidance_scale"] == 1.0  # the slider's default: no mask guidance
+    assert settings["guidance_scale"] == 1.0  # the model's own: its card records none
     _, guided, _ = generate(client, mask_png, seed=5, guidance=2.5)
     assert guided["guidance_scale"] == 2.5
     with pytest.raises(AppError, match=r"guidance_scale 40: expected a value from 1 \(none\) to 20"):
@@ -438,10 +439,17 @@ def recorded_dir(student_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student_client(student_dir, tiny_model_dir, recorded_dir):
-    """A client of the studio over a tiny model with a 2-step student (the default), one without (tiny-breast)
-    and the student model with a recorded sampling (tiny-recorded)."""
-    models = {"tiny-student": student_dir, "tiny-breast": tiny_model_dir, "tiny-recorded": recorded_dir}
+def guided_dir(student_dir, tmp_path_factory):
+    """The student model, its card recording its student at mask guidance 2 (as the 256 px model's does)."""
+    return save_recorded(student_dir, tmp_path_factory.mktemp("models") / "tiny-guided", "student", 2, 2.0)
+
+
+@pytest.fixture(scope="module")
+def student_client(student_dir, tiny_model_dir, recorded_dir, guided_dir):
+    """A client of the studio over a tiny model with a 2-step student (the default), one without (tiny-breast),
+    and the student model with a recorded sampling (tiny-recorded) or mask guidance (tiny-guided)."""
+    models = {"tiny-student": student_dir, "tiny-breast": tiny_model_dir, "tiny-recorded": recorded_dir,
+              "tiny-guided": guided_dir}  # fmt: skip
     demo = app.build_demo(Models(models, "tiny-student"))
     app.launch(demo, host="127.0.0.1", prevent_thread_lock=True, quiet=True)
     client = Client(demo.local_url, verbose=False)
@@ -508,3 +516,22 @@ def test_a_model_whose_card_records_its_sampling_generates_there_unless_asked(st
     assert (settings["sampler"], settings["steps"]) == ("student", 2)
     _, settings, _ = generate(student_client, mask_png, model="tiny-student", steps=None)  # no record: as before
     assert (settings["sampler"], settings["steps"]) == ("student", 2)
+
+
+def test_a_model_whose_card_records_mask_guidance_draws_there_unless_asked(student_client, guided_dir, mask_png,
+                                                                           mask):  # fmt: skip
+    _, settings, _ = generate(student_client, mask_png, model="tiny-guided", steps=None)  # guidance not named
+    assert (settings["sampler"], settings["guidance_scale"]) == ("student", 2.0)
+    _, settings, _ = generate(student_client, mask_png, model="tiny-guided", guidance=1)
+    assert settings["guidance_scale"] == 1.0
+    _, settings, _ = generate(student_client, mask_png, model="tiny-student")  # no record: none
+    assert settings["guidance_scale"] == 1.0
+    shown = student_client.predict(mask=handle_file(str(mask_png)), omit=[], seed=6, model="tiny-guided",
+                                   api_name="/preview")  # fmt: skip
+    pipe = SegDiffPipeline.from_pretrained(guided_dir)
+    expected = pipe(mask, generator=torch.Generator("cpu").manual_seed(6), guidance_scale=2, output_type="np")
+    drawn = (expected.images[0][..., 0] * 255).round()
+    assert np.abs(np.asarray(PIL.Image.open(shown), int) - drawn).max() <= 1
+    switch = private_endpoint(student_client, "switch")
+    assert student_client.predict("tiny-guided", fn_index=switch)[9]["value"] == 2.0  # the Mask guidance slider
+    assert student_client.predict("tiny-student", fn_index=switch)[9]["value"] == 1.0

@@ -43,6 +43,20 @@ def test_a_recorded_sampling_survives_a_save_and_its_readme_names_it(tmp_path):
     assert (loaded.generation.sampler, loaded.generation.steps) == ("ddpm", 20)
     assert 'pipe(mask, sampler="ddpm", num_inference_steps=20)' in (tmp_path / "README.md").read_text()
     assert ModelCard(num_classes=3, img_channels=1, img_size=32).generation is None
-    for bad in ({"sampler": "euler", "steps": 20}, {"sampler": "ddpm", "steps": True}, {"sampler": "ddpm"}):
+    for bad in ({"sampler": "euler", "steps": 20}, {"sampler": "ddpm", "steps": True}, {"sampler": "ddpm"},
+                {"sampler": "ddpm", "steps": 20, "guidance_scale": 0.5},
+                {"sampler": "ddpm", "steps": 20, "guidance_scale": True}):  # fmt: skip
         with pytest.raises(CheckpointError, match=r"sampling"):
             ModelCard(num_classes=3, img_channels=1, img_size=32, sampling=bad)
+
+
+def test_a_recorded_sampling_may_name_the_student_and_its_mask_guidance(tmp_path):
+    student = {"steps": 2, "teacher_steps": 8}
+    chosen = {"sampler": "student", "steps": 2, "guidance_scale": 2}
+    card = ModelCard(num_classes=3, img_channels=1, img_size=32, student=student, sampling=chosen)
+    card.save(tmp_path)
+    loaded = ModelCard.load(tmp_path).generation
+    assert (loaded.sampler, loaded.steps, loaded.guidance_scale) == ("student", 2, 2)
+    assert "`pipe(mask, guidance_scale=2)`, where the studio's Generate starts" in (tmp_path / "README.md").read_text()
+    with pytest.raises(CheckpointError, match=r"sampling .* names the student, and the model has none"):
+        ModelCard(num_classes=3, img_channels=1, img_size=32, sampling=chosen)

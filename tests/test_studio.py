@@ -586,11 +586,11 @@ def test_the_bundled_cascade_draws_and_records_both_students_by_default():
     assert settings_of(run.files[0])["upscale_steps"] == 2
 
 
-def save_recorded(model_dir, folder, sampler: str, steps: int):
-    """A copy of a model whose card records `sampler` at `steps` as its most scan-like sampling."""
+def save_recorded(model_dir, folder, sampler: str, steps: int, guidance_scale: float = 1.0):
+    """A copy of a model whose card records `sampler` at `steps` (and mask guidance) as its best sampling."""
     shutil.copytree(model_dir, folder)
     card = ModelCard.load(folder)
-    card.sampling = {"sampler": sampler, "steps": steps}
+    card.sampling = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
     card.save(folder)
     return folder
 
@@ -617,3 +617,27 @@ def test_generate_starts_at_the_sampling_its_card_records_and_a_request_still_pi
     with pytest.raises(CheckpointError, match=r"sampling 'ddpm' at 0 steps: expected one of .* at 1 to 100 steps"):
         card.save(folder)
         ModelCard.load(folder)
+
+
+def test_a_recorded_mask_guidance_is_where_generate_and_previews_draw_unless_a_request_names_one(
+    student_studio, mask, tmp_path
+):
+    """The 256 px model's card records its student at mask guidance 2 (faithful at no cost in realism): Generate
+    and the live preview draw there, each image as `pipe(mask, guidance_scale=2)` draws it; a request's own
+    guidance wins."""
+    folder = save_recorded(student_studio.folder, tmp_path / "tiny-guided", "student", 2, guidance_scale=2.5)
+    studio = Studio(SegDiffPipeline.from_pretrained(folder), folder)
+    assert studio.samplers[0] == "student" and studio.guidance == 2.5 and student_studio.guidance == 1.0
+    default = studio.settings(seed=4, num_images=2)
+    assert (default.sampler, default.guidance_scale) == ("student", 2.5)
+    assert studio.settings(guidance_scale=1).guidance_scale == 1.0
+    run = studio.generate(mask, default)
+    assert run.settings["guidance_scale"] == 2.5
+    generators = [torch.Generator("cpu").manual_seed(s) for s in (4, 5)]
+    guided = studio.pipe([mask, mask], generator=generators, output_type="np", guidance_scale=2.5).images
+    for image, expected in zip(run.images, guided, strict=True):
+        assert np.array_equal(image, (expected * 255).round().astype(np.uint8))
+    preview = np.asarray(studio.preview(mask, seed=4), int)
+    assert np.abs(preview - np.asarray(run.images[0], int)[..., 0]).max() <= 1  # the same drawing
+    unguided = np.asarray(student_studio.preview(mask, seed=4), int)
+    assert np.abs(preview - unguided).max() > 8  # guidance changed it

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import ModelCardData
 
 from .. import files
-from ..choices import MAX_STEPS, SAMPLERS
+from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT
 from ..data.masks import ENCODINGS, Encoding, Palette, encoding_channels
 from ..errors import CheckpointError
 from .background import Background
@@ -84,21 +84,36 @@ class Student:
 
 @dataclass(frozen=True)
 class Sampling:
-    """The sampler and steps whose images measured most like real scans (`quality evaluate --realism`) at a
-    cost the studio affords; recorded in the card, where the studio's Generate and sweep start. The pipeline's
-    own defaults (the student, fastest) stay what previews and `SegDiffPipeline()` draw with."""
+    """The settings whose images measured best (`quality evaluate --realism`: most like real scans, most
+    faithful to the mask) at a cost the studio affords; recorded in the card, where the studio's Generate and
+    sweep start. `sampler` is one of SAMPLERS, or STUDENT: the model's few-step student, in its own `steps`.
+    Previews draw with the student, at this mask guidance; `SegDiffPipeline()` keeps its own defaults (the
+    student, no guidance), so a call names what it draws."""
 
     sampler: str
     steps: int
+    guidance_scale: float = 1.0  # mask guidance; 1 = none
     measured: dict = field(default_factory=dict)  # what chose it: the measures at these and other settings
 
     def __post_init__(self):
         whole = isinstance(self.steps, int) and not isinstance(self.steps, bool)
-        if self.sampler not in SAMPLERS or not (whole and 1 <= self.steps <= MAX_STEPS):
+        if self.sampler not in (*SAMPLERS, STUDENT) or not (whole and 1 <= self.steps <= MAX_STEPS):
             raise CheckpointError(
-                f"sampling {self.sampler!r} at {self.steps!r} steps: expected one of {list(SAMPLERS)} at 1 to "
-                f"{MAX_STEPS} steps"
+                f"sampling {self.sampler!r} at {self.steps!r} steps: expected one of {[*SAMPLERS, STUDENT]} at 1 "
+                f"to {MAX_STEPS} steps"
             )
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= MAX_GUIDANCE:
+            raise CheckpointError(
+                f"sampling at mask guidance {scale!r}: expected a number from 1 (none) to {MAX_GUIDANCE:g}"
+            )
+
+    def call(self) -> str:
+        """The pipeline call that draws at these settings, as a README shows it."""
+        asked = [] if self.sampler == STUDENT else [f'sampler="{self.sampler}"', f"num_inference_steps={self.steps}"]
+        if self.guidance_scale != 1:
+            asked.append(f"guidance_scale={self.guidance_scale:g}")
+        return f"pipe({', '.join(['mask', *asked])})"
 
 
 @dataclass
@@ -151,6 +166,8 @@ class ModelCard:
                 raise CheckpointError(
                     f"model card: {name} {getattr(self, name)} is not a valid record ({e})"
                 ) from e
+        if self.generation is not None and self.generation.sampler == STUDENT and not self.student:
+            raise CheckpointError(f"model card: sampling {self.sampling} names the student, and the model has none")
 
     @property
     def guided(self) -> bool:
@@ -290,9 +307,8 @@ def _use(card: ModelCard, model: str) -> str:
     )
     chosen = card.generation
     realistic = (
-        f"\n\nThe call above draws at the defaults, the fastest. The images most like real scans came from "
-        f"`pipe(mask, sampler=\"{chosen.sampler}\", num_inference_steps={chosen.steps})`, where the studio's "
-        "Generate starts."
+        f"\n\nThe call above draws at the defaults, the fastest. The images that measured best came from "
+        f"`{chosen.call()}`, where the studio's Generate starts."
         if chosen and card.guided
         else ""
     )

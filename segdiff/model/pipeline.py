@@ -35,7 +35,15 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISION_ALIASES, PRECISIONS, SAMPLERS, Precision
+from ..choices import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    PRECISION_ALIASES,
+    PRECISIONS,
+    SAMPLERS,
+    Precision,
+)
 from ..data.layout import read_mask
 from ..data.masks import check_mask, encode, omit_classes
 from ..errors import ArgumentError, CheckpointError, MaskError
@@ -43,8 +51,6 @@ from ..files import clean_interrupted_saves, staged_folder
 from ..resolve import model_folder
 from .card import CARD_FILE, ModelCard, Upscaling
 from .unet import denoise, low_res_condition, shrink, shrink_masks
-
-MAX_GUIDANCE = 20.0  # beyond this, images saturate long before they follow the mask any closer
 
 # Multistep samplers start at t = T-1 ("linspace") and, like DDIM's clip_sample, keep each step's x0
 # estimate inside the image range: without it, pixel-space models extrapolate to saturated noise at few

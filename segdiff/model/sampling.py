@@ -22,7 +22,7 @@ from accelerate import PartialState
 from accelerate.utils import gather
 from tqdm.auto import tqdm
 
-from ..choices import SAMPLERS, check_seed, mixed_seed, precision_of
+from ..choices import MAX_GUIDANCE, SAMPLERS, check_seed, mixed_seed, precision_of
 from ..data.layout import SegDataset
 from ..data.masks import ablate, omit_classes, tile
 from ..errors import CheckpointError, ConfigError, check_range
@@ -30,7 +30,7 @@ from ..files import write_bytes, write_png
 from ..processes import processes
 from ..resolve import is_hub_id
 from .card import ModelCard
-from .pipeline import DEFAULT_STEPS, MAX_GUIDANCE, SegDiffPipeline
+from .pipeline import DEFAULT_STEPS, SegDiffPipeline
 
 # The original sampled DDIM models with DDIM (50 steps, eta 0) and DDPM models with all 1000 DDPM steps.
 ORIGINAL_SAMPLERS: dict[str, tuple[str, int]] = {"DDIM": ("ddim", 50), "DDPM": ("ddpm", 1000)}

@@ -29,7 +29,16 @@ import PIL.Image
 import torch
 from safetensors import SafetensorError
 
-from ..choices import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, SAMPLERS, STUDENT, check_seed
+from ..choices import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_STEPS,
+    SAMPLERS,
+    STUDENT,
+    check_seed,
+)
 from ..data.layout import read_image
 from ..data.masks import omit_classes, overlay
 from ..errors import (
@@ -44,7 +53,7 @@ from ..errors import (
 from ..files import write_png
 from ..measure.quality import faithfulness
 from ..measure.segmenter import Segmenter
-from ..model.pipeline import MAX_GUIDANCE, SegDiffPipeline
+from ..model.pipeline import SegDiffPipeline
 from .batching import Lanes
 from .runs import Run, new_run_folder, write_run
 
@@ -196,6 +205,13 @@ class Studio:
         chosen = self.card.generation
         return chosen.steps if chosen is not None and chosen.sampler == sampler else DEFAULT_STEPS
 
+    @property
+    def guidance(self) -> float:
+        """The mask guidance this model draws at when a request names none, previews included: the card's
+        `Sampling` where it records one (what measured most faithful without costing realism), else 1 (none)."""
+        chosen = self.card.generation
+        return chosen.guidance_scale if chosen is not None else 1.0
+
     def sampling(self, sampler: str, steps: int) -> dict:
         """What draws at `sampler` and `steps`, as a run records it: the sampler and steps of the model (of a
         cascade's base), and a cascade's upscaler's. STUDENT draws at the pipeline's defaults: each model's
@@ -217,7 +233,8 @@ class Studio:
         omit: class names (or ids) the model may invent, one name alone or a list; keep: the classes to
         follow instead (a checklist's ticked names), every other class being omitted; sampler: one of
         `samplers`, None for the model's default (its first); steps: None (or left out) for the sampler's own
-        (`steps_for`). The other keywords are `Settings`' fields, their defaults its own.
+        (`steps_for`); guidance_scale: None (or left out) for the model's (`guidance`). The other keywords are
+        `Settings`' fields, their defaults its own.
         """
         if keep is not None:
             kept = self.omit_ids(keep, "keep")
@@ -225,6 +242,8 @@ class Studio:
         sampler = self.samplers[0] if sampler is None else sampler
         if raw.get("steps") is None and isinstance(sampler, str):
             raw["steps"] = self.steps_for(sampler)
+        if raw.get("guidance_scale") is None:
+            raw["guidance_scale"] = self.guidance
         settings = Settings(**raw, sampler=sampler, omit=self.omit_ids(omit))
         self._check_sampler(settings.sampler)
         return settings
@@ -414,7 +433,8 @@ class Studio:
 
     def preview(self, mask: np.ndarray, omit: Sequence[int] = (), seed: int = 0) -> PIL.Image.Image:
         """One image of `mask` with `omit` left to the model, from the noise of `seed`, drawn at the model's
-        default settings (its few-step student when it has one): a quick look while the mask is painted.
+        default settings (its few-step student when it has one) and mask guidance (`guidance`): a quick look
+        while the mask is painted.
 
         The mask and omitted classes are checked as `generate` checks them; nothing is written. Previews asked
         for at the same time are drawn together (`lanes.preview`).
@@ -448,12 +468,14 @@ class Studio:
     def draw_batch(
         self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None
     ) -> list:
-        """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults (a
-        preview recipe), or an (H, W, C) uint8 array each at the recipe's settings (STUDENT: the pipeline's
+        """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults and mask
+        guidance (a preview recipe), or an (H, W, C) uint8 array each at the recipe's settings (STUDENT: the pipeline's
         defaults, which draw with the model's student)."""
         masks, seeds = zip(*items, strict=True)
         if recipe.settings is None:
-            return self.pipe(list(masks), generator=_generators(seeds), output_type="pil").images
+            return self.pipe(
+                list(masks), generator=_generators(seeds), output_type="pil", guidance_scale=self.guidance
+            ).images
         settings, image = recipe.settings, recipe.image
         student = settings.sampler == STUDENT
         out = self.pipe(

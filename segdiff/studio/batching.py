@@ -55,10 +55,13 @@ class Lane:
     """One network call at a time; what waits meanwhile is drawn together next.
 
     max_items: images per call (a request bigger than this still runs, alone); 1 draws each request alone.
-    wait: a call's leader waits until as many images wait as the last call drew, for at most a quarter of the
-    last call's time and never more than `wait` seconds. Painters whose previews came back together ask again
-    moments apart; without the wait, the first to ask would be drawn alone and the rest would wait for that
-    call. A lone painter, whose last call drew one image, never waits. on_device: wraps the runner
+    wait: a call's leader waits until as many images wait as were asked for during the last call (the images
+    it drew and those that arrived while it ran), for at most the last call's time and never more than `wait`
+    seconds. Painters whose previews came back together ask again moments apart; without the wait, the first
+    to ask would be drawn alone and the rest would wait for that call. Waiting up to one call's time costs the
+    leader at most what a call drawn without the others would cost them; counting the requests that arrived
+    during a call keeps one left out of it from leaving another out of the next, round after round. A lone
+    painter, whose last call drew one image, never waits. on_device: wraps the runner
     (`spaces.GPU` on a ZeroGPU Space); its calls get no progress callback, which could not cross to another
     process.
     """
@@ -109,7 +112,7 @@ class Lane:
 
     def _lead(self, first: _Request) -> None:
         expected, seconds = self._last
-        expected, deadline = min(expected, first.most), time.monotonic() + min(self.wait, seconds / 4)
+        expected, deadline = min(expected, first.most), time.monotonic() + min(self.wait, seconds)
         with self._changed:
             while self._items(first.key) < expected and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
@@ -124,7 +127,8 @@ class Lane:
                         request.error = RuntimeError("the batched call was interrupted")
                     request.done = True
                 self._busy = False
-                self._last = (sum(len(r.items) for r in batch), time.monotonic() - began)
+                asked = sum(len(r.items) for r in batch) + self._items(first.key)  # drawn, and arrived meanwhile
+                self._last = (asked, time.monotonic() - began)
                 self._changed.notify_all()
 
     def _items(self, key: Hashable) -> int:

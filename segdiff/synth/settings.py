@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from ..choices import MAX_STEPS, SAMPLERS, STUDENT, check_seed
+from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT, check_seed
 from ..data.masks import DEFORM_LEVELS
 from ..errors import CheckpointError, ConfigError, check_integer
 from ..model.card import CARD_FILE, ModelCard
-from ..model.pipeline import MAX_GUIDANCE
 
 LAYOUTS = ("original", "nnunet")
 MAX_PAIRS = 2**24  # pair i's draw a has the noise of index i + a * MAX_PAIRS
