@@ -47,6 +47,11 @@ STUDENT = "student"
 # long before they follow the mask any closer.
 MAX_GUIDANCE = 20.0
 
+
+def is_guidance(scale) -> bool:
+    """Whether `scale` is a usable mask guidance: a number (not a bool) from 1 to MAX_GUIDANCE."""
+    return not isinstance(scale, bool) and isinstance(scale, (int, float)) and 1 <= scale <= MAX_GUIDANCE
+
 # Seeds: one range for every use, from each command line's --seed to the studio's field: 32 bits, what numpy's
 # legacy seeding and torch's CPU generator both take whole. Image i's noise comes from a generator seeded with
 # `mixed_seed(seed, stream, i)` (`segdiff.model.sampling.noise_generator`).

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import ModelCardData
 
 from .. import files
-from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT
+from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT, is_guidance
 from ..data.masks import ENCODINGS, Encoding, Palette, encoding_channels
 from ..errors import CheckpointError
 from .background import Background
@@ -103,7 +103,7 @@ class Sampling:
                 f"to {MAX_STEPS} steps"
             )
         scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= MAX_GUIDANCE:
+        if not is_guidance(scale):
             raise CheckpointError(
                 f"sampling at mask guidance {scale!r}: expected a number from 1 (none) to {MAX_GUIDANCE:g}"
             )

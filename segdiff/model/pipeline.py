@@ -43,6 +43,7 @@ from ..choices import (
     PRECISIONS,
     SAMPLERS,
     Precision,
+    is_guidance,
 )
 from ..data.layout import read_mask
 from ..data.masks import check_mask, encode, omit_classes
@@ -553,7 +554,7 @@ class Guidance:
 
 def check_guidance(scale, guided: bool) -> None:
     """A usable mask guidance scale, or an ArgumentError naming what was wrong."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= MAX_GUIDANCE:
+    if not is_guidance(scale):
         raise ArgumentError(
             f"guidance_scale={scale!r}, expected a number from 1 (no guidance) to {MAX_GUIDANCE:g}"
         )

@@ -38,6 +38,7 @@ from ..choices import (
     SAMPLERS,
     STUDENT,
     check_seed,
+    is_guidance,
 )
 from ..data.layout import read_image
 from ..data.masks import omit_classes, overlay
@@ -108,11 +109,7 @@ class Settings:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength {self.strength!r}: expected a value in (0, 1]")
         guidance = self.guidance_scale
-        if (
-            isinstance(guidance, bool)
-            or not isinstance(guidance, (int, float))
-            or not 1 <= guidance <= MAX_GUIDANCE
-        ):
+        if not is_guidance(guidance):
             raise ConfigError(
                 f"guidance_scale {guidance!r}: expected a value from 1 (none) to {MAX_GUIDANCE:g}"
             )
