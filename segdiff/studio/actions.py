@@ -466,8 +466,8 @@ class Studio:
         self, recipe: Recipe, items: list[tuple[np.ndarray, int]], progress: Progress | None
     ) -> list:
         """One network call: (kept mask (H, W), seed) pairs -> a PIL image each at the model's defaults and mask
-        guidance (a preview recipe), or an (H, W, C) uint8 array each at the recipe's settings (STUDENT: the pipeline's
-        defaults, which draw with the model's student)."""
+        guidance (a preview recipe), or an (H, W, C) uint8 array each at the recipe's settings (STUDENT: the
+        pipeline's defaults, which draw with the model's student)."""
         masks, seeds = zip(*items, strict=True)
         if recipe.settings is None:
             return self.pipe(

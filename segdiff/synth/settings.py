@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT, check_seed
+from ..choices import MAX_GUIDANCE, MAX_STEPS, SAMPLERS, STUDENT, check_seed, is_guidance
 from ..data.masks import DEFORM_LEVELS
 from ..errors import CheckpointError, ConfigError, check_integer
 from ..model.card import CARD_FILE, ModelCard
@@ -67,7 +67,7 @@ class Settings:
                 f"--steps {self.steps} with --scheduler {STUDENT}: the student draws in the steps it was "
                 "distilled for; drop one of them"
             )
-        if self.guidance_scale is not None and not 1 <= self.guidance_scale <= MAX_GUIDANCE:
+        if self.guidance_scale is not None and not is_guidance(self.guidance_scale):
             raise ConfigError(
                 f"--guidance_scale {self.guidance_scale}: expected 1 (none) to {MAX_GUIDANCE:g}"
             )
