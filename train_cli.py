@@ -398,6 +398,14 @@ def _sampling_flags(group: argparse._ArgumentGroup) -> None:
         help="distill: the teacher's DDIM steps the student learns from (default: 12; an upscaler's recorded "
         "steps), a multiple of --student_steps",
     )
+    add(
+        "--adversarial_weight",
+        type=float,
+        default=TRAIN_DEFAULTS["adversarial_weight"],
+        help="distill: the weight of a patch critic's term beside the distillation loss (a critic trained "
+        "beside the student to tell real images from its estimates, which the student learns to pass: texture "
+        "that mean squared error averages away). Default 0: none",
+    )
 
 
 def _hub_flags(group: argparse._ArgumentGroup) -> None:

@@ -16,6 +16,7 @@ from test_training import config, steps_logged, write_data
 
 import train_cli
 from segdiff import CheckpointError, ConfigError, SegDiffPipeline
+from segdiff.train.adversarial import Adversary, Critic, critic_optimizer
 from segdiff.train.loop import train
 
 LEARN = dict(train_batch_size=8, learning_rate=3e-3, lr_warmup_steps=5, checkpointing_steps=1000)
@@ -161,11 +162,13 @@ def test_the_cli_writes_the_student_beside_a_copy_of_its_teacher(tmp_path, data,
         "--mode", "distill", "--model_dir", str(teacher), "--img_dir", str(img_dir), "--seg_dir", str(seg_dir),
         "--segmentation_guided", "--num_segmentation_classes", "3", "--teacher_steps", "4",
         "--max_train_steps", "2", "--train_batch_size", "4", "--save_image_epochs", "1",
+        "--adversarial_weight", "0.5",
     ])  # fmt: skip
     assert code == 0
     out = tmp_path / "run-student"
     pipe = SegDiffPipeline.from_pretrained(out, device="cpu")
     assert pipe.card.distilled.steps == 2 and (out / "samples").is_dir()
+    assert pipe.card.distilled.method == "progressive distillation with a patch critic"
     assert not (teacher / "student").exists()  # the teacher's own folder is left as it was
 
 
@@ -228,3 +231,50 @@ def test_a_checkpoint_of_another_kind_is_named_not_called_damaged(tmp_path, data
                                               "run trains a model"):  # fmt: skip
         train(config(distilled, data, max_train_steps=2))
     assert not list(distilled.glob("checkpoint-*")) and (distilled / "student").is_dir()
+
+
+def test_a_critic_beside_the_distillation_changes_the_student_and_resumes_exactly(tmp_path, data, models):
+    settings = dict(distill_from=str(models[0]), checkpointing_steps=3, checkpoints_total_limit=None)
+    settings.update(DISTILL, max_train_steps=5, train_batch_size=4)
+    plain, full, resumed = tmp_path / "plain", tmp_path / "full", tmp_path / "resumed"
+    train(config(plain, data, **settings))
+    train(config(full, data, adversarial_weight=1.0, **settings))
+    weights = "student/diffusion_pytorch_model.safetensors"
+    a, b = load_file(plain / weights), load_file(full / weights)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the critic's term moved the student
+    card = SegDiffPipeline.from_pretrained(full, device="cpu").card
+    assert card.distilled.method == "progressive distillation with a patch critic"
+    assert card.distilled.training["flags"]["adversarial_weight"] == 1.0
+    # The critic and its optimiser are part of the checkpoint: a resumed run ends where the whole one did.
+    assert (full / "checkpoint-3" / "model_1.safetensors").is_file()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    train(config(resumed, data, resume=True, adversarial_weight=1.0, **settings))
+    assert steps_logged(resumed) == [4, 5]
+    for name in ("checkpoint-5/model_1.safetensors", weights):
+        a, b = load_file(full / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_critic_learns_to_tell_texture_from_its_average():
+    """Real images with speckle against the same images smoothed: a few dozen critic steps separate them, and
+    the student's term pulls its estimates toward the texture (its gradient on a smooth image is not zero)."""
+    torch.manual_seed(0)
+    speckled = (torch.rand(64, 1, 24, 24) * 2 - 1) * 0.5
+    smooth = torch.nn.functional.avg_pool2d(speckled, 5, stride=1, padding=2)
+    cond = torch.zeros(64, 2, 24, 24)
+    critic = Critic(1, 2, width=8)
+    adversary = Adversary(critic, critic_optimizer(critic, 2e-3), weight=1.0)
+    for _ in range(60):
+        drawn = smooth.clone().requires_grad_()
+        term = adversary(speckled, drawn, cond)
+    real_score, drawn_score = adversary.scores.tolist()
+    assert real_score > drawn_score + 0.5
+    term.backward()
+    assert drawn.grad.abs().sum() > 0
+
+
+def test_an_adversarial_weight_is_refused_outside_distillation(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"--adversarial_weight 0.5: a term of distillation"):
+        train(config(tmp_path / "a", data, adversarial_weight=0.5))
+    with pytest.raises(ConfigError, match=r"--adversarial_weight -1.0: expected a value in 0..100"):
+        train(config(tmp_path / "b", data, distill_from="x", adversarial_weight=-1.0))

@@ -51,6 +51,7 @@ class TrainerState:
     learning_rate: float | None = None
     lr_warmup_steps: int | None = None
     total_steps: int | None = None
+    adversarial_weight: float = 0.0  # a distillation's critic, whose state its checkpoints then hold
 
 
 @contextlib.contextmanager
@@ -164,13 +165,14 @@ def check_same_schedule(folder: Path, noise_scheduler) -> None:
 
 
 def check_same_plan(folder: Path, saved: TrainerState, asked: TrainerState) -> None:
-    """Refuse to resume a checkpoint with another batch size or LR schedule than its run had.
+    """Refuse to resume a checkpoint with another batch size, LR schedule or critic than its run had.
 
     Another batch size would not replay the uninterrupted run's batches; another learning rate or warm-up
-    would not be what the restored schedule applies. The step budget may grow (extending a finished run):
+    would not be what the restored schedule applies; a critic is in the checkpoint or not. The step budget may grow (extending a finished run):
     the cosine decay then runs on to the new last step.
     """
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps"):
+    plan = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps", "adversarial_weight")
+    for flag in plan:
         old, new = getattr(saved, flag), getattr(asked, flag)
         if old is not None and old != new:
             raise ConfigError(

@@ -57,6 +57,7 @@ from ..model.pipeline import SegDiffPipeline
 from ..model.sampling import ORIGINAL_SAMPLERS, sample_grid, sampler_for
 from ..model.unet import PRESETS, build_unet, denoise, low_res_condition, shrink
 from ..processes import announce, launched_processes
+from .adversarial import CRITIC_LEARNING_RATE, Adversary, Critic, critic_optimizer
 from .checkpoints import (
     TrainerState,
     check_same_model,
@@ -148,6 +149,8 @@ class TrainConfig:
     distill_from: str | None = None
     student_steps: int = 2
     teacher_steps: int | None = None  # None: DEFAULT_STEPS, or the steps an upscaler's card records
+    # A patch critic's term beside the distillation loss, this much of it (`segdiff.train.adversarial`); 0: none.
+    adversarial_weight: float = 0.0
     # Images without masks (DIR/train/ or DIR itself), trained beside the labelled ones with every class
     # ablated: they teach what the images look like, the labelled ones how masks lay them out (`_train_set`).
     unlabelled_dir: str | None = None
@@ -224,6 +227,7 @@ class TrainConfig:
             ("--log_every", self.log_every, 1, 1_000_000),
             ("--student_steps", self.student_steps, 1, 1000),
             ("--teacher_steps", self.teacher_steps, 1, 1000),
+            ("--adversarial_weight", self.adversarial_weight, 0, 100),
             ("--labelled_fraction", self.labelled_fraction, 0, 0.95),
         ):
             if value is not None:
@@ -271,6 +275,11 @@ def train(config: TrainConfig) -> Path:
     The main process holds the folder for the run: a second run there is refused, naming the first.
     With `distill_from`, the run trains that model's few-step student instead (`segdiff.train.distillation`).
     """
+    if config.adversarial_weight and not config.distill_from:
+        raise ConfigError(
+            f"--adversarial_weight {config.adversarial_weight}: a term of distillation (--mode distill); "
+            "a model trains without it"
+        )
     teacher = None
     if config.distill_from:
         teacher = SegDiffPipeline.from_pretrained(
@@ -359,11 +368,13 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
         learning_rate=recipe.peak_learning_rate(config.preset),
         lr_warmup_steps=recipe.lr_warmup_steps,
         total_steps=total_steps,
+        adversarial_weight=config.adversarial_weight,
     )
     if config.resume_epoch is not None:
         state.step = config.resume_epoch * steps_per_epoch
         _fast_forward(lr_scheduler, state.step * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    adversary = _adversary(config, card, accelerator) if config.adversarial_weight else None
     if config.compile:  # after prepare: checkpoints keep the plain UNet's names, so any run can resume them
         unet = torch.compile(unet)
     if ema is not None:
@@ -383,7 +394,7 @@ def _train(config: TrainConfig, teacher: SegDiffPipeline | None = None) -> Path:
         if teacher
         else sampler_for(config.model_type, config.sampler, config.num_inference_steps)
     )
-    objective = _objective(config, card, recipe, noise_scheduler, teacher)
+    objective = _objective(config, card, recipe, noise_scheduler, teacher, adversary)
 
     def save_grid(epochs_done: int) -> None:
         if grid_set is not None:
@@ -554,8 +565,18 @@ def _loader(
     return accelerator.prepare(loader)
 
 
-def _objective(config: TrainConfig, card: ModelCard, recipe: Recipe, noise_scheduler, teacher):
-    """The loss of a batch, `objective(unet, batch)`: the diffusion loss, or a student's distillation loss."""
+def _adversary(config: TrainConfig, card: ModelCard, accelerator: Accelerator) -> Adversary:
+    """A distillation's critic and its optimiser, prepared after the student's: checkpoints hold them too."""
+    critic = Critic(card.img_channels, card.cond_channels).to(accelerator.device)
+    critic, optimizer = accelerator.prepare(critic, critic_optimizer(critic, CRITIC_LEARNING_RATE))
+    return Adversary(critic, optimizer, config.adversarial_weight)
+
+
+def _objective(
+    config: TrainConfig, card: ModelCard, recipe: Recipe, noise_scheduler, teacher, adversary=None
+):
+    """The loss of a batch, `objective(unet, batch)`: the diffusion loss, or a student's distillation loss
+    (with a critic's term when `adversary` is given)."""
     upscaling = card.upscaling
     if teacher is not None:
         trajectory = Trajectory(noise_scheduler, teacher.device)
@@ -577,7 +598,10 @@ def _objective(config: TrainConfig, card: ModelCard, recipe: Recipe, noise_sched
             def conditioned(net):
                 return lambda x, t: denoise(net, x, t, cond, upscaling, level)
 
-            return distill_loss(conditioned(unet), conditioned(teacher.unet), trajectory, grid, images)
+            judge = None if adversary is None else lambda real, drawn: adversary(real, drawn, cond)
+            return distill_loss(
+                conditioned(unet), conditioned(teacher.unet), trajectory, grid, images, judge
+            )
         noise = torch.randn_like(images)
         t = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device
@@ -697,7 +721,10 @@ def _student_card(config: TrainConfig, card: ModelCard) -> ModelCard:
         "flags": flags,
         "teacher": config.distill_from,
     }
-    student = Student(steps=config.student_steps, teacher_steps=config.teacher_steps, training=training)
+    method = Student.method + (" with a patch critic" if config.adversarial_weight else "")
+    student = Student(
+        steps=config.student_steps, teacher_steps=config.teacher_steps, method=method, training=training
+    )
     return replace(card, student=asdict(student))
 
 
