@@ -253,6 +253,8 @@ def test_a_critic_beside_the_distillation_changes_the_student_and_resumes_exactl
     for name in ("checkpoint-5/model_1.safetensors", weights):
         a, b = load_file(full / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(ConfigError, match=r"trained with --adversarial_weight 1, this one asks 0"):
+        train(config(resumed, data, resume=True, **{**settings, "max_train_steps": 6}))
 
 
 def test_the_critic_learns_to_tell_texture_from_its_average():

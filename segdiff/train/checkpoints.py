@@ -168,8 +168,8 @@ def check_same_plan(folder: Path, saved: TrainerState, asked: TrainerState) -> N
     """Refuse to resume a checkpoint with another batch size, LR schedule or critic than its run had.
 
     Another batch size would not replay the uninterrupted run's batches; another learning rate or warm-up
-    would not be what the restored schedule applies; a critic is in the checkpoint or not. The step budget may grow (extending a finished run):
-    the cosine decay then runs on to the new last step.
+    would not be what the restored schedule applies; a critic is in the checkpoint or not. The step budget may
+    grow (extending a finished run): the cosine decay then runs on to the new last step.
     """
     plan = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_warmup_steps", "adversarial_weight")
     for flag in plan:
