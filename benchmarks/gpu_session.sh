@@ -106,7 +106,7 @@ if [ "$UPSCALER" = 1 ]; then
   # bundled cascade's base (psfhs-ultrasound-64-medium and its 2-step student, which the upscaler's run copies):
   # 1. the upscaler, the bundled one's preset (so a CPU draws it as fast) trained about 20x longer: batch 64 of
   #    128 px crops, bf16;
-  # 2. its 2-step student.
+  # 2. its 2-step student, with the patch critic (--adversarial_weight 0.05, as the bundled one's since 2026-12-08).
   # A run that is cut leaves its last checkpoint, which the next one starts from. What comes back
   # ($OUT/upscaler.tar) is a complete cascade folder; on the CPU, copy the bundled model's segmenter/ and
   # background record in, then `quality evaluate --realism`.
@@ -132,7 +132,8 @@ if [ "$UPSCALER" = 1 ]; then
     timeout "$left" python3 train_cli.py --mode distill --model_dir "$cascade" --img_size 256 \
       --img_dir "$DATA/img" --seg_dir "$DATA/mask" "${guided[@]}" --crop_size "$crop" \
       --train_batch_size "$batch" --max_train_steps "$STUDENT_STEPS" --checkpointing_steps "$checkpoints" \
-      --dataloader_num_workers "$workers" --output_dir /tmp/ups-student >> /tmp/ups_full.log 2>&1
+      --dataloader_num_workers "$workers" --adversarial_weight 0.05 --output_dir /tmp/ups-student \
+      >> /tmp/ups_full.log 2>&1
     status=$?
     [ -n "$(latest /tmp/ups-student)" ] && cascade=/tmp/ups-student
   fi
