@@ -86,7 +86,7 @@ def distill_loss(
     trajectory: Trajectory,
     grid: torch.Tensor,
     images: torch.Tensor,
-    adversary: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    judge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The student's loss on real `images` (B, C, H, W) in [-1, 1]; `student` and `teacher` map a noisy batch
     and its timesteps (x, t) to the network's output, the condition bound in (`segdiff.model.unet.denoise`).
@@ -94,7 +94,7 @@ def distill_loss(
     Each example takes a random student step (a row of `grid`, from `segments`), is noised to its start, and
     is carried to its end by the teacher's k DDIM steps; the student is regressed, in its own parametrisation
     (v-prediction: the SNR+1 weighting on x0), onto the output whose single DDIM step lands there too.
-    `adversary(images, estimates)`, when given, adds its term on the student's clean-image estimates
+    `judge(images, estimates)`, when given, adds its term on the student's clean-image estimates
     (`segdiff.train.adversarial`).
     """
     path = grid.to(images.device)[torch.randint(0, grid.shape[0], (images.shape[0],), device=images.device)]
@@ -114,6 +114,6 @@ def distill_loss(
         wanted = trajectory.output_for(x0, z, start)
     prediction = student(z, start).float()
     loss = torch.nn.functional.mse_loss(prediction, wanted)
-    if adversary is None:
+    if judge is None:
         return loss
-    return loss + adversary(images, trajectory.estimates(prediction, z, start)[0])
+    return loss + judge(images, trajectory.estimates(prediction, z, start)[0])
